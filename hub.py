@@ -1,0 +1,86 @@
+"""Where model files come from: local hub-style directories, the Hugging Face Hub, the cache.
+
+Both model families (the decoder in `qwen2.py`, the encoders in `encoder.py`) load the same
+way: a directory laid out like a hub snapshot (`config.json`, `model.safetensors` or shards
+listed in `model.safetensors.index.json`, `tokenizer.json`), found here, then read with
+`load_state_dict` and checked key by key with `check_state_dict`.
+"""
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+
+def cache_dir() -> Path:
+    """Where converted embedded models and trained task base models live ($CDCDA_CACHE)."""
+    return Path(os.environ.get("CDCDA_CACHE", Path.home() / ".cache" / "cdcda"))
+
+
+def snapshot(source: str) -> Path:
+    """A local directory for `source`: an existing directory, or a hub repo id.
+
+    A repo id is resolved with `huggingface_hub.snapshot_download`, which also works offline
+    (HF_HUB_OFFLINE=1) from a warm hub cache. Without network and without a cached copy the
+    error names the repo and says what to do instead.
+    """
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists() or source.startswith((".", "/", "~")) or source.count("/") != 1:
+        raise FileNotFoundError(f"model {source!r}: not a directory and not a hub repo id (owner/name)")
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "*.txt", "*.model"]
+    try:
+        return Path(snapshot_download(source, allow_patterns=patterns))
+    except Exception as e:  # offline, gated, not found: all end the same way for the user
+        raise RuntimeError(
+            f"model {source!r} could not be fetched from the Hugging Face Hub or its cache "
+            f"({type(e).__name__}: {e}). Download it where the Hub is reachable "
+            f"(`huggingface-cli download {source} --local-dir DIR`) and pass DIR instead, "
+            f"or use the embedded default model."
+        ) from None
+
+
+def load_config(directory: Path) -> dict:
+    path = Path(directory) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing (a model directory needs config.json)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+def load_state_dict(directory: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint: `model.safetensors`, or the shards of its index."""
+    directory = Path(directory)
+    single, index = directory / "model.safetensors", directory / "model.safetensors.index.json"
+    if single.is_file():
+        return load_file(single)
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        state = {}
+        for shard in shards:
+            state.update(load_file(directory / shard))
+        return state
+    raise FileNotFoundError(f"{directory}: no model.safetensors or model.safetensors.index.json")
+
+
+def check_state_dict(module: torch.nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+    """Raise on a missing key, an unexpected key or a shape mismatch, naming key and shapes."""
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing:
+        raise KeyError(f"{where}: missing key {missing[0]!r} (expected shape "
+                       f"{tuple(expected[missing[0]].shape)}){f' and {len(missing) - 1} more' if len(missing) > 1 else ''}")
+    if unexpected:
+        raise KeyError(f"{where}: unexpected key {unexpected[0]!r} (shape "
+                       f"{tuple(state[unexpected[0]].shape)}){f' and {len(unexpected) - 1} more' if len(unexpected) > 1 else ''}")
+    for key, tensor in expected.items():
+        if tuple(state[key].shape) != tuple(tensor.shape):
+            raise ValueError(f"{where}: key {key!r} has shape {tuple(state[key].shape)} in the "
+                             f"checkpoint but the model expects {tuple(tensor.shape)}")
