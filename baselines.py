@@ -1,0 +1,429 @@
+"""The personalized baselines of Table 1 (paper sec. 5.1), each as a small function.
+
+- RAG: one history item retrieved into the prompt, by Okapi BM25 (`BM25`, `retrieve_bm25`) or
+  by a dense encoder (`retrieve_dense`; MiniLM by default, Contriever one flag away).
+- EDA-FT: Easy Data Augmentation (Wei and Zou, 2019) of the user's texts (`eda`), synonyms
+  from Princeton WordNet 3.0 read straight from Debian's `wordnet-base` files (`load_wordnet`).
+- Speculative decoding (Leviathan et al., 2023) with exact rejection sampling
+  (`speculative_step`, `speculative_generate`).
+- RKD-FT: distillation from the cloud model with the token-level reverse KL of MiniLLM
+  (Gu et al., 2024) (`reverse_kl`, `rkd_finetune`).
+"""
+import math
+import random
+import re
+from collections import Counter
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import lora
+import qwen2
+
+# ----------------------------------------------------------------------------------------
+# Retrieval (RAG baselines)
+
+
+def words(text: str) -> list[str]:
+    """BM25 tokenisation: lowercase runs of unicode word characters (`\\w+`), no stemming,
+    no stop-word removal. "Don't stop!" -> ["don", "t", "stop"]."""
+    return re.findall(r"\w+", text.lower())
+
+
+class BM25:
+    """Okapi BM25 (Robertson et al.; the variant in Trotman et al., 2014) over a fixed corpus.
+
+    score(D, Q) = sum_{t in Q} idf(t) * f(t,D) (k1 + 1) / (f(t,D) + k1 (1 - b + b |D| / avgdl))
+    idf(t) = ln(1 + (N - n(t) + 0.5) / (n(t) + 0.5))      (Lucene's idf: never negative)
+    with f(t,D) the count of t in D, |D| the length of D in tokens, avgdl the mean length,
+    N the number of documents and n(t) the number that contain t. A term repeated in the
+    query counts once per repetition.
+    """
+
+    def __init__(self, documents: list[str], k1: float = 1.2, b: float = 0.75):
+        if not documents:
+            raise ValueError("BM25: the corpus is empty (need at least one document)")
+        self.k1, self.b = k1, b
+        self.counts = [Counter(words(d)) for d in documents]
+        self.lengths = [sum(c.values()) for c in self.counts]
+        self.avgdl = sum(self.lengths) / len(documents) or 1.0  # all-empty corpus: scores are 0
+        n_containing = Counter(t for c in self.counts for t in c)
+        N = len(documents)
+        self.idf = {t: math.log(1 + (N - n + 0.5) / (n + 0.5)) for t, n in n_containing.items()}
+
+    def scores(self, query: str) -> list[float]:
+        out = []
+        for counts, length in zip(self.counts, self.lengths):
+            norm = self.k1 * (1 - self.b + self.b * length / self.avgdl)
+            out.append(sum(self.idf[t] * counts[t] * (self.k1 + 1) / (counts[t] + norm)
+                           for t in words(query) if counts[t]))
+        return out
+
+
+def top_k(scores, k: int) -> list[int]:
+    """Indices of the k highest scores, best first; ties go to the earlier document."""
+    return sorted(range(len(scores)), key=lambda i: (-scores[i], i))[:k]
+
+
+def retrieve_bm25(query: str, documents: list[str], k: int = 1) -> list[int]:
+    """Indices of the k documents BM25 ranks highest for `query` (k1=1.2, b=0.75)."""
+    return top_k(BM25(documents).scores(query), k)
+
+
+def retrieve_dense(query: str, documents: list[str], embed, k: int = 1) -> list[int]:
+    """Indices of the k documents whose embeddings have the largest dot product with the query's.
+
+    `embed(texts) -> (N, H)` tensor. With the pipeline's MiniLM embeddings (mean pooling,
+    L2-normalised) the dot product is the cosine similarity; Contriever (Izacard et al.,
+    2021) also mean-pools but scores with the raw, unnormalised dot product, so its `embed`
+    should skip the normalisation and this function stays the same.
+    """
+    if not documents:
+        raise ValueError("retrieve_dense: the corpus is empty (need at least one document)")
+    e = embed([query] + list(documents))  # (1 + N, H)
+    scores = e[1:] @ e[0]  # (N,)
+    return top_k(scores.tolist(), k)
+
+
+# ----------------------------------------------------------------------------------------
+# EDA (Wei and Zou, 2019) with WordNet synonyms
+
+WORDNET_FILES = ("data.noun", "data.verb", "data.adj", "data.adv")
+
+STOP_WORDS = frozenset("""
+a an the and or but nor so yet if then than as of at by for from in into on onto to with
+without about over under up down out off is am are was were be been being do does did have
+has had having i me my mine we us our you your he him his she her it its they them their
+this that these those who whom whose which what when where why how all any each both some
+no not only very just too can will would shall should may might must s t
+""".split())
+
+
+def load_wordnet(directory: str = "/usr/share/wordnet") -> dict[str, list[str]]:
+    """lemma -> synonyms (the other lemmas of every synset it belongs to), from WordNet's
+    `data.{noun,verb,adj,adv}` files.
+
+    A synset line reads `offset lex_filenum ss_type w_cnt word lex_id [word lex_id ...] ...`
+    with w_cnt in hexadecimal; lines that start with a space are the licence header.
+    Lemmas are lowercased, `_` becomes a space, and adjective markers like `big(a)` lose
+    their `(a)`. Debian installs the files with `apt-get install wordnet-base`.
+    """
+    root = Path(directory)
+    missing = [name for name in WORDNET_FILES if not (root / name).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"WordNet database not found: {root} lacks {', '.join(missing)}. "
+            f"Install it with `apt-get install wordnet-base` (files in /usr/share/wordnet) "
+            f"or pass the directory that holds WordNet 3.0's data.* files.")
+    synonyms: dict[str, dict[str, None]] = {}  # dicts as ordered sets: deterministic order
+    for name in WORDNET_FILES:
+        for line_no, line in enumerate((root / name).read_text(encoding="utf-8").splitlines(), 1):
+            if not line or line.startswith(" "):
+                continue
+            fields = line.split()
+            try:
+                n_words = int(fields[3], 16)
+                lemmas = [re.sub(r"\([a-z]+\)$", "", w).replace("_", " ").lower()
+                          for w in fields[4:4 + 2 * n_words:2]]
+            except (IndexError, ValueError):
+                raise ValueError(f"{root / name}:{line_no}: not a WordNet synset line") from None
+            for lemma in lemmas:
+                entry = synonyms.setdefault(lemma, {})
+                entry.update((other, None) for other in lemmas if other != lemma)
+    return {lemma: list(others) for lemma, others in synonyms.items()}
+
+
+def _split(word: str) -> tuple[str, str, str]:
+    """'"Happy,' -> ('"', 'Happy', ','): leading punctuation, core, trailing punctuation."""
+    lead, core, trail = re.fullmatch(r"(\W*)(.*?)(\W*)", word).groups()
+    return lead, core, trail
+
+
+# WordNet's rules of detachment (morphy, without its exception lists): "watched" -> "watch".
+DETACH = [("s", ""), ("ses", "s"), ("xes", "x"), ("zes", "z"), ("ches", "ch"), ("shes", "sh"),
+          ("men", "man"), ("ies", "y"), ("es", "e"), ("es", ""), ("ed", "e"), ("ed", ""),
+          ("ing", "e"), ("ing", ""), ("er", ""), ("est", ""), ("er", "e"), ("est", "e")]
+
+
+def _synonyms(word: str, wordnet: dict[str, list[str]]) -> list[str]:
+    """WordNet synonyms of a word's core, or of its first base form WordNet knows (then the
+    base form too, as EDA's NLTK lookup gives); [] for stop words and unknown words."""
+    core = _split(word)[1].lower()
+    if core in STOP_WORDS:
+        return []
+    bases = [core] + [core[:-len(s)] + e for s, e in DETACH if core.endswith(s) and len(core) > len(s) + 1]
+    base = next((b for b in bases if b in wordnet), None)
+    return [] if base is None else wordnet[base] + ([base] if base != core else [])
+
+
+def n_changes(alpha: float, n_words: int) -> int:
+    """EDA's number of edited words: n = alpha * l, at least one."""
+    return max(1, round(alpha * n_words))
+
+
+def synonym_replacement(tokens: list[str], wordnet, alpha: float, rng: random.Random) -> list[str]:
+    """SR: choose n distinct non-stop words that have synonyms, in random order, and replace
+    every occurrence of each (any case) with one random synonym, punctuation around it kept."""
+    out = list(tokens)
+    candidates = list(dict.fromkeys(_split(t)[1].lower() for t in tokens if _synonyms(t, wordnet)))
+    rng.shuffle(candidates)
+    for word in candidates[:n_changes(alpha, len(tokens))]:
+        synonym = rng.choice(_synonyms(word, wordnet))
+        out = [lead + synonym + trail if core.lower() == word else lead + core + trail
+               for lead, core, trail in map(_split, out)]
+    return out
+
+
+def random_insertion(tokens: list[str], wordnet, alpha: float, rng: random.Random) -> list[str]:
+    """RI, n times: a synonym of a random non-stop word is inserted at a random position.
+    As in EDA, at most 10 words are tried per insertion; none with synonyms -> no insertion."""
+    out = list(tokens)
+    for _ in range(n_changes(alpha, len(tokens))):
+        for _ in range(10):
+            synonyms = _synonyms(rng.choice(out), wordnet)
+            if synonyms:
+                out.insert(rng.randint(0, len(out)), rng.choice(synonyms))
+                break
+    return out
+
+
+def random_swap(tokens: list[str], alpha: float, rng: random.Random) -> list[str]:
+    """RS, n times: two random positions swap their words (the multiset of words is kept)."""
+    out = list(tokens)
+    if len(out) < 2:
+        return out
+    for _ in range(n_changes(alpha, len(tokens))):
+        i, j = rng.sample(range(len(out)), 2)
+        out[i], out[j] = out[j], out[i]
+    return out
+
+
+def random_deletion(tokens: list[str], alpha: float, rng: random.Random) -> list[str]:
+    """RD: each word is deleted with probability p = alpha (EDA's RD uses alpha as a
+    probability, not a count); if all go, one random word stays, so the result is never empty."""
+    if len(tokens) <= 1:
+        return list(tokens)
+    out = [t for t in tokens if rng.random() >= alpha]
+    return out or [rng.choice(tokens)]
+
+
+def eda(sentence: str, wordnet: dict[str, list[str]], alpha: float = 0.1, n_aug: int = 4, *,
+        rng: random.Random) -> list[str]:
+    """`n_aug` EDA variants of `sentence` (Wei and Zou, 2019, sec. 2): n_aug // 4 + 1 per
+    operation (SR, RI, RS, RD), shuffled, the first n_aug kept. The original is not included.
+
+    Words are whitespace-separated tokens, case and punctuation kept (EDA itself lowercases
+    and strips punctuation first; we keep the user's style, which is what LaMP measures).
+    """
+    tokens = sentence.split()
+    if not tokens:
+        return []
+    operations = [lambda: synonym_replacement(tokens, wordnet, alpha, rng),
+                  lambda: random_insertion(tokens, wordnet, alpha, rng),
+                  lambda: random_swap(tokens, alpha, rng), lambda: random_deletion(tokens, alpha, rng)]
+    out = [operation() for operation in operations for _ in range(n_aug // 4 + 1)]
+    rng.shuffle(out)
+    return [" ".join(t) for t in out[:n_aug]]
+
+
+# ----------------------------------------------------------------------------------------
+# Speculative decoding (Leviathan et al., 2023)
+
+
+def probabilities(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """(..., V) logits -> (..., V) sampling distribution; temperature 0 gives the one-hot argmax,
+    so greedy decoding is the special case where every distribution is a point mass."""
+    if temperature == 0:
+        return F.one_hot(logits.argmax(-1), logits.shape[-1]).float()
+    return torch.softmax(logits.float() / temperature, dim=-1)
+
+
+def speculative_step(p: torch.Tensor, q: torch.Tensor, draft_tokens: torch.Tensor,
+                     generator: torch.Generator | None = None) -> tuple[int, int]:
+    """Verify gamma drafted tokens by rejection sampling (Leviathan et al., 2023, Algorithm 1).
+
+    p: (gamma + 1, V) target distributions at each drafted position and one past the last;
+    q: (gamma, V) draft distributions the tokens were sampled from; draft_tokens: (gamma,).
+    Token i is accepted with probability min(1, p_i(x) / q_i(x)); at the first rejection the
+    next token is drawn from norm(max(0, p_i - q_i)); if all are accepted a bonus token is
+    drawn from p_gamma. Every emitted token is then distributed exactly as under p.
+    Returns (number of drafted tokens accepted, the next token).
+    """
+    for i, x in enumerate(draft_tokens.tolist()):
+        r = torch.rand((), generator=generator).item()  # U[0, 1)
+        if r * q[i, x] < p[i, x]:  # r < p/q without dividing (q[i, x] > 0: x was drawn from q_i)
+            continue
+        residual = (p[i] - q[i]).clamp(min=0)  # (V,) nonzero: a rejection implies p_i != q_i
+        return i, torch.multinomial(residual / residual.sum(), 1, generator=generator).item()
+    return len(draft_tokens), torch.multinomial(p[-1], 1, generator=generator).item()
+
+
+@torch.no_grad()
+def speculative_generate(target, draft, input_ids: torch.Tensor, max_new_tokens: int,
+                         gamma: int = 4, temperature: float = 0.7, eos_token_id=None,
+                         generator: torch.Generator | None = None, vocab_size: int | None = None):
+    """Speculative decoding at batch size 1: `draft` proposes gamma tokens, `target` scores them
+    all in one forward, `speculative_step` keeps a prefix; output ~ target's distribution.
+
+    Roles (our reading of sec. 5.1): the paper's baseline uses "a non-personalized LLM on cloud
+    to assist a personalized LM on device" through HF's assisted generation, where the
+    *assistant* model is the drafter and the assisted model is the target. So the cloud model
+    drafts and the personalized device model verifies: only then is the output distribution
+    the personalized model's, as the Table 1 row (under M_device) requires; the standard
+    small-drafts-for-large reading would reproduce M_cloud's non-personalized distribution.
+    Both models are parameters, so the standard reading is `target=cloud, draft=device`.
+
+    Both models must share a tokenizer; vocab sizes may differ only by padding rows, and then
+    `vocab_size` (the tokenizer's size) cuts both distributions to the real tokens.
+    Both models keep a `qwen2.KVCache`; after each verification the caches are cropped to the
+    accepted prefix (`KVCache.crop`), nothing is recomputed.
+    input_ids: (1, T). Returns (ids (1, T + new), stats dict with acceptance_rate =
+    accepted / drafted tokens).
+    """
+    if input_ids.shape[0] != 1:
+        raise ValueError(f"speculative_generate: batch size 1 only, got input_ids {tuple(input_ids.shape)}")
+    V_t, V_d = target.config.vocab_size, draft.config.vocab_size
+    if vocab_size is None and V_t != V_d:
+        raise ValueError(f"speculative_generate: target vocab {V_t} != draft vocab {V_d}; the models "
+                         f"must share a tokenizer, then pass vocab_size=<the tokenizer's size>")
+    V = vocab_size or V_t
+    eos = set([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id or [])
+    ids = input_ids[0].tolist()
+    max_len = len(ids) + max_new_tokens + gamma + 1
+    cache_t, cache_d = (qwen2.KVCache(m.config, 1, max_len, m.model.embed_tokens.weight.dtype, input_ids.device)
+                        for m in (target, draft))
+
+    def forward(model, cache, tokens):  # tokens after the cached prefix -> (len(tokens), V) logits
+        x = torch.tensor([tokens], dtype=torch.long, device=input_ids.device)
+        return model(x, cache=cache)[0, :, :V]
+
+    # Each cache holds a prefix of `ids`; every forward feeds the tokens it has not seen yet
+    # (the whole prompt at the first round, then one or two tokens).
+    n_new = drafted = accepted = target_calls = 0
+    while n_new < max_new_tokens:
+        g = min(gamma, max_new_tokens - n_new - 1)  # so accepted + bonus never overshoots
+        drafts, q = [], []
+        for _ in range(g):
+            q_i = probabilities(forward(draft, cache_d, (ids + drafts)[cache_d.seq_len:])[-1], temperature)
+            drafts.append(torch.multinomial(q_i, 1, generator=generator).item())
+            q.append(q_i)  # (V,)
+        logits = forward(target, cache_t, ids[cache_t.seq_len:] + drafts)[-(g + 1):]  # (g + 1, V)
+        p = probabilities(logits, temperature)
+        q = torch.stack(q) if q else p.new_zeros(0, V)  # (g, V)
+        n_accepted, next_token = speculative_step(p, q, torch.tensor(drafts, dtype=torch.long), generator)
+        new = drafts[:n_accepted] + [next_token]
+        ids += new
+        n_new += len(new)
+        drafted, accepted, target_calls = drafted + g, accepted + n_accepted, target_calls + 1
+        # Roll back: positions past the accepted prefix hold rejected drafts (crop, no recompute).
+        for cache in (cache_t, cache_d):
+            cache.crop(min(cache.seq_len, len(ids) - 2))
+        hit = [i for i, t in enumerate(new) if t in eos]
+        if hit:
+            del ids[len(ids) - len(new) + hit[0] + 1:]
+            break
+    stats = {"drafted": drafted, "accepted": accepted, "target_calls": target_calls,
+             "acceptance_rate": accepted / drafted if drafted else float("nan"),
+             "new_tokens": len(ids) - input_ids.shape[1]}
+    return torch.tensor([ids], dtype=torch.long, device=input_ids.device), stats
+
+
+# ----------------------------------------------------------------------------------------
+# RKD-FT: token-level reverse KL distillation (Gu et al., 2024)
+
+
+def reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+               mask: torch.Tensor) -> torch.Tensor:
+    """KL(q_student || p_teacher) per position, averaged over the positions where mask is 1.
+
+    student_logits, teacher_logits: (..., V), e.g. (B, T, V); mask: (...), e.g. (B, T). Per position
+    sum_v q(v) (log q(v) - log p(v)) with q = softmax(student), p = softmax(teacher).
+    MiniLLM (Gu et al., 2024) minimises the sequence-level reverse KL by policy gradient on
+    student samples; RKD-FT uses its token-level form on the prefixes of the user's responses
+    (teacher forcing), differentiated exactly. Computed in fp32.
+    """
+    log_q = torch.log_softmax(student_logits.float(), dim=-1)  # (..., V)
+    log_p = torch.log_softmax(teacher_logits.float(), dim=-1)  # (..., V)
+    kl = (log_q.exp() * (log_q - log_p)).sum(-1)  # (...)
+    mask = mask.to(kl.dtype)
+    return (kl * mask).sum() / mask.sum().clamp(min=1)
+
+
+def check_shared_tokenizer(tokenizer, other, what: str = "teacher") -> None:
+    """Distillation and speculative decoding compare distributions token id by token id, so
+    both models must use one vocabulary (Qwen2.5-0.5B and -3B do; SmolLM2 and Qwen2.5 do not)."""
+    if tokenizer.tokenizer.get_vocab() != other.tokenizer.get_vocab():
+        raise ValueError(f"the {what} model's tokenizer differs from the device model's "
+                         f"({other.tokenizer.get_vocab_size()} vs {tokenizer.tokenizer.get_vocab_size()} "
+                         f"tokens, or other ids): both models must share one tokenizer")
+
+
+def rkd_finetune(student, teacher, tokenizer, examples: list[tuple[list[dict], str]], epochs: int = 2,
+                 lr: float = 2e-4, batch_size: int = 4, grad_accum: int = 1, max_length: int = 512,
+                 seed: int = 0, desc: str | None = None, teacher_tokenizer=None) -> list[float]:
+    """RKD-FT: `lora.finetune` with the reverse KL to the teacher's next-token distributions on
+    the response positions in place of the cross-entropy to the response tokens.
+
+    Same examples, batching, seeded order, AdamW, clipping and divergence check as
+    `lora.finetune` (whose loop has no loss hook, so the loop is repeated here; its helpers
+    `encode_example`, `right_pad` and `check_loss` are reused). The student is the device model
+    with LoRA adapters (`lora.add_lora`), the teacher the frozen cloud model. Both must share
+    `tokenizer` (checked against `teacher_tokenizer` when given); their logits are cut to the
+    tokenizer's size, which drops padding rows of a padded vocabulary (Qwen2.5 pads to 151936).
+    Returns the mean loss of each epoch.
+    """
+    if teacher_tokenizer is not None:
+        check_shared_tokenizer(tokenizer, teacher_tokenizer)
+    V = tokenizer.tokenizer.get_vocab_size()
+    for name, model in (("student", student), ("teacher", teacher)):
+        if model.config.vocab_size < V:
+            raise ValueError(f"rkd_finetune: the {name} has {model.config.vocab_size} logits but the "
+                             f"tokenizer has {V} tokens: the models do not share this tokenizer")
+    params = [p for p in student.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("rkd_finetune: the student has no trainable parameters; call lora.add_lora(student) first")
+    if not examples:
+        raise ValueError("rkd_finetune: no training examples")
+    encoded = [lora.encode_example(tokenizer, messages, response, max_length) for messages, response in examples]
+    device, teacher_device = params[0].device, next(teacher.parameters()).device
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    rng = random.Random(seed)
+    torch.manual_seed(seed)  # LoRA dropout
+    batches_per_epoch = math.ceil(len(encoded) / batch_size)
+    was_training = student.training
+    student.train()
+    teacher.eval()
+    epoch_losses, limit = [], None
+    with tqdm(total=epochs * batches_per_epoch, desc=desc or "RKD fine-tune", unit="batch") as bar:
+        for epoch in range(epochs):
+            order = list(range(len(encoded)))
+            rng.shuffle(order)
+            total = 0.0
+            for i in range(batches_per_epoch):
+                batch = [encoded[j] for j in order[i * batch_size:(i + 1) * batch_size]]
+                ids, labels = lora.right_pad(batch, tokenizer.pad_token_id, device)  # (B, T) each
+                keep = labels[:, 1:] != lora.IGNORE  # (B, T-1): position t predicts token t + 1
+                student_logits = student.lm_head(student.model(ids)[:, :-1][keep])[:, :V]  # (N, V)
+                with torch.no_grad():
+                    hidden = teacher.model(ids.to(teacher_device))[:, :-1][keep.to(teacher_device)]
+                    teacher_logits = teacher.lm_head(hidden)[:, :V].to(device)  # (N, V)
+                loss = reverse_kl(student_logits, teacher_logits, torch.ones(len(student_logits), device=device))
+                if limit is None:
+                    limit = 2 * max(loss.item(), math.log(V))
+                lora.check_loss(loss, limit, f"epoch {epoch + 1}, batch {i + 1}")
+                (loss / grad_accum).backward()
+                if (i + 1) % grad_accum == 0 or i + 1 == batches_per_epoch:
+                    norm = torch.nn.utils.clip_grad_norm_(params, lora.MAX_GRAD_NORM)
+                    if not torch.isfinite(norm):
+                        raise FloatingPointError(f"rkd_finetune: gradient norm is {norm.item()} at epoch "
+                                                 f"{epoch + 1}, batch {i + 1}; lower lr={lr}")
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                total += loss.item()
+                bar.update(1)
+                bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")
+            epoch_losses.append(total / batches_per_epoch)
+    student.train(was_training)
+    return epoch_losses

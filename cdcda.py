@@ -1,0 +1,330 @@
+"""CDCDA-PLM end to end: `python cdcda.py --task lamp7`.
+
+The paper's five steps (sec. 4), each a function named after it, run for every target user:
+  1. upload       the user's history D_u as (input, response) pairs
+  2. augment      the cloud LM writes k similar pairs per pair (eq. 1), T = 0.7
+  3. select       SCF, TDF, LSF (eq. 2-4) keep D_filtered
+  4. download     D_u + D_filtered come back to the device
+  5. personalize  LoRA on the NF4 task base model M_base, cross-entropy (eq. 5, 6)
+then the device answers the user's queries offline and `metrics.evaluate` scores them.
+M_base (sec. 4, "On-device LM personalization fine-tuning") is trained once per task on the
+users who are not targets, merged and cached. Defaults are the embedded, offline stand-ins
+(SmolLM2-135M-Instruct as cloud and device, MiniLM as judge); `--paper` names the paper's.
+"""
+import argparse
+import copy
+import hashlib
+import json
+import os
+import re
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import torch
+
+import data
+import encoder
+import filters
+import hub
+import lora
+import metrics
+import nf4
+import qwen2
+
+PAPER = {"cloud_model": "Qwen/Qwen2.5-3B-Instruct", "device_model": "Qwen/Qwen2.5-0.5B-Instruct",
+         "judge": "nli:alisawuffles/roberta-large-wanli", "bertscore_model": "roberta-large"}
+EMBEDDED = {"cloud_model": qwen2.EMBEDDED, "device_model": qwen2.EMBEDDED,
+            "judge": f"embedding:{encoder.EMBEDDED}", "bertscore_model": encoder.EMBEDDED}
+AUGMENT_PROMPT = ("Generate an Input and Response pairs semantically similar to the following "
+                  "example, no need to explain. Input: [{x}], Response: [{y}].")  # sec. 4, verbatim
+ANSWER_TOKENS = {"lamp1": 8, "lamp2": 12, "lamp3": 4, "lamp4": 32, "lamp5": 48, "lamp7": 64}
+METHODS = ("base", "direct-ft", "cdcda")
+LABELS = {"base": "M_device (M_base, non-personalized)", "direct-ft": "Direct-FT", "cdcda": "CDCDA-PLM"}
+
+
+def instruction(task: data.Task) -> str:
+    """The task's instruction text, the part of a training input before the profile content."""
+    return task.pair_input.split("{", 1)[0]
+
+
+# ---------------------------------------------------------------- the five steps (sec. 4)
+def upload(task: data.Task, user: data.User) -> list[tuple[str, str]]:
+    """Step 1: the user's history D_u as (x, y) pairs; x is the content the instruction wraps
+    (the tweet, the article), so augmentation and the filters see the user's text, not the
+    task instruction every pair shares."""
+    prefix = instruction(task)
+    return [(x[len(prefix):], y) for x, y in map(task.pair, user.profile)]
+
+
+def parse_pair(text: str) -> tuple[str, str] | None:
+    """The first "Input: ..., Response: ..." pair in a generation, or None when there is none.
+
+    Brackets, quotes, markdown bold and a trailing comma/period around either part are
+    dropped; a second "Input:" ends the response."""
+    m = re.search(r"input\s*\**\s*:\s*(.+?)\s*[,;]?\s*\**response\s*\**\s*:\s*(.+)", text, re.I | re.S)
+    if not m:
+        return None
+    x, y = m.group(1), re.split(r"\n\s*\**\s*input\s*\**\s*:", m.group(2), flags=re.I)[0]
+    x, y = (s.strip().strip("*").strip().rstrip(",.;").strip() for s in (x, y))
+    x, y = (s[1:-1].strip() if s[:1] == "[" and s[-1:] == "]" else s.strip("[]").strip() for s in (x, y))
+    x, y = (s.strip('"“”\'').strip() for s in (x, y))
+    return (x, y) if x and y else None
+
+
+def augment(cloud, cloud_tok, pairs, k: int, temperature: float, seed: int):
+    """Step 2 (eq. 1): k samples per pair from the cloud LM with the paper's prompt.
+
+    Returns (originals, candidates, n_unparsable): candidates[i] was generated from
+    originals[i]; generations without a parsable pair are dropped and counted."""
+    prompts = [[{"role": "user", "content": AUGMENT_PROMPT.format(x=x, y=y)}] for x, y in pairs for _ in range(k)]
+    longest = max(len(cloud_tok.encode(f"Input: [{x}], Response: [{y}]")) for x, y in pairs)
+    texts = qwen2.chat(cloud, cloud_tok, prompts, max_new_tokens=min(512, longest * 3 // 2 + 16),
+                       temperature=temperature, seed=seed, desc="augment (cloud)")
+    originals, candidates = [], []
+    for i, text in enumerate(texts):
+        pair = parse_pair(text)
+        if pair is not None:
+            originals.append(pairs[i // k])
+            candidates.append(pair)
+    return originals, candidates, len(texts) - len(candidates)
+
+
+def select(originals, candidates, judge, thresholds: dict) -> filters.Selection:
+    """Step 3 (eq. 2-4): keep the candidates that pass SCF, TDF and LSF."""
+    return filters.select(originals, candidates, judge, **thresholds)
+
+
+def download(pairs, kept) -> list[tuple[str, str]]:
+    """Step 4: D_u together with D_filtered, as the device trains on them."""
+    return list(pairs) + list(kept)
+
+
+def personalize(device_model, tokenizer, task: data.Task, pairs, args, seed: int, desc: str):
+    """Step 5 (eq. 5, 6): a fresh LoRA (r=16, alpha=8, all linear layers) on a copy of the NF4
+    M_base, trained with cross-entropy on the responses. Returns (model, loss per epoch)."""
+    model = lora.add_lora(copy.deepcopy(device_model), r=args.lora_r, alpha=args.lora_alpha)
+    prefix = instruction(task)
+    examples = [(task.messages(prefix + x), y) for x, y in pairs]
+    losses = lora.finetune(model, tokenizer, examples, epochs=args.epochs, lr=args.lr,
+                           batch_size=args.batch_size, max_length=args.max_length, seed=seed, desc=desc)
+    return model.eval(), losses
+
+
+def answer(model, tokenizer, task: data.Task, queries, args, seed: int, desc: str) -> list[str]:
+    """The device answers the user's queries offline with the appendix-B prompt."""
+    return qwen2.chat(model, tokenizer, [task.messages(q.input) for q in queries],
+                      max_new_tokens=ANSWER_TOKENS[task.name], temperature=args.temperature,
+                      seed=seed, desc=desc)
+
+
+# ---------------------------------------------------------------- M_base, files, the run
+def base_model(task: data.Task, others, args) -> Path:
+    """M_base: the device model LoRA-tuned on the non-target users' pairs, merged, cached.
+
+    Done "on the cloud" in the paper (no personal data of the targets), so at full precision.
+    The cache key covers the device model, the training data and the settings."""
+    pairs = [task.pair(item) for u in others for item in u.profile]
+    settings = [args.device_model, pairs, args.base_epochs, args.lr, args.lora_r, args.lora_alpha, args.seed]
+    key = hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:16]
+    slug = re.sub(r"[^\w.-]", "_", args.device_model)
+    directory = hub.cache_dir() / "base" / f"{task.name}-{slug}-{key}"
+    if (directory / "model.safetensors").is_file():
+        print(f"M_base: cached {directory}")
+        return directory
+    if not pairs:
+        raise ValueError(f"{task.name}: no non-target users to train M_base on; lower --users")
+    model, tok = qwen2.load(args.device_model, "float32", args.device)
+    lora.add_lora(model, r=args.lora_r, alpha=args.lora_alpha)
+    print(f"M_base: training on {len(pairs)} pairs of {len(others)} non-target users")
+    examples = [(task.messages(x), y) for x, y in pairs]
+    lora.finetune(model, tok, examples, epochs=args.base_epochs, lr=args.lr, batch_size=args.batch_size,
+                  max_length=args.max_length, seed=args.seed, desc="M_base")
+    tmp = directory.with_name(directory.name + ".tmp")
+    qwen2.save_pretrained(lora.merge(model), tok, tmp)
+    os.replace(tmp, directory)
+    return directory
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def run_user(user, task, cloud, judge, device_model, tok, args, user_dir: Path) -> dict:
+    """All methods for one user; the result dict is also written to user_dir/result.json."""
+    seed = args.seed + zlib.crc32(user.user_id.encode()) % 10_000
+    times, result = {}, {"user_id": user.user_id, "predictions": {}, "losses": {}}
+    pairs = upload(task, user)
+    if "cdcda" in args.methods:
+        synthetic = user_dir / "synthetic.jsonl"
+        if synthetic.is_file():  # a resumed run: augmentation and selection are done
+            records = [json.loads(line) for line in synthetic.read_text().splitlines()]
+            counts = json.loads((user_dir / "selection.json").read_text())
+        else:
+            t = time.time()
+            originals, candidates, unparsable = augment(*cloud, pairs, args.k, args.temperature, seed)
+            times["augment"] = time.time() - t
+            t = time.time()
+            sel = select(originals, candidates, judge, thresholds(args))
+            times["select"] = time.time() - t
+            records = sel.records
+            counts = {**sel.counts, "generated": len(pairs) * args.k, "unparsable": unparsable}
+            write_atomic(synthetic, "".join(json.dumps(r) + "\n" for r in records))
+            write_atomic(user_dir / "selection.json", json.dumps(counts))
+        result["counts"] = counts
+        kept = [(r["syn_input"], r["syn_output"]) for r in records if r["kept"]]
+    for method in args.methods:
+        t = time.time()
+        if method == "base":
+            model = device_model
+        else:
+            train = download(pairs, kept) if method == "cdcda" else pairs
+            model, result["losses"][method] = personalize(device_model, tok, task, train, args, seed,
+                                                          f"{method} {user.user_id}")
+            tmp = user_dir / f"{method}.adapter.safetensors.tmp"
+            lora.save_adapter(model, tmp)
+            os.replace(tmp, user_dir / f"{method}.adapter.safetensors")
+        result["predictions"][method] = answer(model, tok, task, user.queries, args, seed, f"answer {method}")
+        times[method] = time.time() - t
+    result["times"] = times
+    write_atomic(user_dir / "result.json", json.dumps(result, indent=1))
+    return result
+
+
+def thresholds(args) -> dict:
+    return {"eps_scf": args.eps_scf, "eps_tdf": args.eps_tdf,
+            "eps_min_len": args.eps_min_len, "eps_max_len": args.eps_max_len}
+
+
+def make_judge(spec: str, device: str):
+    kind, _, source = spec.partition(":")
+    if kind == "nli" and source:
+        return filters.NLIJudge(source, device=device)
+    if kind == "embedding" and source:
+        return filters.EmbeddingJudge(source, device=device)
+    raise ValueError(f"--judge {spec!r}: use nli:MODEL (the paper: {PAPER['judge']}) or embedding:MODEL")
+
+
+def report(task, users, results, args, bert) -> dict:
+    """Metrics over all queries of all target users (as LaMP averages), counts, times."""
+    golds = [q.gold for u in users for q in u.queries]
+    rows = {}
+    for method in args.methods:
+        preds = [p for r in results for p in r["predictions"][method]]
+        rows[method] = metrics.evaluate(task.name, preds, golds, bertscore_model=bert)
+    counts = {}
+    for r in results:
+        for key, value in r.get("counts", {}).items():
+            counts[key] = counts.get(key, 0) + value
+    times = {}
+    for r in results:
+        for key, value in r["times"].items():
+            times[key] = times.get(key, 0.0) + value
+    return {"task": task.name, "users": [u.user_id for u in users], "queries": len(golds),
+            "models": models_used(args), "rows": rows, "counts": counts, "seconds": times,
+            "settings": {k: v for k, v in vars(args).items() if k != "out"}}
+
+
+def models_used(args) -> dict:
+    return {role: getattr(args, role) + ("" if getattr(args, role) == PAPER[role]
+                                         else f"  (stand-in for the paper's {PAPER[role]})")
+            for role in PAPER} | {"data": str(args.data or "embedded demo (data/demo/, written for cdcda)")}
+
+
+def markdown(rep: dict) -> str:
+    keys = [k for k in next(iter(rep["rows"].values())) if k != "bertscore_model"]
+    lines = [f"# {rep['task']}: {len(rep['users'])} target users, {rep['queries']} queries", ""]
+    lines += [f"- {role}: {name}" for role, name in rep["models"].items()]
+    lines += ["", "| method | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    for method, row in rep["rows"].items():
+        lines.append(f"| {LABELS[method]} | " + " | ".join(f"{row[k]:.4f}" for k in keys) + " |")
+    if rep["counts"]:
+        lines += ["", "augmentation and selection: " + ", ".join(f"{k} {v}" for k, v in rep["counts"].items())]
+    lines += ["", "seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in rep["seconds"].items()), ""]
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--task", default="lamp7", choices=list(data.TASKS), help="LaMP task")
+    p.add_argument("--users", type=int, default=3, help="number of target users (the most active)")
+    p.add_argument("--data", default=None, help="directory with DIR/<task>/*.json (real LaMP); default: embedded demo")
+    p.add_argument("--out", default=None, help="output directory (default runs/<task>)")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
+    p.add_argument("--paper", action="store_true", help="the paper's models (needs them downloaded): " +
+                   ", ".join(PAPER.values()))
+    p.add_argument("--cloud-model", default=None, help=f"cloud LM (default {EMBEDDED['cloud_model']})")
+    p.add_argument("--device-model", default=None, help=f"on-device LM (default {EMBEDDED['device_model']})")
+    p.add_argument("--judge", default=None, help=f"nli:MODEL or embedding:MODEL (default {EMBEDDED['judge']})")
+    p.add_argument("--bertscore-model", default=None, help=f"BERTScore backbone (default {EMBEDDED['bertscore_model']})")
+    p.add_argument("--k", type=int, default=5, help="synthetic samples per pair (eq. 1)")
+    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (sec. 5.1)")
+    p.add_argument("--eps-scf", type=float, default=None, help="eq. 2 threshold (default: the judge's)")
+    p.add_argument("--eps-tdf", type=float, default=filters.EPS_TDF, help="eq. 3 ROUGE-L upper bound")
+    p.add_argument("--eps-min-len", type=float, default=filters.EPS_MIN_LEN, help="eq. 4 lower length ratio")
+    p.add_argument("--eps-max-len", type=float, default=filters.EPS_MAX_LEN, help="eq. 4 upper length ratio")
+    p.add_argument("--epochs", type=int, default=3, help="personalization epochs")
+    p.add_argument("--base-epochs", type=int, default=2, help="M_base epochs on the non-target users")
+    p.add_argument("--lr", type=float, default=5e-4, help="AdamW learning rate")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--max-length", type=int, default=384, help="training sequence length (tokens)")
+    p.add_argument("--lora-r", type=int, default=16)
+    p.add_argument("--lora-alpha", type=float, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    args = p.parse_args(argv)
+    for role in PAPER:
+        if getattr(args, role) is None:
+            setattr(args, role, (PAPER if args.paper else EMBEDDED)[role])
+    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in args.methods if m not in METHODS]
+    if unknown or not args.methods:
+        p.error(f"--methods: unknown {unknown}; choose from {', '.join(METHODS)}")
+    if args.k < 1:
+        p.error("--k must be at least 1")
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    task = data.get_task(args.task)
+    out = Path(args.out or Path("runs") / task.name)
+    print(f"cdcda: {task.name} ({task.title})")
+    for role, name in models_used(args).items():
+        print(f"  {role}: {name}")
+    users = data.load_users(task.name, args.data)
+    targets, others = data.split_users(users, min(args.users, len(users)))
+    print(f"  users: {len(targets)} targets (most active), {len(others)} others train M_base")
+    device_model, tok = qwen2.load(base_model(task, others, args), "float32", args.device)
+    device_model = nf4.quantize_model(device_model, torch.bfloat16)  # sec. 5.1: NF4 weights, bf16 compute
+    cloud = qwen2.load(args.cloud_model, "float32", args.device) if "cdcda" in args.methods else None
+    judge = make_judge(args.judge, args.device) if "cdcda" in args.methods else None
+    fingerprint = {k: v for k, v in vars(args).items() if k not in ("out", "users", "methods")}
+    results = []
+    for i, user in enumerate(targets):
+        user_dir = out / "users" / user.user_id
+        user_dir.mkdir(parents=True, exist_ok=True)
+        done = user_dir / "result.json"
+        settings = user_dir / "settings.json"
+        if settings.is_file() and json.loads(settings.read_text()) != fingerprint:
+            raise SystemExit(f"{settings}: written by a run with other settings; use another --out or delete it")
+        write_atomic(settings, json.dumps(fingerprint))
+        if done.is_file() and set(args.methods) <= set(json.loads(done.read_text())["predictions"]):
+            print(f"user {i + 1}/{len(targets)} {user.user_id}: done earlier, reusing {done}")
+            results.append(json.loads(done.read_text()))
+            continue
+        print(f"user {i + 1}/{len(targets)} {user.user_id}: {len(user.profile)} history items, {len(user.queries)} queries")
+        results.append(run_user(user, task, cloud, judge, device_model, tok, args, user_dir))
+    bert = encoder.load(args.bertscore_model, "float32", args.device) if task.metric == "generation" else None
+    rep = report(task, targets, results, args, bert)
+    write_atomic(out / "results.json", json.dumps(rep, indent=1))
+    write_atomic(out / "results.md", markdown(rep))
+    print("\n" + markdown(rep) + f"\nwritten: {out / 'results.json'}, {out / 'results.md'}")
+    return rep
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,298 @@
+"""LaMP data for cdcda: the six tasks, their appendix-B prompts, the two file formats, the demo.
+
+The paper (sec. 5.1) personalizes one on-device model per user on six LaMP tasks (LaMP-6 is
+private and left out). Each task is a `Task` in `TASKS` ("lamp1" ... "lamp7"): its profile
+fields, label list, metric kind, and its appendix-B prompt.
+
+Prompts (appendix B). `Task.messages(query_input, retrieved=())` returns ChatML messages
+`[{"role": "system", ...}, {"role": "user", ...}]`; the decoder's `apply_chat_template`
+renders them (appendix B's `<lim_start>` is an OCR of ChatML's `<|im_start|>`).
+- LaMP's query `input` already holds the task instruction ("Paraphrase the following tweet
+  without any explanation before or after it: ..."), so the user message is the retrieved
+  block (empty unless a RAG baseline fills it) followed by the query input as given.
+- Whitespace is kept as appendix B prints it: the system texts of LaMP-2..7 end in a space
+  ("... for the given movie. <|im_end|>"), LaMP-1's does not; the user message of LaMP-2..7
+  ends in a space after the query text, LaMP-1's does not (`Task.user_end`).
+- `{RETRIEVED USER HISTORY}`: `Task.format_history(items)` writes one line per profile item,
+  "field: value; field: value", and ends the block with a newline, so the query starts on the
+  next line as in appendix B. With no items the user message starts with the query itself.
+
+Training pairs. `Task.pair(item)` turns one profile item into (input, output) in the format
+of the task's queries, so fine-tuning on the history teaches the query task:
+- lamp2 description -> tag, lamp3 review text -> score, lamp4 article text -> headline,
+  lamp5 abstract -> title, each behind the same instruction text LaMP's queries use.
+- lamp7: profile items hold only the user's own tweet. Input = the paraphrase instruction +
+  the tweet, output = the same tweet: the pair teaches the user's wording, not a rewrite.
+- lamp1: profile items are the author's papers (title, abstract) and a citation choice
+  needs a second candidate, so a single item cannot form a query-format pair. Input = the
+  LaMP-5 instruction + the abstract, output = the title (as OPPU does): it teaches the
+  author's topics and vocabulary, which is what picks the related reference.
+
+Files. `load_users(task, data_dir)` reads every JSON file in `data_dir/<task>/` (e.g.
+`DIR/lamp7/`; `data_dir=None` is the embedded demo, `data/demo/lamp7/`):
+- `X_questions.json` + `X_outputs.json` (LaMP's official format; LaMP's LaMP_7/dev/
+  dev_questions.json and dev_outputs.json, train_* alike, go in as they are): questions
+  `[{id, input, profile: [...]}]`, outputs `{task: "LaMP_7", golds: [{id, output}]}`. Each
+  question carries its user's history; questions with identical profiles are one user
+  (user_id = the first such question's id), so a user can have several queries.
+- any other `*.json`: the per-user format (OPPU): `[{user_id, profile, query: [{id, input,
+  gold}]}]`.
+Errors (ValueError / FileNotFoundError naming the file, the record index and its id): no
+task directory, malformed JSON, a wrong top-level type, a missing record field, an outputs
+file for another task, duplicate ids, a question without a gold or a gold without a
+question, a gold outside the label list (lamp1, lamp2) or not 1-5 (lamp3), an unknown task
+(the message lists the valid ones), no usable user at all. Warnings, and the run goes on
+without that piece: a profile item missing a task field or with an empty one (the item is
+skipped), a user left with no history, a per-user record with no query (the user is skipped).
+"""
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+DEMO_DIR = Path(__file__).parent / "demo"
+
+LAMP1_LABELS = ("[1]", "[2]")
+LAMP2_TAGS = ("sci-fi", "based on a book", "comedy", "action", "twist ending", "dystopia",
+              "dark comedy", "classic", "psychology", "fantasy", "romance",
+              "thought-provoking", "social commentary", "violence", "true story")
+LAMP3_SCORES = ("1", "2", "3", "4", "5")
+
+
+@dataclass
+class Query:
+    id: str
+    input: str  # LaMP's query text, task instruction included
+    gold: str
+
+
+@dataclass
+class User:
+    user_id: str
+    profile: list[dict]  # the user's history D_u, items with the task's profile fields
+    queries: list[Query]
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str  # "lamp7"
+    lamp_name: str  # "LaMP_7", the `task` field of official outputs files
+    title: str
+    profile_fields: tuple[str, ...]
+    labels: tuple[str, ...] | None  # fixed label list (lamp1, lamp2) or None
+    metric: str  # "classification" (accuracy, F1), "regression" (MAE, RMSE), "generation" (ROUGE)
+    system: str  # appendix-B system text, verbatim
+    user_end: str  # what appendix B prints between the query text and <|im_end|>
+    pair_input: str  # str.format template over a profile item: the training input
+    pair_output: str  # the profile field that is the training output
+
+    def format_history(self, items) -> str:
+        """The {RETRIEVED USER HISTORY} block: one line per item, newline-terminated."""
+        lines = ["; ".join(f"{f}: {item[f]}" for f in self.profile_fields) for item in items]
+        return "".join(line + "\n" for line in lines)
+
+    def messages(self, query_input: str, retrieved=()) -> list[dict]:
+        """Appendix-B prompt as ChatML messages (system, user) for one query."""
+        user = self.format_history(retrieved) + query_input + self.user_end
+        return [{"role": "system", "content": self.system}, {"role": "user", "content": user}]
+
+    def pair(self, item: dict) -> tuple[str, str]:
+        """One profile item -> (input, output) in the task's query format (module docstring)."""
+        return self.pair_input.format(**item), str(item[self.pair_output])
+
+
+_TITLE_OF_ABSTRACT = "Generate a title for the following abstract of a paper: {abstract}"
+_TITLE_SYSTEM = ("With the given examples, generate a title for the given article. "
+                 "Only output the title and nothing else. ")
+
+TASKS: dict[str, Task] = {t.name: t for t in [
+    Task("lamp1", "LaMP_1", "Personalized Citation Identification", ("title", "abstract"),
+         LAMP1_LABELS, "classification",
+         "With the given examples, which reference is related?", "",
+         _TITLE_OF_ABSTRACT, "title"),
+    Task("lamp2", "LaMP_2", "Personalized Movie Tagging", ("description", "tag"),
+         LAMP2_TAGS, "classification",
+         "With the given examples, generate a tag for the given movie. ", " ",
+         "Which tag does this movie relate to among the following tags? Just answer with the "
+         "tag name without further explanation. tags: [" + ", ".join(LAMP2_TAGS) + "] "
+         "description: {description}", "tag"),
+    Task("lamp3", "LaMP_3", "Personalized Product Rating", ("text", "score"),
+         None, "regression",
+         "With the given examples, generate a score for the given review. ", " ",
+         "What is the score of the following review on a scale of 1 to 5? just answer with "
+         "1, 2, 3, 4, or 5 without further explanation. review: {text}", "score"),
+    Task("lamp4", "LaMP_4", "Personalized News Headline Generation", ("text", "title"),
+         None, "generation", _TITLE_SYSTEM, " ",
+         "Generate a headline for the following article: {text}", "title"),
+    Task("lamp5", "LaMP_5", "Personalized Scholarly Title Generation", ("title", "abstract"),
+         None, "generation", _TITLE_SYSTEM, " ", _TITLE_OF_ABSTRACT, "title"),
+    Task("lamp7", "LaMP_7", "Personalized Tweet Paraphrasing", ("text",),
+         None, "generation",
+         "With the given examples, paraphrase the following tweet without any explanation "
+         "before or after it. ", " ",
+         "Paraphrase the following tweet without any explanation before or after it: {text}",
+         "text"),
+]}
+
+
+def get_task(name: str) -> Task:
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; valid tasks: {', '.join(TASKS)}")
+    return TASKS[name]
+
+
+def split_users(users: list[User], n_target: int) -> tuple[list[User], list[User]]:
+    """The paper's split (sec. 5.1, after OPPU): the `n_target` most active users (longest
+    history; ties by user_id) are the targets, all others train the task base model."""
+    if not 1 <= n_target <= len(users):
+        raise ValueError(f"n_target={n_target}: must be between 1 and the {len(users)} users")
+    ranked = sorted(users, key=lambda u: (-len(u.profile), u.user_id))
+    return ranked[:n_target], ranked[n_target:]
+
+
+def load_users(task: str, data_dir=None) -> list[User]:
+    """All usable users of `task` from `data_dir/<task>/` (None: the embedded demo).
+
+    File naming, formats, and which problems are errors and which are warnings: see the
+    module docstring. Users come in file order (sorted file names), then record order.
+    """
+    spec = get_task(task)
+    task_dir = (DEMO_DIR if data_dir is None else Path(data_dir)) / spec.name
+    if not task_dir.is_dir():
+        raise FileNotFoundError(
+            f"{task_dir}: no such directory (expected {spec.name}/ holding LaMP's "
+            f"X_questions.json + X_outputs.json, or per-user JSON files)")
+    files = sorted(task_dir.glob("*.json"))
+    questions = [f for f in files if f.name.endswith("_questions.json")]
+    outputs = [f for f in files if f.name.endswith("_outputs.json")]
+    users = []
+    for path in questions:
+        gold_path = path.with_name(path.name[:-len("_questions.json")] + "_outputs.json")
+        if gold_path not in outputs:
+            raise FileNotFoundError(f"{path}: its gold file {gold_path.name} is missing")
+        users += _read_official(spec, path, gold_path)
+    for path in outputs:
+        if path.with_name(path.name[:-len("_outputs.json")] + "_questions.json") not in questions:
+            raise FileNotFoundError(f"{path}: its questions file is missing")
+    for path in files:
+        if path not in questions and path not in outputs:
+            users += _read_per_user(spec, path)
+    seen = set()
+    for u in users:
+        if u.user_id in seen:
+            raise ValueError(f"{task_dir}: user id {u.user_id!r} appears twice")
+        seen.add(u.user_id)
+    if not users:
+        raise ValueError(f"{task_dir}: no usable user (no JSON files, or all users skipped)")
+    return users
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+
+
+def _field(record, key: str, where: str, kind=None):
+    if not isinstance(record, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    if key not in record:
+        raise ValueError(f"{where}: missing field {key!r}")
+    if kind is not None and not isinstance(record[key], kind):
+        raise ValueError(f"{where}: field {key!r} must be a {kind.__name__}, got {type(record[key]).__name__}")
+    return record[key]
+
+
+def _where(path: Path, i: int, record, key: str) -> str:
+    rid = record.get(key) if isinstance(record, dict) else None
+    return f"{path} record {i}" + (f" ({key} {rid!r})" if rid is not None else "")
+
+
+def _check_gold(spec: Task, gold, where: str) -> str:
+    gold = str(gold)
+    allowed = LAMP3_SCORES if spec.name == "lamp3" else spec.labels
+    if allowed is not None and gold.strip() not in allowed:
+        raise ValueError(f"{where}: gold {gold!r} is not one of {', '.join(allowed)}")
+    return gold
+
+
+def _clean_profile(spec: Task, profile: list, where: str) -> list[dict]:
+    """Profile items with every task field present and non-empty; others skipped with a warning."""
+    items = []
+    for j, item in enumerate(profile):
+        missing = [f for f in spec.profile_fields
+                   if not isinstance(item, dict) or str(item.get(f) or "").strip() == ""]
+        if missing:
+            warnings.warn(f"{where} profile item {j}: missing or empty {', '.join(missing)}; item skipped")
+        else:
+            items.append(item)
+    return items
+
+
+def _keep(user: User, where: str) -> bool:
+    if not user.profile:
+        warnings.warn(f"{where}: user {user.user_id!r} has no history; user skipped")
+    elif not user.queries:
+        warnings.warn(f"{where}: user {user.user_id!r} has no query; user skipped")
+    return bool(user.profile and user.queries)
+
+
+def _read_official(spec: Task, q_path: Path, o_path: Path) -> list[User]:
+    """LaMP's official pair of files; questions with identical profiles form one user."""
+    outputs = _read_json(o_path)
+    golds_list = _field(outputs, "golds", str(o_path), list)
+    if "task" in outputs and outputs["task"] != spec.lamp_name:
+        raise ValueError(f"{o_path}: task {outputs['task']!r}, expected {spec.lamp_name!r} for {spec.name}")
+    golds = {}
+    for i, g in enumerate(golds_list):
+        where = _where(o_path, i, g, "id")
+        gid = str(_field(g, "id", where))
+        if gid in golds:
+            raise ValueError(f"{where}: duplicate id {gid!r}")
+        golds[gid] = _check_gold(spec, _field(g, "output", where), where)
+
+    questions = _read_json(q_path)
+    if not isinstance(questions, list):
+        raise ValueError(f"{q_path}: expected a JSON list of questions, got {type(questions).__name__}")
+    users, wheres, used = {}, {}, set()
+    for i, q in enumerate(questions):
+        where = _where(q_path, i, q, "id")
+        qid = str(_field(q, "id", where))
+        query_input = _field(q, "input", where, str)
+        profile = _field(q, "profile", where, list)
+        if qid in used:
+            raise ValueError(f"{where}: duplicate id {qid!r}")
+        if qid not in golds:
+            raise ValueError(f"{where}: no gold with id {qid!r} in {o_path}")
+        used.add(qid)
+        key = json.dumps(profile, sort_keys=True)
+        if key not in users:
+            users[key] = User(qid, _clean_profile(spec, profile, where), [])
+            wheres[key] = where
+        users[key].queries.append(Query(qid, query_input, golds[qid]))
+    extra = [gid for gid in golds if gid not in used]
+    if extra:
+        raise ValueError(f"{o_path}: gold ids with no question in {q_path.name}: {', '.join(extra[:10])}")
+    return [u for key, u in users.items() if _keep(u, wheres[key])]
+
+
+def _read_per_user(spec: Task, path: Path) -> list[User]:
+    """The per-user format: a list of {user_id, profile, query: [{id, input, gold}]}."""
+    records = _read_json(path)
+    if not isinstance(records, list):
+        raise ValueError(f"{path}: expected a JSON list of users, got {type(records).__name__}")
+    users = []
+    for i, r in enumerate(records):
+        where = _where(path, i, r, "user_id")
+        uid = str(_field(r, "user_id", where))
+        profile = _clean_profile(spec, _field(r, "profile", where, list), where)
+        queries = []
+        for j, q in enumerate(_field(r, "query", where, list)):
+            qwhere = f"{where} query {j}"
+            gold = _check_gold(spec, _field(q, "gold", qwhere), qwhere)
+            queries.append(Query(str(_field(q, "id", qwhere)), _field(q, "input", qwhere, str), gold))
+        user = User(uid, profile, queries)
+        if _keep(user, where):
+            users.append(user)
+    return users

@@ -1,0 +1,166 @@
+"""Synthetic data selection: the three filters of the paper's sec. 4 (equations 2-4).
+
+A synthetic sample (x_syn, y_syn) generated from an original (x, y) is kept only if
+  SCF (eq. 2)  M(x => x_syn) >= eps_scf  and  M(x_syn => x) >= eps_scf   same meaning
+  TDF (eq. 3)  ROUGE-L(x, x_syn) <= eps_tdf                               different wording
+  LSF (eq. 4)  eps_min_len * len(x) <= len(x_syn) <= eps_max_len * len(x)  sensible length
+As in the equations, all three compare the inputs x only; the response y_syn is not checked
+here (for LaMP-1/2/3 it is a label or a rating, on which NLI or ROUGE mean nothing;
+unparseable generations are dropped earlier, by the augmentation step).
+LaMP inputs carry the task's instruction ("Generate a headline for the following article:
+{text}"; for LaMP-2 the 15-tag list too), and that shared text alone gives two unrelated
+inputs of the demo data a MiniLM cosine of about 0.5-0.8 and a ROUGE-L of 0.4-0.8. So x here
+is the user's text without the instruction (`cdcda.upload` cuts it before augmentation).
+len(text) = number of whitespace-separated words (`len(text.split())`): it counts
+punctuation-attached and non-ASCII words alike, which rouge tokens would not.
+
+The judge M is pluggable: a callable `judge(premises, hypotheses) -> list[float]` with a
+`.name` and a `.default_eps_scf`. `NLIJudge` is the paper's (an NLI cross-encoder's
+P(entailment)); `EmbeddingJudge` is the offline proxy (cosine similarity of
+all-MiniLM-L6-v2 sentence embeddings: symmetric, and not entailment).
+
+Default thresholds (the paper gives none), chosen from what `bench/bench_filters.py`
+measures with all-MiniLM-L6-v2: 24 hand-written LaMP-style originals (tweets, paper titles
+and abstracts, headlines, reviews, movie plots), each with an LLM-style paraphrase, a
+near-copy (one or two words changed) and an unrelated original of the same genre; and, as
+harder negatives, pairs of two different profile inputs of one demo-data user (instruction cut):
+- EPS_SCF_EMBEDDING = 0.6. Paraphrase cosines: min 0.55, p5 0.56, median 0.79 (2 of 24
+  below 0.6). Unrelated same-genre: max 0.25. Same-user different inputs: p95 0.30-0.59,
+  max 0.38-0.74 by task; share >= 0.6: 3.6% (lamp1/5), 2.8% (lamp7), 0 (lamp2/3/4), against
+  17% / 10% at 0.5. A lost paraphrase costs less than a kept off-meaning sample.
+- EPS_SCF_NLI = 0.5: P(entailment) at least the other labels' combined mass. Not measurable
+  here: no NLI model is available offline.
+- EPS_TDF = 0.75: paraphrase ROUGE-L median 0.28 / max 0.64, near-copies min 0.85 / median
+  0.92; 0.75 is the middle of that gap.
+- EPS_MIN_LEN, EPS_MAX_LEN = 0.5, 2.0: paraphrase length ratios lay in 0.67..1.57; halving
+  or doubling a text is where a rewrite stops being "the same text".
+"""
+from dataclasses import dataclass, field
+
+import encoder
+import metrics
+
+EPS_SCF_NLI = 0.5
+EPS_SCF_EMBEDDING = 0.6
+EPS_TDF = 0.75
+EPS_MIN_LEN = 0.5
+EPS_MAX_LEN = 2.0
+
+
+class NLIJudge:
+    """M_NLI(premise => hypothesis) = P(entailment) of an NLI cross-encoder (paper: WANLI,
+    "alisawuffles/roberta-large-wanli"; a local directory or a hub id)."""
+
+    default_eps_scf = EPS_SCF_NLI
+
+    def __init__(self, source: str, dtype: str = "float32", device: str = "cpu", batch_size: int = 16):
+        self.model, self.tokenizer = encoder.load(source, dtype, device)
+        encoder.entailment_index(self.model.config)  # fail now, not mid-selection
+        self.batch_size = batch_size
+        self.name = f"nli:{source}"
+
+    def __call__(self, premises: list[str], hypotheses: list[str]) -> list[float]:
+        return encoder.entailment_probs(self.model, self.tokenizer, premises, hypotheses, self.batch_size).tolist()
+
+
+class EmbeddingJudge:
+    """PROXY for M_NLI when no NLI model is available: cosine similarity of mean-pooled
+    sentence embeddings, in [-1, 1], used as-is. Symmetric, so both directions of eq. 2 get
+    the same score; it measures topical similarity, not entailment."""
+
+    default_eps_scf = EPS_SCF_EMBEDDING
+
+    def __init__(self, source: str = encoder.EMBEDDED, dtype: str = "float32", device: str = "cpu",
+                 batch_size: int = 32):
+        self.model, self.tokenizer = encoder.load(source, dtype, device)
+        self.batch_size = batch_size
+        self.name = f"embedding-cosine-proxy:{source} (not NLI)"
+
+    def __call__(self, premises: list[str], hypotheses: list[str]) -> list[float]:
+        if len(premises) != len(hypotheses):
+            raise ValueError(f"{len(premises)} premises but {len(hypotheses)} hypotheses")
+        unique = list(dict.fromkeys(premises + hypotheses))  # each text embedded once
+        row = {t: i for i, t in enumerate(unique)}
+        e = encoder.sentence_embeddings(self.model, self.tokenizer, unique, self.batch_size)  # (U, H)
+        p = e[[row[t] for t in premises]]  # (N, H)
+        h = e[[row[t] for t in hypotheses]]  # (N, H)
+        return (p * h).sum(-1).clamp(-1.0, 1.0).tolist()
+
+
+def semantic_consistency(x: str, x_syn: str, judge, eps_scf: float) -> tuple[bool, float, float]:
+    """Eq. 2 -> (passed, M(x => x_syn), M(x_syn => x)); both directions must reach eps_scf."""
+    forward, backward = judge([x, x_syn], [x_syn, x])
+    return forward >= eps_scf and backward >= eps_scf, forward, backward
+
+
+def token_diversity(x: str, x_syn: str, eps_tdf: float) -> tuple[bool, float]:
+    """Eq. 3 -> (passed, ROUGE-L F(x, x_syn)); passes when the overlap is at most eps_tdf."""
+    score = metrics.rouge_l(x_syn, x)
+    return score <= eps_tdf, score
+
+
+def length(text: str) -> int:
+    """len() of eq. 4: whitespace-separated words."""
+    return len(text.split())
+
+
+def length_ratio(x: str, x_syn: str, eps_min_len: float, eps_max_len: float) -> tuple[bool, float | None]:
+    """Eq. 4 -> (passed, len(x_syn) / len(x), None when x is empty). Tested in the
+    equation's product form, so an empty x keeps only an empty x_syn."""
+    n, n_syn = length(x), length(x_syn)
+    passed = eps_min_len * n <= n_syn <= eps_max_len * n
+    return passed, (n_syn / n if n else None)
+
+
+@dataclass
+class Selection:
+    """What `select` returns. `kept`: the surviving (x_syn, y_syn) pairs, in input order.
+    `records`: one JSON-ready dict per candidate (see `select`). `counts`: "candidates",
+    "kept", "rejected" and "rejected_scf" / "rejected_tdf" / "rejected_lsf" (a candidate
+    failing two filters counts under both, so these can sum to more than "rejected")."""
+    kept: list[tuple[str, str]]
+    records: list[dict]
+    counts: dict
+    thresholds: dict = field(default_factory=dict)
+
+
+def select(originals: list[tuple[str, str]], candidates: list[tuple[str, str]], judge,
+           eps_scf: float | None = None, eps_tdf: float = EPS_TDF,
+           eps_min_len: float = EPS_MIN_LEN, eps_max_len: float = EPS_MAX_LEN) -> Selection:
+    """Apply SCF, TDF and LSF to every candidate (paper sec. 4, "Synthetic data selection").
+
+    originals[i] = (x, y) is the profile pair candidates[i] = (x_syn, y_syn) was generated
+    from (repeat an original for each of its k samples). eps_scf=None takes the judge's
+    `default_eps_scf`. All three filters are evaluated for every candidate (so the counts say what each filter alone would
+    reject); the judge runs once over the whole batch, both directions together. Each record:
+      {"input", "output", "syn_input", "syn_output", "scf_forward", "scf_backward",
+       "rouge_l", "length_ratio", "scf", "tdf", "lsf", "kept"}
+    """
+    if len(originals) != len(candidates):
+        raise ValueError(f"select: {len(originals)} originals but {len(candidates)} candidates")
+    eps_scf = judge.default_eps_scf if eps_scf is None else eps_scf
+    xs = [x for x, _ in originals]
+    xs_syn = [x_syn for x_syn, _ in candidates]
+    scores = judge(xs + xs_syn, xs_syn + xs) if candidates else []  # (2N,): forward, then backward
+    n = len(candidates)
+    kept, records = [], []
+    counts = {"candidates": n, "kept": 0, "rejected": 0, "rejected_scf": 0, "rejected_tdf": 0, "rejected_lsf": 0}
+    for i, ((x, y), (x_syn, y_syn)) in enumerate(zip(originals, candidates)):
+        forward, backward = float(scores[i]), float(scores[n + i])
+        scf = forward >= eps_scf and backward >= eps_scf
+        tdf, rouge = token_diversity(xs[i], xs_syn[i], eps_tdf)
+        lsf, ratio = length_ratio(xs[i], xs_syn[i], eps_min_len, eps_max_len)
+        ok = scf and tdf and lsf
+        records.append({"input": x, "output": y, "syn_input": x_syn, "syn_output": y_syn,
+                        "scf_forward": forward, "scf_backward": backward, "rouge_l": rouge,
+                        "length_ratio": ratio, "scf": scf, "tdf": tdf, "lsf": lsf, "kept": ok})
+        counts["rejected_scf"] += not scf
+        counts["rejected_tdf"] += not tdf
+        counts["rejected_lsf"] += not lsf
+        if ok:
+            kept.append((x_syn, y_syn))
+    counts["kept"] = len(kept)
+    counts["rejected"] = n - len(kept)
+    thresholds = {"judge": judge.name, "eps_scf": eps_scf, "eps_tdf": eps_tdf,
+                  "eps_min_len": eps_min_len, "eps_max_len": eps_max_len}
+    return Selection(kept, records, counts, thresholds)

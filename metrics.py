@@ -1,0 +1,219 @@
+"""LaMP's evaluation metrics, written out by hand (paper sec. 5.1 "Evaluation Metrics").
+
+- LaMP-1, LaMP-2 (classification): accuracy and macro F1 over the task's fixed label list.
+  Prediction and gold are stripped and mapped to their index in the list; a prediction not in
+  the list becomes -1: it is always wrong and is not a class of its own (F1 averages over
+  `labels=range(len(label_list))` only, as LaMP passes to scikit-learn).
+- LaMP-3 (rating 1-5): MAE and RMSE. A prediction that is not a number counts as the worst
+  case for its gold: 1.0 if |1 - gold| > |5 - gold| else 5.0.
+- LaMP-4, 5, 7 (generation): ROUGE-1 and ROUGE-L F-measure with rouge_score's default
+  tokenizer and no stemming, averaged over queries; BERTScore-F1 (Zhang et al., 2020).
+
+ROUGE here reproduces `rouge_score.rouge_scorer.RougeScorer(["rouge1", "rougeL"])` to the
+last bit (same tokenizer, same arithmetic); tests/test_metrics.py holds it to that library.
+"""
+import math
+import re
+
+import torch
+
+import data
+
+LABELS = {name: list(task.labels) for name, task in data.TASKS.items() if task.labels}  # lamp1, lamp2
+TASKS = tuple(data.TASKS)
+
+_NON_ALPHANUM = re.compile(r"[^a-z0-9]+")
+
+
+# ---------------------------------------------------------------- ROUGE (Lin, 2004)
+
+def rouge_tokens(text: str) -> list[str]:
+    """rouge_score's default tokenizer: lowercase, every run of characters outside [a-z0-9]
+    becomes a space, split on whitespace, drop empty pieces. Anything non-ASCII is a
+    separator, so "café" -> ["caf"] and "北京" -> [] (exactly what rouge_score does)."""
+    return _NON_ALPHANUM.sub(" ", text.lower()).split()
+
+
+def _fmeasure(precision: float, recall: float) -> float:
+    # rouge_score.scoring.fmeasure, same expression so the floats are identical
+    return 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
+
+
+def rouge_1(prediction: str, reference: str) -> float:
+    """ROUGE-1 F: unigram overlap with clipped counts. Worked example: prediction "a a b",
+    reference "a c": overlap min(2,1)=1, P=1/3, R=1/2, F=2*(1/3)*(1/2)/(5/6)=0.4."""
+    pred, ref = rouge_tokens(prediction), rouge_tokens(reference)
+    pred_counts: dict[str, int] = {}
+    for t in pred:
+        pred_counts[t] = pred_counts.get(t, 0) + 1
+    ref_counts: dict[str, int] = {}
+    for t in ref:
+        ref_counts[t] = ref_counts.get(t, 0) + 1
+    overlap = sum(min(n, pred_counts.get(t, 0)) for t, n in ref_counts.items())
+    return _fmeasure(overlap / max(len(pred), 1), overlap / max(len(ref), 1))
+
+
+def lcs_length(a: list[str], b: list[str]) -> int:
+    """Length of the longest common subsequence, O(len(a) * len(b)) with one DP row."""
+    row = [0] * (len(b) + 1)
+    for x in a:
+        prev_diag = 0  # row[j-1] of the previous row
+        for j, y in enumerate(b, start=1):
+            keep = row[j]
+            row[j] = prev_diag + 1 if x == y else max(row[j], row[j - 1])
+            prev_diag = keep
+    return row[-1]
+
+
+def rouge_l(prediction: str, reference: str) -> float:
+    """ROUGE-L F: P = LCS/len(prediction), R = LCS/len(reference), in rouge tokens; 0 when
+    either side has no token. Worked example: "the cat sat" vs "the cat ran": LCS=2, F=2/3."""
+    pred, ref = rouge_tokens(prediction), rouge_tokens(reference)
+    if not pred or not ref:
+        return 0.0
+    lcs = lcs_length(ref, pred)
+    return _fmeasure(lcs / len(pred), lcs / len(ref))
+
+
+# ---------------------------------------------------------------- classification (LaMP-1, 2)
+
+def _check_lists(predictions, golds, what: str) -> None:
+    if len(predictions) == 0:
+        raise ValueError(f"{what}: no predictions (empty list)")
+    if len(predictions) != len(golds):
+        raise ValueError(f"{what}: {len(predictions)} predictions but {len(golds)} golds")
+
+
+def _label_indices(predictions, golds, labels: list[str]) -> tuple[list[int], list[int]]:
+    """Strip, map to the label list's index; a prediction outside the list -> -1. A gold
+    outside the list is a data error, not a prediction error, so it raises."""
+    index = {label: i for i, label in enumerate(labels)}
+    gold_ids = []
+    for n, g in enumerate(golds):
+        if g.strip() not in index:
+            raise ValueError(f"gold #{n} {g!r} is not one of the task's labels {labels}")
+        gold_ids.append(index[g.strip()])
+    return [index.get(p.strip(), -1) for p in predictions], gold_ids
+
+
+def accuracy(predictions: list[str], golds: list[str], labels: list[str]) -> float:
+    """Share of predictions equal to their gold after LaMP's strip-and-map rule."""
+    _check_lists(predictions, golds, "accuracy")
+    pred, gold = _label_indices(predictions, golds, labels)
+    return sum(p == g for p, g in zip(pred, gold)) / len(gold)
+
+
+def f1(predictions: list[str], golds: list[str], labels: list[str]) -> float:
+    """Macro F1 over every label in the list, as sklearn's `f1_score(average="macro",
+    labels=range(len(labels)))`: F1_k = 2 tp / (2 tp + fp + fn), and 0.0 for a label with no
+    gold and no prediction (sklearn's default zero_division) -- it still counts in the mean.
+    A -1 prediction adds a false negative for its gold label and a false positive to none."""
+    _check_lists(predictions, golds, "f1")
+    pred, gold = _label_indices(predictions, golds, labels)
+    scores = []
+    for k in range(len(labels)):
+        tp = sum(p == k and g == k for p, g in zip(pred, gold))
+        n_pred, n_gold = pred.count(k), gold.count(k)
+        scores.append(2 * tp / (n_pred + n_gold) if n_pred + n_gold else 0.0)
+    return sum(scores) / len(scores)
+
+
+# ---------------------------------------------------------------- rating (LaMP-3)
+
+def _ratings(predictions: list[str], golds: list[str], what: str) -> tuple[list[float], list[float]]:
+    """LaMP's mapping: float(prediction), or the worst case for that gold if it is not a
+    number. Unlike LaMP's bare float(), "nan"/"inf" also count as not a number (a single
+    one would otherwise turn the whole MAE into nan/inf)."""
+    _check_lists(predictions, golds, what)
+    pred, gold = [], []
+    for n, (p, g) in enumerate(zip(predictions, golds)):
+        try:
+            g = float(g)
+        except (TypeError, ValueError):
+            raise ValueError(f"{what}: gold #{n} {g!r} is not a number") from None
+        try:
+            p = float(p.strip())
+            ok = math.isfinite(p)
+        except ValueError:
+            ok = False
+        pred.append(p if ok else (1.0 if abs(1 - g) > abs(5 - g) else 5.0))
+        gold.append(g)
+    return pred, gold
+
+
+def mae(predictions: list[str], golds: list[str]) -> float:
+    """Mean absolute error. Example: preds ["4", "oops"], golds ["5", "2"]: "oops" -> 5.0
+    (|1-2| = 1 is not > |5-2| = 3), so MAE = (1 + 3) / 2 = 2.0."""
+    pred, gold = _ratings(predictions, golds, "mae")
+    return sum(abs(p - g) for p, g in zip(pred, gold)) / len(gold)
+
+
+def rmse(predictions: list[str], golds: list[str]) -> float:
+    """Root mean squared error, same worst-case rule. Same example: sqrt((1 + 9) / 2)."""
+    pred, gold = _ratings(predictions, golds, "rmse")
+    return math.sqrt(sum((p - g) ** 2 for p, g in zip(pred, gold)) / len(gold))
+
+
+# ---------------------------------------------------------------- BERTScore (Zhang et al., 2020)
+
+def bertscore_f1(predictions: list[str], references: list[str], model, tokenizer,
+                 layer: int | None = None, batch_size: int = 32) -> list[float]:
+    """BERTScore-F1 per pair, from `encoder.load`'s (model, tokenizer).
+
+    Each side's contextual token embeddings (hidden states of `layer`, default the last;
+    special tokens such as [CLS]/[SEP] or <s>/</s> excluded entirely) are L2-normalised;
+    every token is matched greedily to its most similar token on the other side:
+        R = mean_ref max_pred cos,   P = mean_pred max_ref cos,   F = 2PR / (P + R).
+    No idf weighting and no baseline rescaling (bert_score's defaults idf=False,
+    rescale_with_baseline=False). The paper's backbone is roberta-large (bert_score uses its
+    layer 17); the embedded default here is all-MiniLM-L6-v2, so numbers are not comparable
+    with the paper's. A side with no tokens (empty text) scores 0.
+    """
+    import encoder
+
+    _check_lists(predictions, references, "bertscore_f1")
+    pred_emb = encoder.token_embeddings(model, tokenizer, predictions, layer, batch_size)
+    ref_emb = encoder.token_embeddings(model, tokenizer, references, layer, batch_size)
+    scores = []
+    for p, r in zip(pred_emb, ref_emb):  # p: (n_pred, H), r: (n_ref, H)
+        if len(p) == 0 or len(r) == 0:
+            scores.append(0.0)
+            continue
+        p = torch.nn.functional.normalize(p.float(), dim=-1)
+        r = torch.nn.functional.normalize(r.float(), dim=-1)
+        sim = p @ r.T  # (n_pred, n_ref)
+        precision, recall = sim.max(dim=1).values.mean().item(), sim.max(dim=0).values.mean().item()
+        scores.append(2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0)
+    return scores
+
+
+# ---------------------------------------------------------------- one task's report
+
+def evaluate(task: str, predictions: list[str], golds: list[str], bertscore_model=None,
+             bertscore_layer: int | None = None) -> dict:
+    """All of a LaMP task's metrics.
+
+    lamp1/lamp2 -> {"accuracy", "f1"}; lamp3 -> {"mae", "rmse"}; lamp4/5/7 -> {"rouge1",
+    "rougeL", "bertscore_f1", "bertscore_model"}. Generation texts are stripped first (as
+    LaMP does). `bertscore_model` is an already loaded `(model, tokenizer)` from
+    `encoder.load`; None loads the embedded all-MiniLM-L6-v2. The backbone's name is returned
+    under "bertscore_model" so a report can say which model the BERTScore came from.
+    """
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
+    _check_lists(predictions, golds, f"evaluate({task})")
+    if task in LABELS:
+        return {"accuracy": accuracy(predictions, golds, LABELS[task]),
+                "f1": f1(predictions, golds, LABELS[task])}
+    if task == "lamp3":
+        return {"mae": mae(predictions, golds), "rmse": rmse(predictions, golds)}
+    preds, refs = [p.strip() for p in predictions], [g.strip() for g in golds]
+    if bertscore_model is None:
+        import encoder
+        bertscore_model = encoder.load("all-minilm-l6-v2")
+    model, tokenizer = bertscore_model
+    n = len(preds)
+    return {"rouge1": sum(rouge_1(p, r) for p, r in zip(preds, refs)) / n,
+            "rougeL": sum(rouge_l(p, r) for p, r in zip(preds, refs)) / n,
+            "bertscore_f1": sum(bertscore_f1(preds, refs, model, tokenizer, bertscore_layer)) / n,
+            "bertscore_model": model.name_or_path}

