@@ -267,13 +267,14 @@ def speculative_generate(target, draft, input_ids: torch.Tensor, max_new_tokens:
     """Speculative decoding at batch size 1: `draft` proposes gamma tokens, `target` scores them
     all in one forward, `speculative_step` keeps a prefix; output ~ target's distribution.
 
-    Roles (our reading of sec. 5.1): the paper's baseline uses "a non-personalized LLM on cloud
-    to assist a personalized LM on device" through HF's assisted generation, where the
-    *assistant* model is the drafter and the assisted model is the target. So the cloud model
-    drafts and the personalized device model verifies: only then is the output distribution
-    the personalized model's, as the Table 1 row (under M_device) requires; the standard
-    small-drafts-for-large reading would reproduce M_cloud's non-personalized distribution.
-    Both models are parameters, so the standard reading is `target=cloud, draft=device`.
+    Roles (our reading of sec. 5.1): "a non-personalized LLM on cloud to assist a personalized
+    LM on device", run with HF's assisted generation, where the assistant model drafts and the
+    assisted model is the target. So the cloud model drafts and the personalized device model
+    verifies: only then is the output the personalized model's, as the row's place among the
+    on-device personalized methods requires (device drafts / cloud verifies would reproduce
+    M_cloud's distribution). Roles are arguments; `target=cloud, draft=device` is the standard
+    small-drafts reading. Exact sampling makes the output distribution the target's alone: the
+    drafter changes the acceptance rate and the speed, not the quality.
 
     Both models must share a tokenizer; vocab sizes may differ only by padding rows, and then
     `vocab_size` (the tokenizer's size) cuts both distributions to the real tokens.
@@ -319,7 +320,7 @@ def speculative_generate(target, draft, input_ids: torch.Tensor, max_new_tokens:
         drafted, accepted, target_calls = drafted + g, accepted + n_accepted, target_calls + 1
         # Roll back: positions past the accepted prefix hold rejected drafts (crop, no recompute).
         for cache in (cache_t, cache_d):
-            cache.crop(min(cache.seq_len, len(ids) - 2))
+            cache.crop(min(cache.seq_len, len(ids) - 1))
         hit = [i for i, t in enumerate(new) if t in eos]
         if hit:
             del ids[len(ids) - len(new) + hit[0] + 1:]
@@ -360,6 +361,18 @@ def check_shared_tokenizer(tokenizer, other, what: str = "teacher") -> None:
                          f"tokens, or other ids): both models must share one tokenizer")
 
 
+def response_reverse_kl(student, teacher, ids: torch.Tensor, labels: torch.Tensor, vocab_size: int):
+    """`lora.response_loss` with the reverse KL to the frozen teacher: ids, labels (B, T); only
+    the N positions that predict a labelled (response) token go through the output heads."""
+    keep = labels[:, 1:] != lora.IGNORE  # (B, T-1): position t predicts token t + 1
+    student_logits = student.lm_head(student.model(ids)[:, :-1][keep])[:, :vocab_size]  # (N, V)
+    with torch.no_grad():
+        device = next(teacher.parameters()).device
+        hidden = teacher.model(ids.to(device))[:, :-1][keep.to(device)]  # (N, H)
+        teacher_logits = teacher.lm_head(hidden)[:, :vocab_size].to(student_logits.device)  # (N, V)
+    return reverse_kl(student_logits, teacher_logits, torch.ones(len(student_logits), device=student_logits.device))
+
+
 def rkd_finetune(student, teacher, tokenizer, examples: list[tuple[list[dict], str]], epochs: int = 2,
                  lr: float = 2e-4, batch_size: int = 4, grad_accum: int = 1, max_length: int = 512,
                  seed: int = 0, desc: str | None = None, teacher_tokenizer=None) -> list[float]:
@@ -367,8 +380,10 @@ def rkd_finetune(student, teacher, tokenizer, examples: list[tuple[list[dict], s
     the response positions in place of the cross-entropy to the response tokens.
 
     Same examples, batching, seeded order, AdamW, clipping and divergence check as
-    `lora.finetune` (whose loop has no loss hook, so the loop is repeated here; its helpers
-    `encode_example`, `right_pad` and `check_loss` are reused). The student is the device model
+    `lora.finetune`, whose loop has no loss hook, so the loop is repeated here (its helpers
+    `encode_example`, `right_pad` and `check_loss` are reused); with a `loss_fn` hook there
+    this function would reduce to `lora.finetune(student, ..., loss_fn=<response_reverse_kl
+    with the teacher and V bound>)`. The student is the device model
     with LoRA adapters (`lora.add_lora`), the teacher the frozen cloud model. Both must share
     `tokenizer` (checked against `teacher_tokenizer` when given); their logits are cut to the
     tokenizer's size, which drops padding rows of a padded vocabulary (Qwen2.5 pads to 151936).
@@ -387,7 +402,7 @@ def rkd_finetune(student, teacher, tokenizer, examples: list[tuple[list[dict], s
     if not examples:
         raise ValueError("rkd_finetune: no training examples")
     encoded = [lora.encode_example(tokenizer, messages, response, max_length) for messages, response in examples]
-    device, teacher_device = params[0].device, next(teacher.parameters()).device
+    device = params[0].device
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     rng = random.Random(seed)
     torch.manual_seed(seed)  # LoRA dropout
@@ -404,12 +419,7 @@ def rkd_finetune(student, teacher, tokenizer, examples: list[tuple[list[dict], s
             for i in range(batches_per_epoch):
                 batch = [encoded[j] for j in order[i * batch_size:(i + 1) * batch_size]]
                 ids, labels = lora.right_pad(batch, tokenizer.pad_token_id, device)  # (B, T) each
-                keep = labels[:, 1:] != lora.IGNORE  # (B, T-1): position t predicts token t + 1
-                student_logits = student.lm_head(student.model(ids)[:, :-1][keep])[:, :V]  # (N, V)
-                with torch.no_grad():
-                    hidden = teacher.model(ids.to(teacher_device))[:, :-1][keep.to(teacher_device)]
-                    teacher_logits = teacher.lm_head(hidden)[:, :V].to(device)  # (N, V)
-                loss = reverse_kl(student_logits, teacher_logits, torch.ones(len(student_logits), device=device))
+                loss = response_reverse_kl(student, teacher, ids, labels, V)
                 if limit is None:
                     limit = 2 * max(loss.item(), math.log(V))
                 lora.check_loss(loss, limit, f"epoch {epoch + 1}, batch {i + 1}")

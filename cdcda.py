@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+import cloud as cloud_service
 import data
 import encoder
 import filters
@@ -73,14 +74,14 @@ def parse_pair(text: str) -> tuple[str, str] | None:
     return (x, y) if x and y else None
 
 
-def augment(cloud, cloud_tok, pairs, k: int, temperature: float, seed: int):
+def augment(cloud, cloud_tok, pairs, k: int, temperature: float, seed: int, chat=None):
     """Step 2 (eq. 1): k samples per pair from the cloud LM with the paper's prompt.
 
     Returns (originals, candidates, n_unparsable): candidates[i] was generated from
     originals[i]; generations without a parsable pair are dropped and counted."""
     prompts = [[{"role": "user", "content": AUGMENT_PROMPT.format(x=x, y=y)}] for x, y in pairs for _ in range(k)]
     longest = max(len(cloud_tok.encode(f"Input: [{x}], Response: [{y}]")) for x, y in pairs)
-    texts = qwen2.chat(cloud, cloud_tok, prompts, max_new_tokens=min(512, longest * 3 // 2 + 16),
+    texts = (chat or qwen2.chat)(cloud, cloud_tok, prompts, max_new_tokens=min(512, longest * 3 // 2 + 16),
                        temperature=temperature, seed=seed, desc="augment (cloud)")
     originals, candidates = [], []
     for i, text in enumerate(texts):
@@ -163,9 +164,17 @@ def run_user(user, task, cloud, judge, device_model, tok, args, user_dir: Path) 
         if synthetic.is_file():  # a resumed run: augmentation and selection are done
             records = [json.loads(line) for line in synthetic.read_text().splitlines()]
             counts = json.loads((user_dir / "selection.json").read_text())
+        elif args.cloud:  # steps 1-4 over HTTP: the server augments and selects
+            t = time.time()
+            records, counts = cloud_service.remote_augment(args.cloud, task.name, pairs, args.k, args.temperature,
+                                                           seed, thresholds(args))
+            times["augment+select (remote)"] = time.time() - t
+            write_atomic(synthetic, "".join(json.dumps(r) + "\n" for r in records))
+            write_atomic(user_dir / "selection.json", json.dumps(counts))
         else:
             t = time.time()
-            originals, candidates, unparsable = augment(*cloud, pairs, args.k, args.temperature, seed)
+            chat = cloud_service.api_chat(args.cloud_api, args.cloud_model) if args.cloud_api else None
+            originals, candidates, unparsable = augment(*cloud, pairs, args.k, args.temperature, seed, chat=chat)
             times["augment"] = time.time() - t
             t = time.time()
             sel = select(originals, candidates, judge, thresholds(args))
@@ -231,7 +240,10 @@ def report(task, users, results, args, bert) -> dict:
 def models_used(args) -> dict:
     return {role: getattr(args, role) + ("" if getattr(args, role) == PAPER[role]
                                          else f"  (stand-in for the paper's {PAPER[role]})")
-            for role in PAPER} | {"data": str(args.data or "embedded demo (data/demo/, written for cdcda)")}
+            for role in PAPER} | {"data": str(args.data or "embedded demo (data/demo/, written for cdcda)"),
+                                  "cloud": f"{args.cloud} (`serve`: augmentation and filters there)" if args.cloud
+                                  else f"{args.cloud_api} (augmentation there, filters here)" if args.cloud_api
+                                  else "in process"}
 
 
 def markdown(rep: dict) -> str:
@@ -260,6 +272,10 @@ def parse_args(argv=None):
     p.add_argument("--device-model", default=None, help=f"on-device LM (default {EMBEDDED['device_model']})")
     p.add_argument("--judge", default=None, help=f"nli:MODEL or embedding:MODEL (default {EMBEDDED['judge']})")
     p.add_argument("--bertscore-model", default=None, help=f"BERTScore backbone (default {EMBEDDED['bertscore_model']})")
+    p.add_argument("--cloud", default=None, metavar="URL", help="augment and select on a `cdcda.py serve` "
+                   "at URL (bearer token from $CDCDA_TOKEN) instead of in process")
+    p.add_argument("--cloud-api", default=None, metavar="URL", help="augment with --cloud-model on an "
+                   "OpenAI-compatible server (vLLM; key from $OPENAI_API_KEY); the filters run here")
     p.add_argument("--k", type=int, default=5, help="synthetic samples per pair (eq. 1)")
     p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (sec. 5.1)")
     p.add_argument("--eps-scf", type=float, default=None, help="eq. 2 threshold (default: the judge's)")
@@ -283,6 +299,8 @@ def parse_args(argv=None):
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown or not args.methods:
         p.error(f"--methods: unknown {unknown}; choose from {', '.join(METHODS)}")
+    if args.cloud and args.cloud_api:
+        p.error("--cloud and --cloud-api: give one (--cloud: the server filters too)")
     if args.k < 1:
         p.error("--k must be at least 1")
     return args
@@ -300,8 +318,11 @@ def main(argv=None) -> dict:
     print(f"  users: {len(targets)} targets (most active), {len(others)} others train M_base")
     device_model, tok = qwen2.load(base_model(task, others, args), "float32", args.device)
     device_model = nf4.quantize_model(device_model, torch.bfloat16)  # sec. 5.1: NF4 weights, bf16 compute
-    cloud = qwen2.load(args.cloud_model, "float32", args.device) if "cdcda" in args.methods else None
-    judge = make_judge(args.judge, args.device) if "cdcda" in args.methods else None
+    cloud = judge = None
+    if "cdcda" in args.methods and not args.cloud:  # with --cloud the server holds the cloud LM and the judge
+        cloud = ((None, cloud_service.load_tokenizer(args.cloud_model)) if args.cloud_api
+                 else qwen2.load(args.cloud_model, "float32", args.device))
+        judge = make_judge(args.judge, args.device)
     fingerprint = {k: v for k, v in vars(args).items() if k not in ("out", "users", "methods")}
     results = []
     for i, user in enumerate(targets):
@@ -317,7 +338,10 @@ def main(argv=None) -> dict:
             results.append(json.loads(done.read_text()))
             continue
         print(f"user {i + 1}/{len(targets)} {user.user_id}: {len(user.profile)} history items, {len(user.queries)} queries")
-        results.append(run_user(user, task, cloud, judge, device_model, tok, args, user_dir))
+        try:
+            results.append(run_user(user, task, cloud, judge, device_model, tok, args, user_dir))
+        except cloud_service.CloudUnavailable as e:
+            raise SystemExit(f"{e}\nfinished users are kept under {out / 'users'}; run again to resume") from None
     bert = encoder.load(args.bertscore_model, "float32", args.device) if task.metric == "generation" else None
     rep = report(task, targets, results, args, bert)
     write_atomic(out / "results.json", json.dumps(rep, indent=1))
@@ -327,4 +351,7 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["serve"]:
+        cloud_service.main(sys.argv[2:])
+    else:
+        main()

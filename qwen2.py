@@ -1,7 +1,7 @@
 """The decoder: Qwen2 / Llama in plain PyTorch, its tokenizer, sampler and loaders.
 
-Qwen2 (Qwen2.5-0.5B/3B-Instruct, the paper's device and cloud models) is the Llama
-architecture plus biases on the q/k/v projections, so one module serves both:
+Qwen2 (Qwen2.5-0.5B/3B-Instruct, the paper's device and cloud models, §5.1 "Implementation")
+is the Llama architecture plus biases on the q/k/v projections, so one module serves both:
 
     x = embed_tokens(ids)                                    # (B, T, H)
     per layer:  x = x + Attn(RMSNorm(x));  x = x + MLP(RMSNorm(x))
@@ -34,7 +34,8 @@ EMBEDDED = "smollm2-135m-instruct"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Plain ChatML, for a tokenizer directory that stores no chat template of its own.
 CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content']"
-          " + '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+          " + '<|im_end|>' + '\n' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 
 
 @dataclass
@@ -215,6 +216,9 @@ class Qwen2Model(nn.Module):
             pos = torch.arange(past, past + T, device=x.device).expand(B, T)
             mask = None if T == 1 or past == 0 else causal_mask(None, past, T, x.device)
         else:
+            if attention_mask.shape != (B, past + T):
+                raise ValueError(f"attention_mask is {tuple(attention_mask.shape)}, expected (B, past + T) = "
+                                 f"{(B, past + T)}")
             pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:past + T]  # (B, T)
             mask = causal_mask(attention_mask, past, T, x.device)
         # fp32 always (no buffer: model.to(bfloat16) would round the frequencies)
@@ -339,6 +343,7 @@ def embedded_dir() -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{EMBEDDED}-", dir=target.parent))
     try:
         convert_gguf(gguf_path, tmp)
+        os.chmod(tmp, 0o755)  # mkdtemp made it private
         os.rename(tmp, target)  # atomic: readers see no directory or a complete one
     except OSError:
         if not target.is_dir():  # not just another process winning the race
@@ -412,7 +417,8 @@ def load(source: str = EMBEDDED, dtype: str = "float32", device: str = "cpu"):
     with torch.device("meta"):  # no random init; the checkpoint's tensors become the parameters
         model = Qwen2(config)
     hub.check_state_dict(model, state, str(directory))
-    state = {k: v.to(device=device, dtype=DTYPES[dtype]) for k, v in state.items()}
+    # copy=True: fresh, aligned storage (views into the file's buffer can be misaligned: slow matmuls)
+    state = {k: v.to(device=device, dtype=DTYPES[dtype], copy=True) for k, v in state.items()}
     model.load_state_dict(state, strict=True, assign=True)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
@@ -433,14 +439,15 @@ def save_pretrained(model: Qwen2, tokenizer: Tokenizer, directory):
 
 
 def sample(logits, temperature: float, top_p: float = 1.0, generator=None):
-    """Next token from logits (B, V): argmax at temperature 0, else softmax(logits / temperature)
-    restricted to the smallest top-probability set reaching top_p (nucleus), sampled. -> (B,)"""
+    """Next token (B,) from logits (B, V): argmax at temperature 0; else multinomial sampling
+    (§5.1: tau_temp = 0.7) from softmax(logits / temperature), restricted to the smallest set of
+    most likely tokens whose probability reaches top_p (nucleus sampling, Holtzman et al. 2020)."""
     if temperature == 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits.float() / temperature, dim=-1)  # (B, V)
     if top_p < 1.0:
         sorted_p, order = probs.sort(dim=-1, descending=True)
-        outside = sorted_p.cumsum(-1) - sorted_p > top_p  # mass before it already >= top_p
+        outside = sorted_p.cumsum(-1) - sorted_p >= top_p  # the tokens before it already reach top_p
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p.masked_fill(outside, 0.0))
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 

@@ -9,14 +9,14 @@
 2. Stored size and peak memory of the on-device model in fp32, bf16, NF4 and NF4 with double
    quantization, for SmolLM2-135M and for a randomly initialised model of Qwen2.5-0.5B's shape
    (the paper's device model: 0.42 GB). Each is measured in a fresh subprocess: resident memory
-   of the converted model, and the peak while it prefills 128 tokens (Linux VmHWM, reset
-   with /proc/self/clear_refs), both above the process's own footprint before the model.
+   after the converted model prefilled 128 tokens, and the peak during that prefill (Linux
+   VmHWM, reset with /proc/self/clear_refs), both above the process's footprint before the model.
 Timings on a shared 2-core CPU are noisy: repeat a run before trusting a few percent.
 """
 import argparse
+import ctypes
 import gc
 import json
-import math
 import random
 import subprocess
 import sys
@@ -145,18 +145,18 @@ def measure(which: str, fmt: str) -> dict:
             t.numel() * t.element_size() for name, t in model.state_dict().items()
             if not name.endswith(("absmax", "absmax_code", "absmax_scale", "absmax_offset", "lm_head.weight")))
     gc.collect()
-    resident = rss() - before
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand the freed fp32 originals back to the OS
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
     ids = torch.randint(0, model.config.vocab_size, (1, 128))
     with torch.no_grad():
         model(ids)
-    peak = rss("VmHWM") - before
+    resident, peak = rss() - before, rss("VmHWM") - before
     return dict(stored=state_bytes(model), resident=resident, peak=peak, **extra)
 
 
 def memory():
-    print("## On-device model size (GB = 1e9 bytes). resident / peak: process memory above its "
-          "footprint before loading, the peak while prefilling 128 tokens")
+    print("## On-device model size (GB = 1e9 bytes). resident: process memory above its footprint "
+          "before loading, after prefilling 128 tokens; peak: the most during that prefill")
     print("| model | format | stored GB | resident GB | peak GB |\n| --- | --- | ---: | ---: | ---: |")
     for which in ("smollm2-135m", "qwen2.5-0.5b-shape"):
         for fmt in ("fp32", "bf16", "nf4", "nf4+dq"):

