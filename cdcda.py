@@ -20,6 +20,7 @@ import re
 import sys
 import time
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -41,8 +42,6 @@ EMBEDDED = {"cloud_model": qwen2.EMBEDDED, "device_model": qwen2.EMBEDDED,
 AUGMENT_PROMPT = ("Generate an Input and Response pairs semantically similar to the following "
                   "example, no need to explain. Input: [{x}], Response: [{y}].")  # sec. 4, verbatim
 ANSWER_TOKENS = {"lamp1": 8, "lamp2": 12, "lamp3": 4, "lamp4": 32, "lamp5": 48, "lamp7": 64}
-METHODS = ("base", "direct-ft", "cdcda")
-LABELS = {"base": "M_device (M_base, non-personalized)", "direct-ft": "Direct-FT", "cdcda": "CDCDA-PLM"}
 
 
 def instruction(task: data.Task) -> str:
@@ -154,51 +153,82 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def run_user(user, task, cloud, judge, device_model, tok, args, user_dir: Path) -> dict:
+@dataclass
+class Run:
+    """What a method sees of one user: the data, the models, the settings, where to write."""
+    task: data.Task
+    user: data.User
+    pairs: list  # D_u as (x, y)
+    kept: list | None  # D_filtered, when a method needs synthetic data
+    device_model: torch.nn.Module  # NF4 M_base
+    tokenizer: qwen2.Tokenizer
+    cloud: tuple | None  # (model, tokenizer) of the cloud LM, in process
+    args: argparse.Namespace
+    seed: int
+    user_dir: Path
+    losses: dict
+
+    def answer(self, model, method: str) -> list[str]:
+        return answer(model, self.tokenizer, self.task, self.user.queries, self.args, self.seed, f"answer {method}")
+
+    def personalized(self, method: str, pairs) -> list[str]:
+        """Step 5 on `pairs`, the adapter saved, then the device answers."""
+        model, self.losses[method] = personalize(self.device_model, self.tokenizer, self.task, pairs, self.args,
+                                                 self.seed, f"{method} {self.user.user_id}")
+        tmp = self.user_dir / f"{method}.adapter.safetensors.tmp"
+        lora.save_adapter(model, tmp)
+        os.replace(tmp, self.user_dir / f"{method}.adapter.safetensors")
+        return self.answer(model, method)
+
+
+# name -> (label in the report, function of a Run returning the predictions, needs D_filtered)
+METHODS = {
+    "base": ("M_device (M_base, non-personalized)", lambda run: run.answer(run.device_model, "base"), False),
+    "direct-ft": ("Direct-FT", lambda run: run.personalized("direct-ft", run.pairs), False),
+    "cdcda": ("CDCDA-PLM", lambda run: run.personalized("cdcda", download(run.pairs, run.kept)), True),
+}
+
+
+def synthesize(task, pairs, cloud, judge, args, seed: int, user_dir: Path, times: dict):
+    """Steps 2-4 for one user, cached in user_dir: (selection records, counts)."""
+    synthetic, counts_file = user_dir / "synthetic.jsonl", user_dir / "selection.json"
+    if synthetic.is_file() and counts_file.is_file():  # a resumed run: augmentation and selection are done
+        records = [json.loads(line) for line in synthetic.read_text().splitlines()]
+        return records, json.loads(counts_file.read_text())
+    t = time.time()
+    if args.cloud:  # steps 1-4 over HTTP: the server augments and selects
+        records, counts = cloud_service.remote_augment(args.cloud, task.name, pairs, args.k, args.temperature,
+                                                       seed, thresholds(args))
+        times["augment+select (remote)"] = time.time() - t
+    else:
+        chat = cloud_service.api_chat(args.cloud_api, args.cloud_model) if args.cloud_api else None
+        originals, candidates, unparsable = augment(*cloud, pairs, args.k, args.temperature, seed, chat=chat)
+        times["augment"] = time.time() - t
+        t = time.time()
+        sel = select(originals, candidates, judge, thresholds(args))
+        times["select"] = time.time() - t
+        records = sel.records
+        counts = {**sel.counts, "generated": len(pairs) * args.k, "unparsable": unparsable}
+    write_atomic(synthetic, "".join(json.dumps(r) + "\n" for r in records))
+    write_atomic(counts_file, json.dumps(counts))
+    return records, counts
+
+
+def run_user(user, task, cloud, judge, device_model, tok, args, user_dir: Path, methods=METHODS) -> dict:
     """All methods for one user; the result dict is also written to user_dir/result.json."""
     seed = args.seed + zlib.crc32(user.user_id.encode()) % 10_000
-    times, result = {}, {"user_id": user.user_id, "predictions": {}, "losses": {}}
+    times, result = {}, {"user_id": user.user_id, "predictions": {}}
     pairs = upload(task, user)
-    if "cdcda" in args.methods:
-        synthetic = user_dir / "synthetic.jsonl"
-        if synthetic.is_file():  # a resumed run: augmentation and selection are done
-            records = [json.loads(line) for line in synthetic.read_text().splitlines()]
-            counts = json.loads((user_dir / "selection.json").read_text())
-        elif args.cloud:  # steps 1-4 over HTTP: the server augments and selects
-            t = time.time()
-            records, counts = cloud_service.remote_augment(args.cloud, task.name, pairs, args.k, args.temperature,
-                                                           seed, thresholds(args))
-            times["augment+select (remote)"] = time.time() - t
-            write_atomic(synthetic, "".join(json.dumps(r) + "\n" for r in records))
-            write_atomic(user_dir / "selection.json", json.dumps(counts))
-        else:
-            t = time.time()
-            chat = cloud_service.api_chat(args.cloud_api, args.cloud_model) if args.cloud_api else None
-            originals, candidates, unparsable = augment(*cloud, pairs, args.k, args.temperature, seed, chat=chat)
-            times["augment"] = time.time() - t
-            t = time.time()
-            sel = select(originals, candidates, judge, thresholds(args))
-            times["select"] = time.time() - t
-            records = sel.records
-            counts = {**sel.counts, "generated": len(pairs) * args.k, "unparsable": unparsable}
-            write_atomic(synthetic, "".join(json.dumps(r) + "\n" for r in records))
-            write_atomic(user_dir / "selection.json", json.dumps(counts))
-        result["counts"] = counts
+    kept = None
+    if any(methods[m][2] for m in args.methods):
+        records, result["counts"] = synthesize(task, pairs, cloud, judge, args, seed, user_dir, times)
         kept = [(r["syn_input"], r["syn_output"]) for r in records if r["kept"]]
+    run = Run(task, user, pairs, kept, device_model, tok, cloud, args, seed, user_dir, losses={})
     for method in args.methods:
         t = time.time()
-        if method == "base":
-            model = device_model
-        else:
-            train = download(pairs, kept) if method == "cdcda" else pairs
-            model, result["losses"][method] = personalize(device_model, tok, task, train, args, seed,
-                                                          f"{method} {user.user_id}")
-            tmp = user_dir / f"{method}.adapter.safetensors.tmp"
-            lora.save_adapter(model, tmp)
-            os.replace(tmp, user_dir / f"{method}.adapter.safetensors")
-        result["predictions"][method] = answer(model, tok, task, user.queries, args, seed, f"answer {method}")
+        result["predictions"][method] = methods[method][1](run)
         times[method] = time.time() - t
-    result["times"] = times
+    result["losses"], result["times"] = run.losses, times
     write_atomic(user_dir / "result.json", json.dumps(result, indent=1))
     return result
 
@@ -217,24 +247,21 @@ def make_judge(spec: str, device: str):
     raise ValueError(f"--judge {spec!r}: use nli:MODEL (the paper: {PAPER['judge']}) or embedding:MODEL")
 
 
-def report(task, users, results, args, bert) -> dict:
+def report(task, users, results, args, bert, methods=METHODS) -> dict:
     """Metrics over all queries of all target users (as LaMP averages), counts, times."""
     golds = [q.gold for u in users for q in u.queries]
     rows = {}
     for method in args.methods:
         preds = [p for r in results for p in r["predictions"][method]]
         rows[method] = metrics.evaluate(task.name, preds, golds, bertscore_model=bert)
-    counts = {}
+    counts, times = {}, {}  # summed over users
     for r in results:
-        for key, value in r.get("counts", {}).items():
-            counts[key] = counts.get(key, 0) + value
-    times = {}
-    for r in results:
-        for key, value in r["times"].items():
-            times[key] = times.get(key, 0.0) + value
+        for total, part in ((counts, r.get("counts", {})), (times, r["times"])):
+            for key, value in part.items():
+                total[key] = total.get(key, 0) + value
     return {"task": task.name, "users": [u.user_id for u in users], "queries": len(golds),
-            "models": models_used(args), "rows": rows, "counts": counts, "seconds": times,
-            "settings": {k: v for k, v in vars(args).items() if k != "out"}}
+            "models": models_used(args), "labels": {m: methods[m][0] for m in args.methods}, "rows": rows,
+            "counts": counts, "seconds": times, "settings": {k: v for k, v in vars(args).items() if k != "out"}}
 
 
 def models_used(args) -> dict:
@@ -252,20 +279,20 @@ def markdown(rep: dict) -> str:
     lines += [f"- {role}: {name}" for role, name in rep["models"].items()]
     lines += ["", "| method | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for method, row in rep["rows"].items():
-        lines.append(f"| {LABELS[method]} | " + " | ".join(f"{row[k]:.4f}" for k in keys) + " |")
+        lines.append(f"| {rep['labels'][method]} | " + " | ".join(f"{row[k]:.4f}" for k in keys) + " |")
     if rep["counts"]:
         lines += ["", "augmentation and selection: " + ", ".join(f"{k} {v}" for k, v in rep["counts"].items())]
     lines += ["", "seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in rep["seconds"].items()), ""]
     return "\n".join(lines)
 
 
-def parse_args(argv=None):
+def parse_args(argv=None, methods=METHODS):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--task", default="lamp7", choices=list(data.TASKS), help="LaMP task")
     p.add_argument("--users", type=int, default=3, help="number of target users (the most active)")
     p.add_argument("--data", default=None, help="directory with DIR/<task>/*.json (real LaMP); default: embedded demo")
     p.add_argument("--out", default=None, help="output directory (default runs/<task>)")
-    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(methods)}")
     p.add_argument("--paper", action="store_true", help="the paper's models (needs them downloaded): " +
                    ", ".join(PAPER.values()))
     p.add_argument("--cloud-model", default=None, help=f"cloud LM (default {EMBEDDED['cloud_model']})")
@@ -296,9 +323,9 @@ def parse_args(argv=None):
         if getattr(args, role) is None:
             setattr(args, role, (PAPER if args.paper else EMBEDDED)[role])
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in args.methods if m not in METHODS]
+    unknown = [m for m in args.methods if m not in methods]
     if unknown or not args.methods:
-        p.error(f"--methods: unknown {unknown}; choose from {', '.join(METHODS)}")
+        p.error(f"--methods: unknown {unknown}; choose from {', '.join(methods)}")
     if args.cloud and args.cloud_api:
         p.error("--cloud and --cloud-api: give one (--cloud: the server filters too)")
     if args.k < 1:
@@ -306,8 +333,8 @@ def parse_args(argv=None):
     return args
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
+def main(argv=None, methods=METHODS) -> dict:
+    args = parse_args(argv, methods)
     task = data.get_task(args.task)
     out = Path(args.out or Path("runs") / task.name)
     print(f"cdcda: {task.name} ({task.title})")
@@ -319,7 +346,7 @@ def main(argv=None) -> dict:
     device_model, tok = qwen2.load(base_model(task, others, args), "float32", args.device)
     device_model = nf4.quantize_model(device_model, torch.bfloat16)  # sec. 5.1: NF4 weights, bf16 compute
     cloud = judge = None
-    if "cdcda" in args.methods and not args.cloud:  # with --cloud the server holds the cloud LM and the judge
+    if any(methods[m][2] for m in args.methods) and not args.cloud:  # with --cloud the server holds both
         cloud = ((None, cloud_service.load_tokenizer(args.cloud_model)) if args.cloud_api
                  else qwen2.load(args.cloud_model, "float32", args.device))
         judge = make_judge(args.judge, args.device)
@@ -339,11 +366,11 @@ def main(argv=None) -> dict:
             continue
         print(f"user {i + 1}/{len(targets)} {user.user_id}: {len(user.profile)} history items, {len(user.queries)} queries")
         try:
-            results.append(run_user(user, task, cloud, judge, device_model, tok, args, user_dir))
+            results.append(run_user(user, task, cloud, judge, device_model, tok, args, user_dir, methods))
         except cloud_service.CloudUnavailable as e:
             raise SystemExit(f"{e}\nfinished users are kept under {out / 'users'}; run again to resume") from None
     bert = encoder.load(args.bertscore_model, "float32", args.device) if task.metric == "generation" else None
-    rep = report(task, targets, results, args, bert)
+    rep = report(task, targets, results, args, bert, methods)
     write_atomic(out / "results.json", json.dumps(rep, indent=1))
     write_atomic(out / "results.md", markdown(rep))
     print("\n" + markdown(rep) + f"\nwritten: {out / 'results.json'}, {out / 'results.md'}")
