@@ -17,7 +17,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 import lora
 import qwen2
@@ -377,17 +376,13 @@ def rkd_finetune(student, teacher, tokenizer, examples: list[tuple[list[dict], s
                  lr: float = 2e-4, batch_size: int = 4, grad_accum: int = 1, max_length: int = 512,
                  seed: int = 0, desc: str | None = None, teacher_tokenizer=None) -> list[float]:
     """RKD-FT: `lora.finetune` with the reverse KL to the teacher's next-token distributions on
-    the response positions in place of the cross-entropy to the response tokens.
+    the response positions (`response_reverse_kl`) in place of the cross-entropy to the response
+    tokens: same examples, batching, seeded order, AdamW, clipping and divergence check.
 
-    Same examples, batching, seeded order, AdamW, clipping and divergence check as
-    `lora.finetune`, whose loop has no loss hook, so the loop is repeated here (its helpers
-    `encode_example`, `right_pad` and `check_loss` are reused); with a `loss_fn` hook there
-    this function would reduce to `lora.finetune(student, ..., loss_fn=<response_reverse_kl
-    with the teacher and V bound>)`. The student is the device model
-    with LoRA adapters (`lora.add_lora`), the teacher the frozen cloud model. Both must share
-    `tokenizer` (checked against `teacher_tokenizer` when given); their logits are cut to the
-    tokenizer's size, which drops padding rows of a padded vocabulary (Qwen2.5 pads to 151936).
-    Returns the mean loss of each epoch.
+    The student is the device model with LoRA adapters (`lora.add_lora`), the teacher the frozen
+    cloud model. Both must share `tokenizer` (checked against `teacher_tokenizer` when given);
+    their logits are cut to the tokenizer's size, which drops padding rows of a padded
+    vocabulary (Qwen2.5 pads to 151936). Returns the mean loss of each epoch.
     """
     if teacher_tokenizer is not None:
         check_shared_tokenizer(tokenizer, teacher_tokenizer)
@@ -396,44 +391,7 @@ def rkd_finetune(student, teacher, tokenizer, examples: list[tuple[list[dict], s
         if model.config.vocab_size < V:
             raise ValueError(f"rkd_finetune: the {name} has {model.config.vocab_size} logits but the "
                              f"tokenizer has {V} tokens: the models do not share this tokenizer")
-    params = [p for p in student.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("rkd_finetune: the student has no trainable parameters; call lora.add_lora(student) first")
-    if not examples:
-        raise ValueError("rkd_finetune: no training examples")
-    encoded = [lora.encode_example(tokenizer, messages, response, max_length) for messages, response in examples]
-    device = params[0].device
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    rng = random.Random(seed)
-    torch.manual_seed(seed)  # LoRA dropout
-    batches_per_epoch = math.ceil(len(encoded) / batch_size)
-    was_training = student.training
-    student.train()
     teacher.eval()
-    epoch_losses, limit = [], None
-    with tqdm(total=epochs * batches_per_epoch, desc=desc or "RKD fine-tune", unit="batch") as bar:
-        for epoch in range(epochs):
-            order = list(range(len(encoded)))
-            rng.shuffle(order)
-            total = 0.0
-            for i in range(batches_per_epoch):
-                batch = [encoded[j] for j in order[i * batch_size:(i + 1) * batch_size]]
-                ids, labels = lora.right_pad(batch, tokenizer.pad_token_id, device)  # (B, T) each
-                loss = response_reverse_kl(student, teacher, ids, labels, V)
-                if limit is None:
-                    limit = 2 * max(loss.item(), math.log(V))
-                lora.check_loss(loss, limit, f"epoch {epoch + 1}, batch {i + 1}")
-                (loss / grad_accum).backward()
-                if (i + 1) % grad_accum == 0 or i + 1 == batches_per_epoch:
-                    norm = torch.nn.utils.clip_grad_norm_(params, lora.MAX_GRAD_NORM)
-                    if not torch.isfinite(norm):
-                        raise FloatingPointError(f"rkd_finetune: gradient norm is {norm.item()} at epoch "
-                                                 f"{epoch + 1}, batch {i + 1}; lower lr={lr}")
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                total += loss.item()
-                bar.update(1)
-                bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")
-            epoch_losses.append(total / batches_per_epoch)
-    student.train(was_training)
-    return epoch_losses
+    return lora.finetune(student, tokenizer, examples, epochs=epochs, lr=lr, batch_size=batch_size,
+                         grad_accum=grad_accum, max_length=max_length, seed=seed, desc=desc or "RKD fine-tune",
+                         loss_fn=lambda model, ids, labels: response_reverse_kl(model, teacher, ids, labels, V))

@@ -233,15 +233,18 @@ def _body(model) -> Encoder:
 
 
 @torch.inference_mode()
-def sentence_embeddings(model, tokenizer: Tokenizer, texts: list[str], batch_size: int = 32) -> torch.Tensor:
+def sentence_embeddings(model, tokenizer: Tokenizer, texts: list[str], batch_size: int = 32,
+                        normalize: bool = True) -> torch.Tensor:
     """Mean of the last hidden states over real tokens ([CLS]/[SEP] included, as
-    sentence-transformers pools), L2-normalised -> (N, H) float32."""
+    sentence-transformers pools), L2-normalised -> (N, H) float32. `normalize=False` keeps the
+    raw mean, as Contriever (Izacard et al., 2021) scores by unnormalised dot product."""
     device, out = next(model.parameters()).device, [None] * len(texts)
     for idx, chunk in _batches(texts, batch_size):
         enc = {k: v.to(device) for k, v in tokenizer(chunk).items()}
         h = _body(model)(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"])[-1].float()  # (B, T, H)
         m = enc["attention_mask"].unsqueeze(-1).float()  # (B, T, 1)
-        e = F.normalize((h * m).sum(1) / m.sum(1).clamp(min=1e-9), dim=-1)  # (B, H)
+        e = (h * m).sum(1) / m.sum(1).clamp(min=1e-9)  # (B, H)
+        e = F.normalize(e, dim=-1) if normalize else e
         for i, row in zip(idx, e):
             out[i] = row
     return torch.stack(out) if out else torch.empty(0, model.config.hidden_size)

@@ -32,7 +32,7 @@ def snapshot(source: str) -> Path:
         raise FileNotFoundError(f"model {source!r}: not a directory and not a hub repo id (owner/name)")
     from huggingface_hub import snapshot_download
 
-    patterns = ["*.json", "*.safetensors", "*.txt", "*.model"]
+    patterns = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]
     try:
         return Path(snapshot_download(source, allow_patterns=patterns))
     except Exception as e:  # offline, gated, not found: all end the same way for the user

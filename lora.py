@@ -182,10 +182,11 @@ def encode_example(tokenizer, messages: list[dict], response: str, max_length: i
 
 def finetune(model: nn.Module, tokenizer, examples: list[tuple[list[dict], str]], epochs: int = 2,
              lr: float = 2e-4, batch_size: int = 4, grad_accum: int = 1, max_length: int = 512,
-             seed: int = 0, desc: str | None = None) -> list[float]:
+             seed: int = 0, desc: str | None = None, loss_fn=None) -> list[float]:
     """Eq. 6: train the model's trainable (LoRA) parameters with cross-entropy on the response
     tokens of `examples` [(ChatML prompt messages, response text), ...]. Returns the mean loss of
-    each epoch.
+    each epoch. `loss_fn(model, ids (B, T), labels (B, T)) -> scalar` replaces the cross-entropy
+    (default `response_loss`); RKD-FT passes the reverse KL to a teacher (baselines.py).
 
     Batches of `batch_size` examples in a seeded shuffled order, right-padded (with a causal
     mask a real token never sees the padding after it, so no attention mask is needed); logits
@@ -225,7 +226,7 @@ def finetune(model: nn.Module, tokenizer, examples: list[tuple[list[dict], str]]
             for i in range(batches_per_epoch):
                 batch = [encoded[j] for j in order[i * batch_size:(i + 1) * batch_size]]
                 ids, labels = right_pad(batch, tokenizer.pad_token_id, device)  # (B, T) each
-                loss = response_loss(model, ids, labels)
+                loss = (loss_fn or response_loss)(model, ids, labels)
                 if limit is None:  # twice the first loss, or twice that of uniform guessing
                     limit = 2 * max(loss.item(), math.log(model.config.vocab_size))
                 check_loss(loss, limit, f"epoch {epoch + 1}, batch {i + 1}")

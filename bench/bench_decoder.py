@@ -1,14 +1,16 @@
 """Decoder speed: qwen2.py against transformers' `generate`, same weights, same machine, one run.
 
 For each dtype and batch size: prefill time of a 128-token prompt (generate 1 token), and
-decoding tokens/s (B * N new tokens after the first, greedy, no eos stop). Each figure is the
-best of `--repeats` runs, qwen2.py and transformers interleaved so that load from other
-processes hits both alike. Weights: the embedded SmolLM2-135M-Instruct (hub-style directory
-converted from the GGUF), which transformers loads from the same directory.
+decoding tokens/s (B * N new tokens after the first, greedy, no eos stop): medians of
+`--repeats` back-to-back (1 token, N + 1 tokens) pairs, qwen2.py and transformers one after
+the other so that load from other processes hits both alike. Weights: the embedded
+SmolLM2-135M-Instruct (hub-style directory converted from the GGUF), which transformers loads
+from the same directory. On a shared machine `--threads 1` gives steadier figures.
 
     .venv/bin/python bench/bench_decoder.py [--new-tokens 32] [--repeats 3] [--threads N]
 """
 import argparse
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -19,13 +21,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import qwen2  # noqa: E402
 
 
-def best_time(fn, repeats: int) -> float:
-    times = []
+def timings(run, new_tokens: int, repeats: int) -> tuple[float, float]:
+    """(prefill s, decode s for new_tokens - 1 tokens): medians over repeats of back-to-back pairs."""
+    prefill, decode = [], []
     for _ in range(repeats):
         start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+        run(1)
+        middle = time.perf_counter()
+        run(new_tokens)
+        prefill.append(middle - start)
+        decode.append(time.perf_counter() - middle - (middle - start))
+    return statistics.median(prefill), statistics.median(decode)
 
 
 def main():
@@ -55,17 +61,17 @@ def main():
             mask = torch.ones_like(ids)
 
             def run_ours(n):
-                return lambda: qwen2.generate(ours, ids, n, temperature=0, eos_token_id=None, attention_mask=mask)
+                return qwen2.generate(ours, ids, n, temperature=0, eos_token_id=None, attention_mask=mask)
 
             def run_hf(n):
-                return lambda: hf.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
-                                           do_sample=False, pad_token_id=0)
+                return hf.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                                   do_sample=False, pad_token_id=0)
             with torch.inference_mode():
-                assert torch.equal(run_ours(4)(), run_hf(4)()) or dtype != "float32", "greedy tokens differ"
-                prefill = [best_time(run(1), args.repeats) for run in (run_ours, run_hf)]
-                full = [best_time(run(args.new_tokens + 1), args.repeats) for run in (run_ours, run_hf)]
-            speed = [B * args.new_tokens / (f - p) for f, p in zip(full, prefill)]
-            print(f"{dtype:9} {B:>2} | {prefill[0]:9.3f} {prefill[1]:7.3f} {prefill[1] / prefill[0]:5.2f} | "
+                assert torch.equal(run_ours(4), run_hf(4)) or dtype != "float32", "greedy tokens differ"
+                (p_ours, d_ours), (p_hf, d_hf) = [timings(run, args.new_tokens + 1, args.repeats)
+                                                  for run in (run_ours, run_hf)]
+            speed = [B * args.new_tokens / d if d > 0 else float("nan") for d in (d_ours, d_hf)]
+            print(f"{dtype:9} {B:>2} | {p_ours:9.3f} {p_hf:7.3f} {p_hf / p_ours:5.2f} | "
                   f"{speed[0]:12.1f} {speed[1]:7.1f} {speed[0] / speed[1]:5.2f}", flush=True)
     print("ratio > 1: qwen2.py faster (prefill: hf time / ours; decode: ours tok/s / hf tok/s)")
 

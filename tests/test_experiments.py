@@ -1,0 +1,178 @@
+"""experiments.py: Table 1's baselines, Table 2's ablations, the k sweep and Table 3, on the tiny
+random decoder of test_cdcda.py (its `tiny_model_dir` fixture and `fake_cloud` replies)."""
+import json
+import struct
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+
+import cdcda
+import data
+import experiments
+import qwen2
+from test_cdcda import fake_cloud, tiny_args, tiny_model_dir  # noqa: F401 (a fixture)
+
+WORDNET = Path(__file__).parent / "fixtures" / "wordnet"
+
+
+def make_run(tmp_path, profile, queries, device_model=None, tokenizer=None, cloud=None, kept=None, k=2):
+    task = data.get_task("lamp7")
+    user = data.User("u1", profile, [data.Query(f"q{i}", task.pair_input.format(text=q), q) for i, q in enumerate(queries)])
+    args = cdcda.parse_args(["--k", str(k)], experiments.METHODS)
+    return cdcda.Run(task, user, cdcda.upload(task, user), kept, device_model, tokenizer, cloud, args, seed=7,
+                     user_dir=tmp_path, losses={})
+
+
+@pytest.mark.parametrize("where", ["cloud", "device"])
+def test_rag_prompt_holds_exactly_the_bm25_best_item(tmp_path, monkeypatch, where):
+    profile = [{"text": "pizza night with the crew"}, {"text": "rainy day blues again ugh"},
+               {"text": "go team go what a game"}]
+    run = make_run(tmp_path, profile, ["another rainy day, blues all day", "what a game by the team"],
+                   device_model="DEVICE", tokenizer="TOK", cloud=("CLOUD", "TOK"))
+    seen = {}
+    monkeypatch.setattr(qwen2, "chat", lambda model, tok, conversations, **kw: seen.update(
+        model=model, conversations=conversations) or ["ok"] * len(conversations))
+    assert experiments.prompted(where, "bm25")(run) == ["ok", "ok"]
+    assert seen["model"] == where.upper()
+    users = [c[-1]["content"] for c in seen["conversations"]]
+    for content, best, query in zip(users, ["rainy day blues again ugh", "go team go what a game"], run.user.queries):
+        assert content.count("text: ") == 1  # exactly one retrieved item
+        assert content == f"text: {best}\n" + query.input + run.task.user_end
+    experiments.prompted(where)(run)  # the non-personalized row: no history in the prompt
+    assert [c[-1]["content"] for c in seen["conversations"]] == [q.input + " " for q in run.user.queries]
+
+
+def test_dense_retrieval_picks_the_nearest_item(tmp_path):
+    profile = [{"text": "my cat knocked the plant over"}, {"text": "stock market crashed today"}]
+    run = make_run(tmp_path, profile, ["the kitten broke my flower pot", "shares fell sharply on wall street"])
+    assert experiments.retrieve(run, experiments.encoder.EMBEDDED) == [profile[0], profile[1]]
+
+
+def write_synthetic(run, n=6, kept=(0, 3)):
+    records = [{"input": "a", "output": "a", "syn_input": f"x{i}", "syn_output": f"y{i}", "kept": i in kept}
+               for i in range(n)]
+    (run.user_dir / "synthetic.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    run.kept = [(f"x{i}", f"y{i}") for i in kept]
+
+
+def test_rs_draws_the_kept_count_and_no_ds_takes_every_candidate(tmp_path):
+    run = make_run(tmp_path, [{"text": "hello"}], ["hi"])
+    write_synthetic(run)
+    everything = experiments.candidates(run)
+    assert everything == [(f"x{i}", f"y{i}") for i in range(6)]
+    rs = experiments.random_selection(run)
+    assert len(rs) == len(run.kept) == 2 and set(rs) <= set(everything) and len(set(rs)) == 2
+    assert experiments.random_selection(run) == rs  # seeded per user
+
+
+def test_eda_pairs_add_k_variants_per_pair_with_the_response_kept(tmp_path, monkeypatch):
+    monkeypatch.setattr(experiments, "WORDNET_DIR", str(WORDNET))
+    run = make_run(tmp_path, [{"text": "the cat saw a film"}, {"text": "my dog likes the movie"}], ["q"], k=3)
+    pairs = experiments.eda_pairs(run)
+    assert pairs[:2] == run.pairs and len(pairs) == 2 + 2 * 3
+    assert [y for _, y in pairs[2:]] == [run.pairs[0][1]] * 3 + [run.pairs[1][1]] * 3
+    assert experiments.eda_pairs(run) == pairs  # seeded
+    monkeypatch.setattr(experiments, "WORDNET_DIR", str(tmp_path / "none"))
+    with pytest.raises(FileNotFoundError, match="apt-get install wordnet-base"):
+        experiments.eda_pairs(run)
+
+
+def test_methods_all_and_ablations_expand(monkeypatch, tmp_path):
+    calls = []
+    monkeypatch.setattr(cdcda, "main", lambda argv, methods: calls.append((argv, methods)) or {"rows": {}})
+    experiments.main(["--methods", "all", "--out", str(tmp_path)])
+    argv, methods = calls[-1]
+    assert argv[argv.index("--methods") + 1].split(",") == experiments.TABLE1 and methods is experiments.METHODS
+    assert len(experiments.TABLE1) == 11 and set(experiments.TABLE1) <= set(experiments.METHODS)
+    experiments.main(["--ablations", "--out", str(tmp_path)])
+    argv, methods = calls[-1]
+    assert argv[-4:] == ["--methods", "cdcda,rs,no-ds,direct-ft,base", "--out", str(tmp_path / "ablations")]
+    assert methods["rs"][0] == "Full model (RS)" and methods["direct-ft"][0] == "-DS -LDA"
+
+
+def test_every_new_method_end_to_end_tiny(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("CDCDA_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(experiments, "WORDNET_DIR", str(WORDNET))
+    fake_cloud(monkeypatch)
+    trained, real_personalize = [], cdcda.personalize
+    monkeypatch.setattr(cdcda, "personalize", lambda model, tok, task, pairs, args, seed, desc: trained.append(
+        (desc, len(pairs))) or real_personalize(model, tok, task, pairs, args, seed, desc))
+    new = [m for m in experiments.METHODS if m not in cdcda.METHODS and "contriever" not in m]
+    out = tmp_path / "run"
+    reports = experiments.main(tiny_args(tiny_model_dir, out) + ["--methods", ",".join(["direct-ft"] + new)])
+    rep = reports["table1"]
+    assert set(rep["rows"]) == set(new) | {"direct-ft"}
+    users = data.split_users(data.load_users("lamp7"), 2)[0]
+    for user in users:
+        result = json.loads((out / "users" / user.user_id / "result.json").read_text())
+        assert all(len(result["predictions"][m]) == len(user.queries) for m in new)
+        records = [json.loads(line) for line in (out / "users" / user.user_id / "synthetic.jsonl").read_text().splitlines()]
+        n_kept = sum(r["kept"] for r in records)
+        sizes = dict(trained)
+        assert sizes[f"rs {user.user_id}"] == len(user.profile) + n_kept
+        assert sizes[f"no-ds {user.user_id}"] == len(user.profile) + len(records)
+        assert sizes[f"eda-ft {user.user_id}"] == len(user.profile) * (1 + 3)  # k = 3 variants per pair
+        assert sizes[f"direct-ft {user.user_id}"] == len(user.profile)
+        assert {"rkd-ft", "eda-ft", "rs", "no-ds"} <= set(result["losses"])
+    assert len(trained) == 4 * len(users)  # the speculative row reuses Direct-FT's adapter
+    spec = json.loads((out / "results.json").read_text())["speculative"]
+    assert spec["drafted"] > 0 and spec["acceptance_rate"] == spec["accepted"] / spec["drafted"]
+    md = (out / "results.md").read_text()
+    assert "| RKD-FT |" in md and "| M_cloud + BM25 |" in md and "speculative acceptance rate" in md
+
+
+def read_png(path: Path):
+    """(width, height, raw scanlines) of a PNG, checking its signature and every chunk's CRC."""
+    blob = path.read_bytes()
+    assert blob[:8] == b"\x89PNG\r\n\x1a\n"
+    pos, chunks = 8, {}
+    while pos < len(blob):
+        (n,) = struct.unpack(">I", blob[pos:pos + 4])
+        kind, body = blob[pos + 4:pos + 8], blob[pos + 8:pos + 8 + n]
+        assert struct.unpack(">I", blob[pos + 8 + n:pos + 12 + n])[0] == zlib.crc32(kind + body)
+        chunks[kind] = body
+        pos += 12 + n
+    w, h, depth, color = struct.unpack(">IIBB", chunks[b"IHDR"][:10])
+    assert (depth, color) == (8, 2) and b"IEND" in chunks
+    return w, h, zlib.decompress(chunks[b"IDAT"])
+
+
+def test_png_writer_round_trips(tmp_path):
+    pixels = [[(255, 0, 0), (0, 255, 0), (0, 0, 255)], [(1, 2, 3), (4, 5, 6), (7, 8, 9)]]
+    experiments.write_png(tmp_path / "x.png", pixels)
+    w, h, raw = read_png(tmp_path / "x.png")
+    assert (w, h) == (3, 2)
+    assert raw == b"\x00" + bytes([255, 0, 0, 0, 255, 0, 0, 0, 255]) + b"\x00" + bytes(range(1, 10))
+
+
+def test_sweep_writes_one_result_per_k(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("CDCDA_CACHE", str(tmp_path / "cache"))
+    fake_cloud(monkeypatch)
+    out = tmp_path / "run"
+    rep = experiments.main(tiny_args(tiny_model_dir, out) + ["--sweep-k"])["sweep_k"]
+    assert list(rep["rows"]) == ["k=1", "k=3", "k=5"]
+    for k in (1, 3, 5):
+        assert json.loads((out / "sweep-k" / f"k{k}" / "results.json").read_text())["settings"]["k"] == k
+    history = sum(len(u.profile) for u in data.split_users(data.load_users("lamp7"), 2)[0])
+    kept = [rep["counts"][f"kept (k={k})"] for k in (1, 3, 5)]
+    assert kept[1] == history and kept[0] < kept[1] < kept[2]  # fake_cloud: every third reply passes
+    saved = json.loads((out / "sweep-k" / "sweep-k.json").read_text())
+    assert saved["rows"] == rep["rows"] and "| CDCDA-PLM, k = 3 |" in (out / "sweep-k" / "sweep-k.md").read_text()
+    w, h, raw = read_png(out / "sweep-k" / "sweep-k.png")
+    assert len(raw) == h * (1 + 3 * w) and len(set(raw)) > 3  # not a blank canvas
+
+
+def test_efficiency_numbers_are_positive_and_nf4_is_smaller(tiny_model_dir):
+    args = cdcda.parse_args(["--cloud-model", str(tiny_model_dir), "--device-model", str(tiny_model_dir)])
+    rep = experiments.efficiency(args, prompt_tokens=16, new_tokens=4, runs=1)
+    cloud, device = rep["rows"]["cloud"], rep["rows"]["device"]
+    for row in (cloud, device):
+        assert row["size_mb"] > 0 and row["ttft_s"] > 0 and row["decode_tok_s"] > 0
+    model, _ = qwen2.load(str(tiny_model_dir))
+    linear_fp32 = sum(p.numel() * 4 for n, p in model.model.layers.named_parameters() if n.endswith("proj.weight"))
+    nf4_bytes = (device["nf4 codes mb"] + device["nf4 absmax mb"]) * 1e6
+    assert nf4_bytes == pytest.approx(linear_fp32 * (0.5 + 4 / 64) / 4)  # 4 bits + one fp32 absmax per 64
+    assert cloud["size_mb"] * 1e6 == pytest.approx(sum(p.numel() * 4 for p in model.parameters()))
+    assert device["size_mb"] < cloud["size_mb"] and device["lora mb"] > 0 and cloud["nf4 codes mb"] == 0
