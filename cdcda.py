@@ -41,7 +41,9 @@ EMBEDDED = {"cloud_model": qwen2.EMBEDDED, "device_model": qwen2.EMBEDDED,
             "judge": f"embedding:{encoder.EMBEDDED}", "bertscore_model": encoder.EMBEDDED}
 AUGMENT_PROMPT = ("Generate an Input and Response pairs semantically similar to the following "
                   "example, no need to explain. Input: [{x}], Response: [{y}].")  # sec. 4, verbatim
-ANSWER_TOKENS = {"lamp1": 8, "lamp2": 12, "lamp3": 4, "lamp4": 32, "lamp5": 48, "lamp7": 64}
+REPLY_PREFIX = "Input: ["  # the start of the cloud's reply (see `augment`)
+AUGMENT_BATCH = 32  # generations per batch: batched decoding reads the weights once per step for all rows
+ANSWER_TOKENS = {"lamp1": 8, "lamp2": 12, "lamp3": 4, "lamp4": 32, "lamp5": 48, "lamp7": 48}
 
 
 def instruction(task: data.Task) -> str:
@@ -76,12 +78,16 @@ def parse_pair(text: str) -> tuple[str, str] | None:
 def augment(cloud, cloud_tok, pairs, k: int, temperature: float, seed: int, chat=None):
     """Step 2 (eq. 1): k samples per pair from the cloud LM with the paper's prompt.
 
+    The cloud's reply is started with REPLY_PREFIX ("Input: ["): the 135M stand-in answers
+    the bare prompt mostly in prose, which parses as nothing. Generation stops at
+    `longest + 32` tokens, the longest example's "Input: [x], Response: [y]" plus slack.
     Returns (originals, candidates, n_unparsable): candidates[i] was generated from
     originals[i]; generations without a parsable pair are dropped and counted."""
     prompts = [[{"role": "user", "content": AUGMENT_PROMPT.format(x=x, y=y)}] for x, y in pairs for _ in range(k)]
     longest = max(len(cloud_tok.encode(f"Input: [{x}], Response: [{y}]")) for x, y in pairs)
-    texts = (chat or qwen2.chat)(cloud, cloud_tok, prompts, max_new_tokens=min(512, longest * 3 // 2 + 16),
-                       temperature=temperature, seed=seed, desc="augment (cloud)")
+    texts = (chat or qwen2.chat)(cloud, cloud_tok, prompts, max_new_tokens=min(512, longest + 32),
+                                 temperature=temperature, seed=seed, batch_size=AUGMENT_BATCH,
+                                 desc="augment (cloud)", reply_prefix=REPLY_PREFIX)
     originals, candidates = [], []
     for i, text in enumerate(texts):
         pair = parse_pair(text)

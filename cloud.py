@@ -333,8 +333,10 @@ def openai_chat(url: str, model: str, conversations: list[list[dict]], max_token
 def api_chat(url: str, model: str, api_key: str | None = None, **client):
     """`qwen2.chat`'s shape over an OpenAI-compatible server, for `cdcda.augment` (--cloud-api):
     chat(model, tokenizer, conversations, max_new_tokens, temperature, seed, ...) -> list[str];
-    the local model and tokenizer arguments are ignored."""
-    def chat(_model, _tokenizer, conversations, max_new_tokens=64, temperature=0.7, seed=0, batch_size=8, desc=None):
+    the local model and tokenizer arguments are ignored, and so is `reply_prefix` (the chat API
+    cannot start the assistant's turn)."""
+    def chat(_model, _tokenizer, conversations, max_new_tokens=64, temperature=0.7, seed=0, batch_size=8, desc=None,
+             reply_prefix=""):
         return openai_chat(url, model, conversations, max_new_tokens, temperature, seed, api_key, **client)
     return chat
 

@@ -490,13 +490,16 @@ def generate(model: Qwen2, input_ids, max_new_tokens: int, temperature: float = 
 
 
 def chat(model: Qwen2, tokenizer: Tokenizer, conversations: list[list[dict]], max_new_tokens: int = 64,
-         temperature: float = 0.7, seed: int = 0, batch_size: int = 8, desc: str | None = None) -> list[str]:
+         temperature: float = 0.7, seed: int = 0, batch_size: int = 8, desc: str | None = None,
+         reply_prefix: str = "") -> list[str]:
     """Reply to each conversation (ChatML messages); the text up to the end-of-turn token, stripped.
 
     Conversations are batched by prompt length (less padding); one generator seeded with `seed`.
+    `reply_prefix` is written as the start of the assistant's turn (and kept in the reply): it
+    steers a small model into a format.
     """
     device = model.model.embed_tokens.weight.device
-    prompts = [tokenizer.encode(tokenizer.apply_chat_template(c)) for c in conversations]
+    prompts = [tokenizer.encode(tokenizer.apply_chat_template(c) + reply_prefix) for c in conversations]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     generator = torch.Generator(device).manual_seed(seed)
     replies = [""] * len(prompts)
@@ -508,6 +511,6 @@ def chat(model: Qwen2, tokenizer: Tokenizer, conversations: list[list[dict]], ma
                            attention_mask=mask, generator=generator)
             for i, new in zip(rows, out[:, ids.shape[1]:].tolist()):
                 ends = [j for j, t in enumerate(new) if t in tokenizer.eos_token_ids]
-                replies[i] = tokenizer.decode(new[:ends[0]] if ends else new).strip()
+                replies[i] = (reply_prefix + tokenizer.decode(new[:ends[0]] if ends else new)).strip()
             bar.update(len(rows))
     return replies

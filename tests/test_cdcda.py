@@ -74,6 +74,19 @@ def tiny_model_dir(tmp_path_factory):
     return directory
 
 
+def test_chat_reply_prefix_starts_the_assistant_turn(tiny_model_dir):
+    model, tok = qwen2.load(str(tiny_model_dir))
+    conv = [[{"role": "user", "content": "hi"}]]
+    primed = qwen2.chat(model, tok, conv, max_new_tokens=4, temperature=0, reply_prefix="Input: [")
+    assert primed[0].startswith("Input: [")
+    # the prefix is part of the prompt: the same as generating after a template that ends in it
+    ids = tok.encode(tok.apply_chat_template(conv[0]) + "Input: [")
+    out = qwen2.generate(model, torch.tensor([ids]), 4, temperature=0, eos_token_id=tok.eos_token_ids)
+    new = out[0, len(ids):].tolist()
+    new = new[:[t in tok.eos_token_ids for t in new].index(True)] if any(t in tok.eos_token_ids for t in new) else new
+    assert primed[0] == ("Input: [" + tok.decode(new)).strip()
+
+
 def fake_cloud(monkeypatch):
     """The cloud LM's replies: a tiny random model writes no parsable pairs, so the cloud
     step's generations are replaced by a fixed mix of good (the words reversed: same words,
@@ -84,6 +97,7 @@ def fake_cloud(monkeypatch):
 
     def chat(model, tokenizer, conversations, **kw):
         if kw.get("desc", "").startswith("augment"):
+            assert kw["reply_prefix"] == cdcda.REPLY_PREFIX
             out = []
             for i, conv in enumerate(conversations):
                 x, y = conv[-1]["content"].split("Input: [")[1].split("], Response: [")
