@@ -127,11 +127,14 @@ def answer(model, tokenizer, task: data.Task, queries, args, seed: int, desc: st
 
 # ---------------------------------------------------------------- M_base, files, the run
 def base_model(task: data.Task, others, args) -> Path:
-    """M_base: the device model LoRA-tuned on the non-target users' pairs, merged, cached.
+    """M_base: the device model LoRA-tuned on the non-target users' data, merged, cached.
 
-    Done "on the cloud" in the paper (no personal data of the targets), so at full precision.
-    The cache key covers the device model, the training data and the settings."""
+    The task's training set (sec. 4: "fine-tune a general LM on a public, standard dataset"):
+    the other users' queries with their golds (LaMP's supervised examples) and their history
+    pairs. Done "on the cloud" in the paper (no data of the target users), so at full
+    precision. The cache key covers the device model, the training data and the settings."""
     pairs = [task.pair(item) for u in others for item in u.profile]
+    pairs += [(q.input, q.gold) for u in others for q in u.queries]
     settings = [args.device_model, pairs, args.base_epochs, args.lr, args.lora_r, args.lora_alpha, args.seed]
     key = hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:16]
     slug = re.sub(r"[^\w.-]", "_", args.device_model)
@@ -387,4 +390,5 @@ if __name__ == "__main__":
     if sys.argv[1:2] == ["serve"]:
         cloud_service.main(sys.argv[2:])
     else:
-        main()
+        import experiments  # Tables 1-3 and Figure 2 (--methods all, --ablations, --sweep-k, --efficiency)
+        experiments.main(sys.argv[1:])

@@ -5,18 +5,18 @@
     python cdcda.py --task lamp7 --sweep-k       Figure 2: CDCDA-PLM at k = 1, 3, 5, and a PNG
     python cdcda.py --task lamp7 --efficiency    Table 3: size, time to first token, tokens/s
 
-Every row is a function of a `cdcda.Run` (one target user) in `METHODS`, so the pipeline runs
-them like its own three, caches per user and scores them with `metrics.evaluate`:
+Each row is a function of a `cdcda.Run` (one target user) in `METHODS`; the pipeline runs,
+caches and scores them like its own three:
 - cloud: M_cloud answers the appendix-B prompt, not personalized ("base": M_base does).
 - RAG (sec. 5.1, "one retriever item"): the user's profile item that ranks first for the
   query's content (the query input without the task instruction, as `cdcda.upload` cuts it
   from the pairs) goes into the prompt's {RETRIEVED USER HISTORY}. BM25: Okapi, k1 = 1.2,
   b = 0.75 (baselines.BM25). Dense: the embedded MiniLM, cosine; "+contriever" rows use
   facebook/contriever, unnormalised dot product (a hub download: not in `--methods all`).
-- speculative: the personalized device model (the Direct-FT adapter on M_base, as the row
-  sits among the on-device personalized methods) verifies, M_cloud drafts gamma = 4 tokens;
-  exact rejection sampling, so the output is distributed as Direct-FT's (baselines.py says
-  why). The acceptance rate is written per user and reported.
+- speculative: M_cloud drafts gamma = 4 tokens, the personalized device model (Direct-FT's
+  adapter on M_base: the row sits among the on-device personalized ones) verifies by exact
+  rejection sampling, so the output is distributed as Direct-FT's (baselines.py says why);
+  the acceptance rate is reported.
 - eda-ft: Direct-FT on D_u plus EDA variants of each pair's input (response kept): k variants
   per pair (the augmentation budget CDCDA-PLM gets), alpha = 0.1, WordNet 3.0 from Debian's
   wordnet-base.
@@ -66,14 +66,8 @@ def cloud_lm(run: cdcda.Run):
     return load_cloud(run.args.cloud_model, run.args.device)
 
 
-@functools.cache
-def load_encoder(source: str, device: str):
-    return encoder.load(source, "float32", device)
-
-
-@functools.cache
-def wordnet(directory: str) -> dict:
-    return baselines.load_wordnet(directory)
+load_encoder = functools.cache(encoder.load)  # (source, dtype, device) -> (model, tokenizer)
+wordnet = functools.cache(baselines.load_wordnet)  # directory -> {lemma: synonyms}
 
 
 # ---------------------------------------------------------------- Table 1
@@ -93,7 +87,7 @@ def retrieve(run: cdcda.Run, retriever: str) -> list[dict]:
         if retriever == "bm25":
             (i,) = baselines.retrieve_bm25(query, documents, k=1)
         else:
-            model, tok = load_encoder(retriever, run.args.device)
+            model, tok = load_encoder(retriever, "float32", run.args.device)
             embed = functools.partial(encoder.sentence_embeddings, model, tok, normalize=retriever != CONTRIEVER)
             (i,) = baselines.retrieve_dense(query, documents, embed, k=1)
         picked.append(run.user.profile[i])
@@ -139,9 +133,7 @@ def speculative(run: cdcda.Run) -> list[str]:
             target, draft, torch.tensor([prompt]), cdcda.ANSWER_TOKENS[run.task.name], gamma=GAMMA,
             temperature=run.args.temperature, eos_token_id=tok.eos_token_ids, generator=generator,
             vocab_size=None if same else tok.tokenizer.get_vocab_size())
-        new = ids[0, len(prompt):].tolist()
-        ends = [j for j, t in enumerate(new) if t in tok.eos_token_ids]
-        answers.append(tok.decode(new[:ends[0]] if ends else new).strip())
+        answers.append(tok.decode(ids[0, len(prompt):].tolist()).strip())  # up to the eos (special: dropped)
         totals = {key: totals[key] + stats[key] for key in totals}
     cdcda.write_atomic(run.user_dir / "speculative.json", json.dumps(totals))
     return answers

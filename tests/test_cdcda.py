@@ -1,6 +1,6 @@
 """The pipeline: the augmentation prompt and parser, and a tiny end-to-end run of all five steps.
 
-The end-to-end tests use a tiny random decoder (SmolLM2's tokenizer, 2 layers of width 32) as
+The end-to-end tests use a tiny random decoder (conftest.py: SmolLM2's tokenizer, 2 layers) as
 cloud and device model and the embedded MiniLM as judge, so they take seconds, not minutes.
 """
 import json
@@ -59,19 +59,6 @@ def test_parse_args_defaults_and_errors(capsys):
     assert "--methods" in capsys.readouterr().err
     with pytest.raises(ValueError, match="--judge"):
         cdcda.make_judge("minilm", "cpu")
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    """A tiny random decoder with SmolLM2's real tokenizer, saved hub-style."""
-    tokenizer = qwen2.Tokenizer.from_dir(qwen2.embedded_dir())
-    torch.manual_seed(0)
-    config = qwen2.Config(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-                          model_type="llama", rms_norm_eps=1e-5)
-    directory = tmp_path_factory.mktemp("tiny")
-    qwen2.save_pretrained(qwen2.Qwen2(config), tokenizer, directory)
-    return directory
 
 
 def test_chat_reply_prefix_starts_the_assistant_turn(tiny_model_dir):

@@ -21,7 +21,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-import torch
 
 import cdcda
 import cloud
@@ -89,20 +88,6 @@ def stop(proc: subprocess.Popen):
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait(10)
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    """A tiny random decoder with SmolLM2's real tokenizer, saved hub-style (as in test_cdcda, but
-    untied: a tied random model echoes its last input token, here always the same newline)."""
-    tokenizer = qwen2.Tokenizer.from_dir(qwen2.embedded_dir())
-    torch.manual_seed(0)
-    config = qwen2.Config(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
-                          model_type="llama", rms_norm_eps=1e-5)
-    directory = tmp_path_factory.mktemp("tiny")
-    qwen2.save_pretrained(qwen2.Qwen2(config), tokenizer, directory)
-    return directory
 
 
 @pytest.fixture(scope="module")

@@ -1,18 +1,17 @@
 """experiments.py: Table 1's baselines, Table 2's ablations, the k sweep and Table 3, on the tiny
-random decoder of test_cdcda.py (its `tiny_model_dir` fixture and `fake_cloud` replies)."""
+random decoder of conftest.py (`tiny_model_dir`) and test_cdcda.py's `fake_cloud` replies."""
 import json
 import struct
 import zlib
 from pathlib import Path
 
 import pytest
-import torch
 
 import cdcda
 import data
 import experiments
 import qwen2
-from test_cdcda import fake_cloud, tiny_args, tiny_model_dir  # noqa: F401 (a fixture)
+from test_cdcda import fake_cloud, tiny_args
 
 WORDNET = Path(__file__).parent / "fixtures" / "wordnet"
 

@@ -5,7 +5,6 @@ import json
 import pytest
 
 import filters
-import metrics
 from test_encoder import tiny_checkpoint
 
 
