@@ -7,6 +7,9 @@ The paper's five steps (sec. 4), each a function named after it, run for every t
   4. download     D_u + D_filtered come back to the device
   5. personalize  LoRA on the NF4 task base model M_base, cross-entropy (eq. 5, 6)
 then the device answers the user's queries offline and `metrics.evaluate` scores them.
+`--buffer N` puts the second system (Qin et al., DAC'24, `online.py`) in front of step 1: the
+device keeps only N items of the history, and only those are uploaded and trained on;
+`--synthesis-filter rouge1` swaps step 3 for that paper's ROUGE-1 check.
 M_base (sec. 4, "On-device LM personalization fine-tuning") is trained once per task on the
 users who are not targets, merged and cached. Defaults are the embedded, offline stand-ins
 (SmolLM2-135M-Instruct as cloud and device, MiniLM as judge); `--paper` names the paper's.
@@ -20,7 +23,7 @@ import re
 import sys
 import time
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -33,6 +36,7 @@ import hub
 import lora
 import metrics
 import nf4
+import online
 import qwen2
 
 PAPER = {"cloud_model": "Qwen/Qwen2.5-3B-Instruct", "device_model": "Qwen/Qwen2.5-0.5B-Instruct",
@@ -102,6 +106,16 @@ def select(originals, candidates, judge, thresholds: dict) -> filters.Selection:
     return filters.select(originals, candidates, judge, **thresholds)
 
 
+def buffer_history(pairs, device_model, tokenizer, capacity: int, policy: str, seed: int):
+    """--buffer N, before step 1 (Qin et al.): the device streams D_u, oldest first, through
+    an N-item buffer (policy "scores": EOE + DSS + IDD on its own embeddings; "random") and
+    keeps only what the buffer holds. Returns (the kept pairs in arrival order, a summary)."""
+    if len(pairs) <= capacity:
+        print(f"  buffer of {capacity}: the history has only {len(pairs)} items, so it keeps them all")
+    kept, summary = online.keep_history(device_model, tokenizer, [x for x, _ in pairs], capacity, policy, seed)
+    return [pairs[i] for i in kept], summary | {"kept_indices": kept}
+
+
 def download(pairs, kept) -> list[tuple[str, str]]:
     """Step 4: D_u together with D_filtered, as the device trains on them."""
     return list(pairs) + list(kept)
@@ -123,6 +137,21 @@ def answer(model, tokenizer, task: data.Task, queries, args, seed: int, desc: st
     return qwen2.chat(model, tokenizer, [task.messages(q.input) for q in queries],
                       max_new_tokens=ANSWER_TOKENS[task.name], temperature=args.temperature,
                       seed=seed, desc=desc)
+
+
+@torch.inference_mode()
+def gold_nll(model, tokenizer, task: data.Task, queries, args) -> list[float]:
+    """Per query: the mean cross-entropy (nats per token) of its gold answer and <|im_end|>
+    after the appendix-B prompt, teacher-forced, as eq. 6 scores a training response. It says
+    how likely the model finds what the user actually wrote, so it tells models apart even
+    when their sampled answers are the same. Lower is better."""
+    device = next(model.parameters()).device
+    nll = []
+    for q in queries:
+        example = lora.encode_example(tokenizer, task.messages(q.input), q.gold, args.max_length)
+        ids, labels = lora.right_pad([example], tokenizer.pad_token_id, device)  # (1, T) each
+        nll.append(lora.response_loss(model, ids, labels).item())
+    return nll
 
 
 # ---------------------------------------------------------------- M_base, files, the run
@@ -176,8 +205,10 @@ class Run:
     seed: int
     user_dir: Path
     losses: dict
+    nll: dict = field(default_factory=dict)  # method -> gold_nll per query
 
     def answer(self, model, method: str) -> list[str]:
+        self.nll[method] = gold_nll(model, self.tokenizer, self.task, self.user.queries, self.args)
         return answer(model, self.tokenizer, self.task, self.user.queries, self.args, self.seed, f"answer {method}")
 
     def personalized(self, method: str, pairs) -> list[str]:
@@ -214,7 +245,8 @@ def synthesize(task, pairs, cloud, judge, args, seed: int, user_dir: Path, times
         originals, candidates, unparsable = augment(*cloud, pairs, args.k, args.temperature, seed, chat=chat)
         times["augment"] = time.time() - t
         t = time.time()
-        sel = select(originals, candidates, judge, thresholds(args))
+        sel = (online.rouge1_select(originals, candidates, args.eps_rouge1) if args.synthesis_filter == "rouge1"
+               else select(originals, candidates, judge, thresholds(args)))
         times["select"] = time.time() - t
         records = sel.records
         counts = {**sel.counts, "generated": len(pairs) * args.k, "unparsable": unparsable}
@@ -227,17 +259,26 @@ def run_user(user, task, cloud, judge, device_model, tok, args, user_dir: Path, 
     """All methods for one user; the result dict is also written to user_dir/result.json."""
     seed = args.seed + zlib.crc32(user.user_id.encode()) % 10_000
     times, result = {}, {"user_id": user.user_id, "predictions": {}}
-    pairs = upload(task, user)
+    pairs, counts = upload(task, user), {}
+    if args.buffer:
+        t = time.time()
+        pairs, summary = buffer_history(pairs, device_model, tok, args.buffer, args.buffer_policy, seed)
+        times["buffer"] = time.time() - t
+        write_atomic(user_dir / "buffer.json", json.dumps(summary, indent=1))
+        counts = {"history": summary["seen"], "buffered": summary["kept"]}
     kept = None
     if any(methods[m][2] for m in args.methods):
-        records, result["counts"] = synthesize(task, pairs, cloud, judge, args, seed, user_dir, times)
+        records, synthesis = synthesize(task, pairs, cloud, judge, args, seed, user_dir, times)
+        counts |= synthesis
         kept = [(r["syn_input"], r["syn_output"]) for r in records if r["kept"]]
+    if counts:
+        result["counts"] = counts
     run = Run(task, user, pairs, kept, device_model, tok, cloud, args, seed, user_dir, losses={})
     for method in args.methods:
         t = time.time()
         result["predictions"][method] = methods[method][1](run)
         times[method] = time.time() - t
-    result["losses"], result["times"] = run.losses, times
+    result["losses"], result["gold_nll"], result["times"] = run.losses, run.nll, times
     write_atomic(user_dir / "result.json", json.dumps(result, indent=1))
     return result
 
@@ -263,6 +304,9 @@ def report(task, users, results, args, bert, methods=METHODS) -> dict:
     for method in args.methods:
         preds = [p for r in results for p in r["predictions"][method]]
         rows[method] = metrics.evaluate(task.name, preds, golds, bertscore_model=bert)
+        if all(method in r.get("gold_nll", {}) for r in results):  # the rows the device model answers
+            nll = [x for r in results for x in r["gold_nll"][method]]
+            rows[method]["gold_nll"] = sum(nll) / len(nll)
     counts, times = {}, {}  # summed over users
     for r in results:
         for total, part in ((counts, r.get("counts", {})), (times, r["times"])):
@@ -279,16 +323,20 @@ def models_used(args) -> dict:
             for role in PAPER} | {"data": str(args.data or "embedded demo (data/demo/, written for cdcda)"),
                                   "cloud": f"{args.cloud} (`serve`: augmentation and filters there)" if args.cloud
                                   else f"{args.cloud_api} (augmentation there, filters here)" if args.cloud_api
-                                  else "in process"}
+                                  else "in process",
+                                  "history": (f"{args.buffer}-item online buffer, {args.buffer_policy} (Qin et al.)"
+                                              if args.buffer else "the whole history"),
+                                  "synthesis filter": (f"ROUGE-1 > {args.eps_rouge1} (Qin et al.)"
+                                                       if args.synthesis_filter == "rouge1" else "SCF, TDF, LSF")}
 
 
 def markdown(rep: dict) -> str:
-    keys = [k for k in next(iter(rep["rows"].values())) if k != "bertscore_model"]
+    keys = list(dict.fromkeys(k for row in rep["rows"].values() for k in row if k != "bertscore_model"))
     lines = [f"# {rep['task']}: {len(rep['users'])} target users, {rep['queries']} queries", ""]
     lines += [f"- {role}: {name}" for role, name in rep["models"].items()]
     lines += ["", "| method | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for method, row in rep["rows"].items():
-        lines.append(f"| {rep['labels'][method]} | " + " | ".join(f"{row[k]:.4f}" for k in keys) + " |")
+        lines.append(f"| {rep['labels'][method]} | " + " | ".join(f"{row[k]:.4f}" if k in row else "-" for k in keys) + " |")
     if rep["counts"]:
         lines += ["", "augmentation and selection: " + ", ".join(f"{k} {v}" for k, v in rep["counts"].items())]
     lines += ["", "seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in rep["seconds"].items()), ""]
@@ -318,6 +366,13 @@ def parse_args(argv=None, methods=METHODS):
     p.add_argument("--eps-tdf", type=float, default=filters.EPS_TDF, help="eq. 3 ROUGE-L upper bound")
     p.add_argument("--eps-min-len", type=float, default=filters.EPS_MIN_LEN, help="eq. 4 lower length ratio")
     p.add_argument("--eps-max-len", type=float, default=filters.EPS_MAX_LEN, help="eq. 4 upper length ratio")
+    p.add_argument("--buffer", type=int, default=0, metavar="N", help="keep only N history items, chosen "
+                   "online on the device (Qin et al., DAC'24; default 0: the whole history)")
+    p.add_argument("--buffer-policy", default="scores", choices=["scores", "random"],
+                   help="how --buffer chooses: EOE + DSS + IDD, or reservoir sampling")
+    p.add_argument("--synthesis-filter", default="cdcda", choices=["cdcda", "rouge1"],
+                   help="step 3: the paper's SCF + TDF + LSF, or Qin et al.'s ROUGE-1 check")
+    p.add_argument("--eps-rouge1", type=float, default=online.EPS_ROUGE1, help="--synthesis-filter rouge1's threshold")
     p.add_argument("--epochs", type=int, default=3, help="personalization epochs")
     p.add_argument("--base-epochs", type=int, default=2, help="M_base epochs on the non-target users")
     p.add_argument("--lr", type=float, default=5e-4, help="AdamW learning rate")
@@ -339,6 +394,12 @@ def parse_args(argv=None, methods=METHODS):
         p.error("--cloud and --cloud-api: give one (--cloud: the server filters too)")
     if args.k < 1:
         p.error("--k must be at least 1")
+    if args.buffer < 0:
+        p.error("--buffer must be 0 (the whole history) or a positive number of items")
+    if args.cloud and args.synthesis_filter != "cdcda":
+        p.error("--synthesis-filter rouge1 and --cloud: the server applies the paper's filters; use --cloud-api")
+    if not 0.0 <= args.eps_rouge1 <= 1.0:
+        p.error("--eps-rouge1 must be in [0, 1]")
     return args
 
 
@@ -358,7 +419,7 @@ def main(argv=None, methods=METHODS) -> dict:
     if any(methods[m][2] for m in args.methods) and not args.cloud:  # with --cloud the server holds both
         cloud = ((None, cloud_service.load_tokenizer(args.cloud_model)) if args.cloud_api
                  else qwen2.load(args.cloud_model, "float32", args.device))
-        judge = make_judge(args.judge, args.device)
+        judge = make_judge(args.judge, args.device) if args.synthesis_filter == "cdcda" else None
     fingerprint = {k: v for k, v in vars(args).items() if k not in ("out", "users", "methods")}
     results = []
     for i, user in enumerate(targets):

@@ -4,6 +4,8 @@
     python cdcda.py --task lamp7 --ablations     Table 2: RS, -DS, -LDA, -FT (`ABLATIONS`)
     python cdcda.py --task lamp7 --sweep-k       Figure 2: CDCDA-PLM at k = 1, 3, 5, and a PNG
     python cdcda.py --task lamp7 --efficiency    Table 3: size, time to first token, tokens/s
+    python cdcda.py --task lamp7 --compare-buffers --data data/stream
+                                                 Qin et al.'s online buffer against the whole history
 
 Each row is a function of a `cdcda.Run` (one target user) in `METHODS`; the pipeline runs,
 caches and scores them like its own three:
@@ -22,6 +24,11 @@ caches and scores them like its own three:
   wordnet-base.
 - rkd-ft: LoRA on M_base trained with the token-level reverse KL to M_cloud on D_u's responses
   (needs one tokenizer for both models).
+- buffers (`buffer_methods`): Direct-FT and CDCDA-PLM on what a 16- or 32-item buffer keeps of
+  the history (chosen by EOE + DSS + IDD, or at random), against the whole history. The cloud
+  augments the whole history once per user and a buffer row takes the synthetic pairs of its
+  own items: the same prompts at the same temperature as uploading only those items, though
+  not the same random draws (a row's samples do not depend on which other items were sent).
 - ablations: rs keeps as many random parsed candidates as the filters kept (seeded); no-ds
   trains on all parsed candidates; -LDA is Direct-FT and -FT is M_base (cdcda.METHODS).
 """
@@ -194,6 +201,43 @@ METHODS = {
 }
 
 
+# ---------------------------------------------------------------- the second system: online buffers
+def buffered(capacity: int, policy: str, augmented: bool):
+    """A row trained on the `capacity` items a buffer keeps (see `cdcda.buffer_history`), plus,
+    when `augmented`, the kept synthetic pairs generated from those items."""
+    name = f"{policy}-{capacity}" + ("+aug" if augmented else "")
+
+    def method(run: cdcda.Run) -> list[str]:
+        pairs, summary = cdcda.buffer_history(run.pairs, run.device_model, run.tokenizer, capacity, policy, run.seed)
+        cdcda.write_atomic(run.user_dir / f"buffer-{policy}-{capacity}.json", json.dumps(summary, indent=1))
+        synthetic = []
+        if augmented:
+            sources = set(pairs)
+            records = map(json.loads, (run.user_dir / "synthetic.jsonl").read_text().splitlines())
+            synthetic = [(r["syn_input"], r["syn_output"]) for r in records
+                         if r["kept"] and (r["input"], r["output"]) in sources]
+        return run.personalized(name, cdcda.download(pairs, synthetic))
+    return name, method
+
+
+BUFFER_SIZES = (16, 32)  # the issue's buffer capacities (items)
+
+
+def buffer_methods(capacities=BUFFER_SIZES) -> dict:
+    """The comparison's rows: M_base, the whole history (Direct-FT, CDCDA-PLM), and for each
+    capacity a buffer chosen by the scores or at random, without and with augmentation."""
+    rows = {"base": "no personalization (M_base)", "direct-ft": "whole history",
+            "cdcda": "whole history + augmentation"}
+    methods = {m: (label, *cdcda.METHODS[m][1:]) for m, label in rows.items()}
+    for capacity in capacities:
+        for policy in ("scores", "random"):
+            for augmented in (False, True):
+                name, method = buffered(capacity, policy, augmented)
+                label = f"{capacity}-item buffer, {'EOE+DSS+IDD' if policy == 'scores' else 'random'}"
+                methods[name] = (label + (" + augmentation" if augmented else ""), method, augmented)
+    return methods
+
+
 # ---------------------------------------------------------------- Table 3
 def stored_bytes(model) -> dict:
     """Bytes of the model's state dict (a tied weight once), split by kind: NF4 codes, NF4
@@ -319,6 +363,8 @@ def main(argv=None) -> dict:
     p.add_argument("--ablations", action="store_true", help=f"Table 2 ({','.join(ABLATIONS)}) in OUT/ablations")
     p.add_argument("--sweep-k", action="store_true", help="Figure 2: cdcda at k = 1, 3, 5 in OUT/sweep-k/k<k>")
     p.add_argument("--efficiency", action="store_true", help="Table 3: OUT/efficiency.{json,md}")
+    p.add_argument("--compare-buffers", action="store_true", help="whole history vs 16/32-item online "
+                   "buffers (scores, random), each with and without augmentation, in OUT/buffers")
     own, rest = p.parse_known_args(argv)
     if {"-h", "--help"} & set(rest):
         p.print_help()
@@ -328,7 +374,7 @@ def main(argv=None) -> dict:
     args = cdcda.parse_args(rest, METHODS)  # checks everything else (and prints cdcda.py's --help)
     out = Path(args.out or Path("runs") / args.task)
     reports = {}
-    if own.methods or not (own.ablations or own.sweep_k or own.efficiency):
+    if own.methods or not (own.ablations or own.sweep_k or own.efficiency or own.compare_buffers):
         reports["table1"] = rep = cdcda.main(rest, METHODS)
         if "speculative" in rep["rows"]:
             finish(rep, out, "results", note=acceptance(rep, out), show=False)
@@ -336,6 +382,12 @@ def main(argv=None) -> dict:
         methods = {m: (label, *METHODS[m][1:]) for m, label in ABLATIONS.items()}
         reports["ablations"] = cdcda.main(rest + ["--methods", ",".join(ABLATIONS), "--out", str(out / "ablations")],
                                           methods)
+    if own.compare_buffers:
+        if args.buffer:
+            raise ValueError("--compare-buffers streams every user through its own buffers; drop --buffer")
+        methods = buffer_methods(BUFFER_SIZES)
+        reports["buffers"] = cdcda.main(rest + ["--methods", ",".join(methods), "--out", str(out / "buffers")],
+                                        methods)
     if own.sweep_k:
         reports["sweep_k"] = sweep(rest, out / "sweep-k")
     if own.efficiency:

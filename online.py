@@ -16,6 +16,8 @@ representative data; the authors' released script compares the other way round, 
 would fill the buffer with the least representative items). Only the kept items are later
 annotated and expanded by the LLM; `rouge1_filter` is the paper's ROUGE-1 check on the
 synthesized pairs. `random_buffer` (reservoir sampling) is the random baseline.
+`keep_history` is the device's pass over a user's history (`cdcda.py --buffer N`) and
+`rouge1_select` the synthesis check in the shape of `filters.select` (`--synthesis-filter rouge1`).
 
 Definitions the paper leaves open are made here and named where they are made: the histogram
 bins and range (`eoe`), the single-token case (`eoe`), the word tokenizer and the lexicons
@@ -28,11 +30,13 @@ import random
 import torch
 import torch.nn.functional as F
 
+from filters import Selection
 from metrics import rouge_1, rouge_tokens
 from qwen2 import left_pad
 
 EOE_BINS = 64  # histogram bins for EOE; max entropy log2(64) = 6 bits
 GENERAL = "general"  # domain of an item that matches no lexicon word
+EPS_ROUGE1 = 0.2  # rouge1_select's default threshold; see its docstring
 
 # Hand-written seed lexicons, one domain per kind of LaMP profile text (LaMP-1 and LaMP-5
 # both hold paper titles/abstracts, so they share "science"). The authors' lexicons are not
@@ -293,3 +297,50 @@ def rouge1_filter(source: str, generated: list[str], threshold: float) -> tuple[
         raise ValueError(f"rouge1_filter: threshold must be in [0, 1], got {threshold}")
     scores = [rouge_1(g, source) for g in generated]
     return scores, [s > threshold for s in scores]
+
+
+def rouge1_select(originals: list[tuple[str, str]], candidates: list[tuple[str, str]],
+                  threshold: float = EPS_ROUGE1) -> Selection:
+    """`rouge1_filter` over synthesized pairs, returned like `filters.select` (same record and
+    count keys for the fields both have), so the pipeline can use either check.
+
+    As in eq. 2-4 the inputs are compared: x_syn is kept when ROUGE-1 F(x_syn, x) > threshold
+    (the response of LaMP-1/2/3 is a label). Qin et al. give no threshold; EPS_ROUGE1 = 0.2
+    from `bench/bench_filters.py`'s 24 hand-written originals: their paraphrases score ROUGE-1
+    0.08-0.64 (median 0.30, 3 of 24 at or below 0.2), unrelated texts of the same genre
+    0.00-0.19 (all rejected).
+    Unlike TDF (eq. 3), a high ROUGE-1 is never rejected: near-copies are kept.
+    Each record: {"input", "output", "syn_input", "syn_output", "rouge_1", "kept"}."""
+    if len(originals) != len(candidates):
+        raise ValueError(f"rouge1_select: {len(originals)} originals but {len(candidates)} candidates")
+    records, kept = [], []
+    for (x, y), (x_syn, y_syn) in zip(originals, candidates):
+        (score,), (ok,) = rouge1_filter(x, [x_syn], threshold)
+        records.append({"input": x, "output": y, "syn_input": x_syn, "syn_output": y_syn,
+                        "rouge_1": score, "kept": ok})
+        if ok:
+            kept.append((x_syn, y_syn))
+    n = len(candidates)
+    counts = {"candidates": n, "kept": len(kept), "rejected": n - len(kept), "rejected_rouge1": n - len(kept)}
+    return Selection(kept, records, counts, {"filter": "rouge1", "eps_rouge1": threshold})
+
+
+def keep_history(model, tokenizer, texts: list[str], capacity: int, policy: str = "scores",
+                 seed: int = 0) -> tuple[list[int], dict]:
+    """The device's pass over a user's history, oldest item first, through a buffer of
+    `capacity` items: returns (indices of the kept items in arrival order, summary).
+
+    policy "scores": `OnlineBuffer` on the device model's embeddings (`embed_items`, which
+    sees all texts at once only to batch the forward passes; the buffer still decides one
+    item at a time, in order). policy "random": `random_buffer` (reservoir sampling).
+    The summary holds the counts and, for "scores", each kept item's EOE, DSS, IDD."""
+    if policy not in ("scores", "random"):
+        raise ValueError(f"keep_history: policy must be 'scores' or 'random', got {policy!r}")
+    summary = {"policy": policy, "capacity": capacity, "seen": len(texts)}
+    if policy == "random":
+        kept = random_buffer(list(range(len(texts))), capacity, seed)
+        return kept, summary | {"kept": len(kept)}
+    buffer = OnlineBuffer(capacity, seed=seed)
+    for i, (text, e) in enumerate(zip(texts, embed_items(model, tokenizer, texts))):
+        buffer.add(i, e, len(tokenizer.encode(text)), text=text)
+    return buffer.items, summary | {"kept": len(buffer), "replaced": buffer.n_replaced, "scores": buffer.scores()}

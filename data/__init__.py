@@ -29,7 +29,9 @@ of the task's queries, so fine-tuning on the history teaches the query task:
   author's topics and vocabulary, which is what picks the related reference.
 
 Files. `load_users(task, data_dir)` reads every JSON file in `data_dir/<task>/` (e.g.
-`DIR/lamp7/`; `data_dir=None` is the embedded demo, `data/demo/lamp7/`):
+`DIR/lamp7/`; `data_dir=None` is the embedded demo, `data/demo/lamp7/`; `data/stream` holds
+`lamp7/users.json`, the lamp7 demo with the three target users' histories written out to 48
+tweets each, for the online-buffer comparison of `experiments.py`):
 - `X_questions.json` + `X_outputs.json` (LaMP's official format; LaMP's LaMP_7/dev/
   dev_questions.json and dev_outputs.json, train_* alike, go in as they are): questions
   `[{id, input, profile: [...]}]`, outputs `{task: "LaMP_7", golds: [{id, output}]}`. Each

@@ -107,7 +107,8 @@ def test_end_to_end_tiny(tiny_model_dir, tmp_path, monkeypatch):
     rep = cdcda.main(tiny_args(tiny_model_dir, tmp_path / "run"))
     assert set(rep["rows"]) == {"base", "direct-ft", "cdcda"}
     for row in rep["rows"].values():
-        assert set(row) == {"rouge1", "rougeL", "bertscore_f1", "bertscore_model"}
+        assert set(row) == {"rouge1", "rougeL", "bertscore_f1", "bertscore_model", "gold_nll"}
+        assert row["gold_nll"] > 0
     counts = rep["counts"]
     users = data.split_users(data.load_users("lamp7"), 2)[0]
     history = sum(len(u.profile) for u in users)
@@ -153,3 +154,55 @@ def test_interrupted_run_resumes(tiny_model_dir, tmp_path, monkeypatch):
     assert len(rep["users"]) == 2
     with pytest.raises(SystemExit, match="other settings"):
         cdcda.main(tiny_args(tiny_model_dir, tmp_path / "run") + ["--k", "2"])
+
+
+def test_buffer_keeps_n_items_and_only_they_are_uploaded(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("CDCDA_CACHE", str(tmp_path / "cache"))
+    fake_cloud(monkeypatch)
+    uploaded, trained = [], []
+    real_augment, real_personalize = cdcda.augment, cdcda.personalize
+    monkeypatch.setattr(cdcda, "augment", lambda cloud, tok, pairs, *a, **kw: uploaded.append(list(pairs))
+                        or real_augment(cloud, tok, pairs, *a, **kw))
+    monkeypatch.setattr(cdcda, "personalize", lambda model, tok, task, pairs, args, seed, desc: trained.append(
+        (desc, list(pairs))) or real_personalize(model, tok, task, pairs, args, seed, desc))
+    out = tmp_path / "run"
+    rep = cdcda.main(tiny_args(tiny_model_dir, out) + ["--buffer", "4", "--synthesis-filter", "rouge1"])
+    users = data.split_users(data.load_users("lamp7"), 2)[0]
+    task = data.get_task("lamp7")
+    for user, sent in zip(users, uploaded):
+        buffer = json.loads((out / "users" / user.user_id / "buffer.json").read_text())
+        history = cdcda.upload(task, user)
+        assert len(sent) == 4 and buffer["kept"] == 4 and buffer["seen"] == len(history) > 4
+        assert sent == [p for p in history if p in sent]  # a subsequence of the history, in order
+        assert dict(trained)[f"direct-ft {user.user_id}"] == sent
+        records = [json.loads(line) for line in (out / "users" / user.user_id / "synthetic.jsonl").read_text().splitlines()]
+        assert records and all("rouge_1" in r and (r["input"], r["output"]) in sent for r in records)
+        assert dict(trained)[f"cdcda {user.user_id}"] == sent + [(r["syn_input"], r["syn_output"]) for r in records if r["kept"]]
+    assert rep["counts"]["history"] == sum(len(u.profile) for u in users) and rep["counts"]["buffered"] == 8
+    assert "4-item online buffer, scores" in rep["models"]["history"] and "ROUGE-1" in rep["models"]["synthesis filter"]
+
+
+def test_buffer_and_filter_options_are_checked(capsys):
+    assert cdcda.parse_args([]).buffer == 0 and cdcda.parse_args([]).synthesis_filter == "cdcda"
+    for bad in (["--buffer", "-1"], ["--buffer-policy", "best"], ["--synthesis-filter", "nli"],
+                ["--eps-rouge1", "2"], ["--synthesis-filter", "rouge1", "--cloud", "http://x"]):
+        with pytest.raises(SystemExit):
+            cdcda.parse_args(bad)
+    assert "--cloud-api" in capsys.readouterr().err
+
+
+def test_gold_nll_is_the_cross_entropy_of_the_gold_tokens(tiny_model_dir):
+    model, tok = qwen2.load(str(tiny_model_dir))
+    task = data.get_task("lamp7")
+    queries = [data.Query("a", task.pair_input.format(text="rain again"), "ugh rain again lol"),
+               data.Query("b", task.pair_input.format(text="big game"), "LETS GO")]
+    args = cdcda.parse_args([])
+    nll = cdcda.gold_nll(model, tok, task, queries, args)
+    for q, value in zip(queries, nll):  # by hand: full logits, the gold's tokens and <|im_end|>
+        prompt = tok.encode(tok.apply_chat_template(task.messages(q.input), add_generation_prompt=True))
+        gold = tok.encode(q.gold) + tok.encode("<|im_end|>")
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + gold]))[0]  # (T, V)
+        expected = torch.nn.functional.cross_entropy(logits[len(prompt) - 1:-1].float(), torch.tensor(gold))
+        assert value == pytest.approx(expected.item(), rel=1e-5)
+    assert nll[0] != nll[1]

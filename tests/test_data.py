@@ -2,6 +2,7 @@
 import json
 import re
 import warnings
+from pathlib import Path
 
 import pytest
 
@@ -315,3 +316,23 @@ def test_demo_lamp7_styles_are_distinct_at_word_level():
 def test_demo_is_small():
     size = sum(p.stat().st_size for p in data.DEMO_DIR.rglob("*") if p.is_file())
     assert size < 200_000
+
+
+def test_stream_set_extends_only_the_targets_histories():
+    """data/stream (the buffer comparison's data): the demo's lamp7 users, the three targets
+    with 48-item histories that keep their demo items in order and never hold a query text."""
+    stream = data.load_users("lamp7", Path(data.__file__).parent / "stream")
+    demo = data.load_users("lamp7")
+    targets, others = data.split_users(stream, 3)
+    demo_targets, demo_others = data.split_users(demo, 3)
+    assert [len(u.profile) for u in targets] == [48, 48, 48]
+    assert others == demo_others
+    assert {u.user_id for u in targets} == {u.user_id for u in demo_targets}
+    for user in targets:
+        before = next(u for u in demo_targets if u.user_id == user.user_id)
+        assert user.queries == before.queries
+        texts = [item["text"] for item in user.profile]
+        old = [item["text"] for item in before.profile]
+        assert [t for t in texts if t in old] == old and len(set(texts)) == 48
+        query_texts = {q.gold for q in user.queries} | {q.input.split(": ", 1)[1] for q in user.queries}
+        assert not query_texts & set(texts)

@@ -175,3 +175,34 @@ def test_efficiency_numbers_are_positive_and_nf4_is_smaller(tiny_model_dir):
     assert nf4_bytes == pytest.approx(linear_fp32 * (0.5 + 4 / 64) / 4)  # 4 bits + one fp32 absmax per 64
     assert cloud["size_mb"] * 1e6 == pytest.approx(sum(p.numel() * 4 for p in model.parameters()))
     assert device["size_mb"] < cloud["size_mb"] and device["lora mb"] > 0 and cloud["nf4 codes mb"] == 0
+
+
+def test_compare_buffers_trains_each_row_on_its_buffer(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("CDCDA_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(experiments, "BUFFER_SIZES", (4, 8))  # the demo histories are 13-15 items
+    fake_cloud(monkeypatch)
+    trained, real_personalize = [], cdcda.personalize
+    monkeypatch.setattr(cdcda, "personalize", lambda model, tok, task, pairs, args, seed, desc: trained.append(
+        (desc, list(pairs))) or real_personalize(model, tok, task, pairs, args, seed, desc))
+    out = tmp_path / "run"
+    rep = experiments.main(tiny_args(tiny_model_dir, out) + ["--compare-buffers"])["buffers"]
+    assert list(rep["rows"]) == ["base", "direct-ft", "cdcda"] + [f"{p}-{n}{a}" for n in (4, 8)
+                                                                for p in ("scores", "random") for a in ("", "+aug")]
+    assert rep["labels"]["random-8+aug"] == "8-item buffer, random + augmentation"
+    assert all(row["gold_nll"] > 0 for row in rep["rows"].values())
+    sizes = dict(trained)
+    task = data.get_task("lamp7")
+    for user in data.split_users(data.load_users("lamp7"), 2)[0]:
+        user_dir = out / "buffers" / "users" / user.user_id
+        history = cdcda.upload(task, user)
+        records = [json.loads(line) for line in (user_dir / "synthetic.jsonl").read_text().splitlines()]
+        for n in (4, 8):
+            for policy in ("scores", "random"):
+                kept = [history[i] for i in json.loads((user_dir / f"buffer-{policy}-{n}.json").read_text())["kept_indices"]]
+                assert sizes[f"{policy}-{n} {user.user_id}"] == kept and len(kept) == n
+                synthetic = [(r["syn_input"], r["syn_output"]) for r in records
+                             if r["kept"] and (r["input"], r["output"]) in kept]
+                assert synthetic and sizes[f"{policy}-{n}+aug {user.user_id}"] == kept + synthetic
+        assert sizes[f"direct-ft {user.user_id}"] == history
+        assert json.loads((user_dir / "buffer-scores-4.json").read_text()) != json.loads(
+            (user_dir / "buffer-random-4.json").read_text())

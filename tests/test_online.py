@@ -204,6 +204,19 @@ def test_rouge1_filter():
         rouge1_filter("a", ["a"], 1.5)
 
 
+def test_rouge1_select_compares_inputs_like_filters_select():
+    originals = [("a b c d", "y1"), ("a b c d", "y1"), ("e f", "y2")]
+    candidates = [("a b x y", "anything"), ("a x y z", "y1"), ("e f", "z")]
+    sel = online.rouge1_select(originals, candidates, threshold=0.25)
+    # ROUGE-1 F of the inputs: 2/4 overlap -> 0.5 kept; 1/4 -> 0.25 not above 0.25; identical -> 1.0
+    assert [r["rouge_1"] for r in sel.records] == pytest.approx([0.5, 0.25, 1.0])
+    assert sel.kept == [("a b x y", "anything"), ("e f", "z")]  # the response is never checked
+    assert sel.counts == {"candidates": 3, "kept": 2, "rejected": 1, "rejected_rouge1": 1}
+    assert set(sel.records[0]) >= {"input", "output", "syn_input", "syn_output", "kept"}
+    with pytest.raises(ValueError, match="2 originals but 1"):
+        online.rouge1_select(originals[:2], candidates[:1])
+
+
 # -------------------------------------------------------------------- embeddings
 
 class CharTokenizer:
@@ -231,3 +244,25 @@ def test_embed_items_is_the_last_real_token_with_left_padding():
             torch.testing.assert_close(embs[i], alone, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="text 1"):
         online.embed_items(model, tok, ["ok", ""])
+
+
+def test_keep_history_streams_through_the_buffer_in_order():
+    torch.manual_seed(0)
+    config = qwen2.Config(vocab_size=64, hidden_size=32, intermediate_size=64,
+                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                          rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=True,
+                          attention_bias=True, max_position_embeddings=128)
+    model, tok = qwen2.Qwen2(config).eval(), CharTokenizer()
+    texts = [f"tweet number {i} " + "lol " * (i % 5) + "film plot " * (i % 3) for i in range(12)]
+    kept, summary = online.keep_history(model, tok, texts, 5, "scores", seed=1)
+    # the same decisions as feeding OnlineBuffer by hand, one item at a time
+    buf = OnlineBuffer(5, seed=1)
+    for i, t in enumerate(texts):
+        buf.add(i, online.embed_items(model, tok, [t])[0], len(tok.encode(t)), text=t)
+    assert kept == buf.items and len(kept) == 5 and kept == sorted(kept)
+    assert summary["seen"] == 12 and summary["kept"] == 5 and summary["replaced"] == buf.n_replaced > 0
+    assert len(summary["scores"]) == 5
+    assert online.keep_history(model, tok, texts, 5, "scores", seed=1)[0] == kept  # same stream and seed
+    assert online.keep_history(None, tok, texts, 5, "random", seed=3)[0] == random_buffer(list(range(12)), 5, 3)
+    with pytest.raises(ValueError, match="policy"):
+        online.keep_history(model, tok, texts, 5, "best")
