@@ -227,14 +227,18 @@ class CharTokenizer:
         return [1 + ord(c) % 60 for c in text]
 
 
-def test_embed_items_is_the_last_real_token_with_left_padding():
+def tiny_decoder() -> qwen2.Qwen2:
+    """A random 2-layer decoder (seeded) for the embedding tests."""
     torch.manual_seed(0)
     config = qwen2.Config(vocab_size=64, hidden_size=32, intermediate_size=64,
                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                           rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=True,
                           attention_bias=True, max_position_embeddings=128)
-    model = qwen2.Qwen2(config).eval()
-    tok = CharTokenizer()
+    return qwen2.Qwen2(config).eval()
+
+
+def test_embed_items_is_the_last_real_token_with_left_padding():
+    model, tok = tiny_decoder(), CharTokenizer()
     texts = ["hi", "a longer text here", "mid size", "x", "another one of them"]
     embs = online.embed_items(model, tok, texts, batch_size=3)
     assert embs.shape == (5, 32) and embs.dtype == torch.float32
@@ -247,12 +251,7 @@ def test_embed_items_is_the_last_real_token_with_left_padding():
 
 
 def test_keep_history_streams_through_the_buffer_in_order():
-    torch.manual_seed(0)
-    config = qwen2.Config(vocab_size=64, hidden_size=32, intermediate_size=64,
-                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                          rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=True,
-                          attention_bias=True, max_position_embeddings=128)
-    model, tok = qwen2.Qwen2(config).eval(), CharTokenizer()
+    model, tok = tiny_decoder(), CharTokenizer()
     texts = [f"tweet number {i} " + "lol " * (i % 5) + "film plot " * (i % 3) for i in range(12)]
     kept, summary = online.keep_history(model, tok, texts, 5, "scores", seed=1)
     # the same decisions as feeding OnlineBuffer by hand, one item at a time
