@@ -27,8 +27,9 @@ caches and scores them like its own three:
 - buffers (`buffer_methods`): Direct-FT and CDCDA-PLM on what a 16- or 32-item buffer keeps of
   the history (chosen by EOE + DSS + IDD, or at random), against the whole history. The cloud
   augments the whole history once per user and a buffer row takes the synthetic pairs of its
-  own items: the same prompts at the same temperature as uploading only those items, though
-  not the same random draws (a row's samples do not depend on which other items were sent).
+  own items: the same prompts at the same temperature as uploading only those items would
+  send, though not the same random draws (one seeded generator serves a whole upload, so a
+  pair's draws depend on what else is in it).
 - ablations: rs keeps as many random parsed candidates as the filters kept (seeded); no-ds
   trains on all parsed candidates; -LDA is Direct-FT and -FT is M_base (cdcda.METHODS).
 """
