@@ -229,12 +229,16 @@ METHODS = {
 }
 
 
+def synthetic_records(user_dir: Path) -> list[dict]:
+    """The selection records `synthesize` cached for a user: one per parsed candidate."""
+    return [json.loads(line) for line in (user_dir / "synthetic.jsonl").read_text().splitlines()]
+
+
 def synthesize(task, pairs, cloud, judge, args, seed: int, user_dir: Path, times: dict):
     """Steps 2-4 for one user, cached in user_dir: (selection records, counts)."""
     synthetic, counts_file = user_dir / "synthetic.jsonl", user_dir / "selection.json"
     if synthetic.is_file() and counts_file.is_file():  # a resumed run: augmentation and selection are done
-        records = [json.loads(line) for line in synthetic.read_text().splitlines()]
-        return records, json.loads(counts_file.read_text())
+        return synthetic_records(user_dir), json.loads(counts_file.read_text())
     t = time.time()
     if args.cloud:  # steps 1-4 over HTTP: the server augments and selects
         records, counts = cloud_service.remote_augment(args.cloud, task.name, pairs, args.k, args.temperature,

@@ -170,8 +170,7 @@ def rkd_ft(run: cdcda.Run) -> list[str]:
 # ---------------------------------------------------------------- Table 2
 def candidates(run: cdcda.Run) -> list[tuple[str, str]]:
     """Every parsed candidate of this user (kept or not), from the synthesize step's cache."""
-    lines = (run.user_dir / "synthetic.jsonl").read_text().splitlines()
-    return [(r["syn_input"], r["syn_output"]) for r in map(json.loads, lines)]
+    return [(r["syn_input"], r["syn_output"]) for r in cdcda.synthetic_records(run.user_dir)]
 
 
 def random_selection(run: cdcda.Run) -> list[tuple[str, str]]:
@@ -214,8 +213,7 @@ def buffered(capacity: int, policy: str, augmented: bool):
         synthetic = []
         if augmented:
             sources = set(pairs)
-            records = map(json.loads, (run.user_dir / "synthetic.jsonl").read_text().splitlines())
-            synthetic = [(r["syn_input"], r["syn_output"]) for r in records
+            synthetic = [(r["syn_input"], r["syn_output"]) for r in cdcda.synthetic_records(run.user_dir)
                          if r["kept"] and (r["input"], r["output"]) in sources]
         return run.personalized(name, cdcda.download(pairs, synthetic))
     return name, method
