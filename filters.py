@@ -19,21 +19,11 @@ The judge M is pluggable: a callable `judge(premises, hypotheses) -> list[float]
 P(entailment)); `EmbeddingJudge` is the offline proxy (cosine similarity of
 all-MiniLM-L6-v2 sentence embeddings: symmetric, and not entailment).
 
-Default thresholds (the paper gives none), chosen from what `bench/bench_filters.py`
-measures with all-MiniLM-L6-v2: 24 hand-written LaMP-style originals (tweets, paper titles
-and abstracts, headlines, reviews, movie plots), each with an LLM-style paraphrase, a
-near-copy (one or two words changed) and an unrelated original of the same genre; and, as
-harder negatives, pairs of two different profile inputs of one demo-data user (instruction cut):
-- EPS_SCF_EMBEDDING = 0.6. Paraphrase cosines: min 0.55, p5 0.56, median 0.79 (2 of 24
-  below 0.6). Unrelated same-genre: max 0.25. Same-user different inputs: p95 0.30-0.59,
-  max 0.38-0.74 by task; share >= 0.6: 3.6% (lamp1/5), 2.8% (lamp7), 0 (lamp2/3/4), against
-  17% / 10% at 0.5. A lost paraphrase costs less than a kept off-meaning sample.
-- EPS_SCF_NLI = 0.5: P(entailment) at least the other labels' combined mass. Not measurable
-  here: no NLI model is available offline.
-- EPS_TDF = 0.75: paraphrase ROUGE-L median 0.28 / max 0.64, near-copies min 0.85 / median
-  0.92; 0.75 is the middle of that gap.
-- EPS_MIN_LEN, EPS_MAX_LEN = 0.5, 2.0: paraphrase length ratios lay in 0.67..1.57; halving
-  or doubling a text is where a rewrite stops being "the same text".
+Default thresholds (the paper gives none): EPS_SCF_EMBEDDING = 0.6, EPS_SCF_NLI = 0.5
+(P(entailment) at least the other labels' combined mass), EPS_TDF = 0.75, and a length ratio
+in [0.5, 2.0]. They sit in the gaps that `bench/bench_filters.py` measures with
+all-MiniLM-L6-v2 on hand-written LaMP-style paraphrases, near-copies and unrelated texts;
+its figures and the reasoning are in RESULTS.md.
 """
 from dataclasses import dataclass, field
 
@@ -87,10 +77,18 @@ class EmbeddingJudge:
         return (p * h).sum(-1).clamp(-1.0, 1.0).tolist()
 
 
-def semantic_consistency(x: str, x_syn: str, judge, eps_scf: float) -> tuple[bool, float, float]:
-    """Eq. 2 -> (passed, M(x => x_syn), M(x_syn => x)); both directions must reach eps_scf."""
-    forward, backward = judge([x, x_syn], [x_syn, x])
-    return forward >= eps_scf and backward >= eps_scf, forward, backward
+def semantic_consistency(forward: float, backward: float, eps_scf: float) -> bool:
+    """Eq. 2: M(x => x_syn) >= eps_scf and M(x_syn => x) >= eps_scf; both directions must pass."""
+    return forward >= eps_scf and backward >= eps_scf
+
+
+def entailment_both_ways(judge, xs: list[str], xs_syn: list[str]) -> tuple[list[float], list[float]]:
+    """The scores eq. 2 compares, M(x => x_syn) and M(x_syn => x) for every pair, from one
+    batched call of the judge: ([forward] * N, [backward] * N)."""
+    if not xs:
+        return [], []
+    scores = judge(xs + xs_syn, xs_syn + xs)  # (2N,): forward, then backward
+    return [float(v) for v in scores[:len(xs)]], [float(v) for v in scores[len(xs):]]
 
 
 def token_diversity(x: str, x_syn: str, eps_tdf: float) -> tuple[bool, float]:
@@ -131,8 +129,9 @@ def select(originals: list[tuple[str, str]], candidates: list[tuple[str, str]], 
 
     originals[i] = (x, y) is the profile pair candidates[i] = (x_syn, y_syn) was generated
     from (repeat an original for each of its k samples). eps_scf=None takes the judge's
-    `default_eps_scf`. All three filters are evaluated for every candidate (so the counts say what each filter alone would
-    reject); the judge runs once over the whole batch, both directions together. Each record:
+    `default_eps_scf`. All three filters are evaluated for every candidate (so the counts say
+    what each filter alone would reject); the judge runs once over the whole batch, both
+    directions together. Each record:
       {"input", "output", "syn_input", "syn_output", "scf_forward", "scf_backward",
        "rouge_l", "length_ratio", "scf", "tdf", "lsf", "kept"}
     """
@@ -141,15 +140,14 @@ def select(originals: list[tuple[str, str]], candidates: list[tuple[str, str]], 
     eps_scf = judge.default_eps_scf if eps_scf is None else eps_scf
     xs = [x for x, _ in originals]
     xs_syn = [x_syn for x_syn, _ in candidates]
-    scores = judge(xs + xs_syn, xs_syn + xs) if candidates else []  # (2N,): forward, then backward
-    n = len(candidates)
+    forwards, backwards = entailment_both_ways(judge, xs, xs_syn)
     kept, records = [], []
-    counts = {"candidates": n, "kept": 0, "rejected": 0, "rejected_scf": 0, "rejected_tdf": 0, "rejected_lsf": 0}
-    for i, ((x, y), (x_syn, y_syn)) in enumerate(zip(originals, candidates)):
-        forward, backward = float(scores[i]), float(scores[n + i])
-        scf = forward >= eps_scf and backward >= eps_scf
-        tdf, rouge = token_diversity(xs[i], xs_syn[i], eps_tdf)
-        lsf, ratio = length_ratio(xs[i], xs_syn[i], eps_min_len, eps_max_len)
+    counts = {"candidates": len(candidates), "kept": 0, "rejected": 0, "rejected_scf": 0, "rejected_tdf": 0,
+              "rejected_lsf": 0}
+    for (x, y), (x_syn, y_syn), forward, backward in zip(originals, candidates, forwards, backwards):
+        scf = semantic_consistency(forward, backward, eps_scf)  # eq. 2
+        tdf, rouge = token_diversity(x, x_syn, eps_tdf)  # eq. 3
+        lsf, ratio = length_ratio(x, x_syn, eps_min_len, eps_max_len)  # eq. 4
         ok = scf and tdf and lsf
         records.append({"input": x, "output": y, "syn_input": x_syn, "syn_output": y_syn,
                         "scf_forward": forward, "scf_backward": backward, "rouge_l": rouge,
@@ -160,7 +158,7 @@ def select(originals: list[tuple[str, str]], candidates: list[tuple[str, str]], 
         if ok:
             kept.append((x_syn, y_syn))
     counts["kept"] = len(kept)
-    counts["rejected"] = n - len(kept)
+    counts["rejected"] = len(candidates) - len(kept)
     thresholds = {"judge": judge.name, "eps_scf": eps_scf, "eps_tdf": eps_tdf,
                   "eps_min_len": eps_min_len, "eps_max_len": eps_max_len}
     return Selection(kept, records, counts, thresholds)

@@ -7,10 +7,37 @@ listed in `model.safetensors.index.json`, `tokenizer.json`), found here, then re
 """
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
+
+from errors import InputError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # --dtype names
+
+
+def dtype(name: str) -> torch.dtype:
+    """The torch dtype of a name in DTYPES; the one place dtype names are read."""
+    if name not in DTYPES:
+        raise InputError(f"dtype {name!r}: choose one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+@contextmanager
+def atomic(path: Path):
+    """Yield a temporary path beside `path` to write (a file or a directory); when the block
+    ends without an error it replaces `path` in one step, so readers never see a part."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    yield tmp
+    os.replace(tmp, path)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    with atomic(path) as tmp:
+        tmp.write_text(text)
 
 
 def cache_dir() -> Path:
@@ -29,14 +56,14 @@ def snapshot(source: str) -> Path:
     if path.is_dir():
         return path
     if path.exists() or source.startswith((".", "/", "~")) or source.count("/") != 1:
-        raise FileNotFoundError(f"model {source!r}: not a directory and not a hub repo id (owner/name)")
+        raise InputError(f"model {source!r}: not a directory and not a hub repo id (owner/name)")
     from huggingface_hub import snapshot_download
 
     patterns = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]
     try:
         return Path(snapshot_download(source, allow_patterns=patterns))
     except Exception as e:  # offline, gated, not found: all end the same way for the user
-        raise OSError(
+        raise InputError(
             f"model {source!r} could not be fetched from the Hugging Face Hub or its cache "
             f"({type(e).__name__}: {e}). Download it where the Hub is reachable "
             f"(`huggingface-cli download {source} --local-dir DIR`) and pass DIR instead, "
@@ -47,11 +74,11 @@ def snapshot(source: str) -> Path:
 def load_config(directory: Path) -> dict:
     path = Path(directory) / "config.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing (a model directory needs config.json)")
+        raise InputError(f"{path}: missing (a model directory needs config.json)")
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+        raise InputError(f"{path}: not valid JSON ({e})") from None
 
 
 def load_state_dict(directory: Path) -> dict[str, torch.Tensor]:
@@ -66,7 +93,7 @@ def load_state_dict(directory: Path) -> dict[str, torch.Tensor]:
         for shard in shards:
             state.update(load_file(directory / shard))
         return state
-    raise FileNotFoundError(f"{directory}: no model.safetensors or model.safetensors.index.json")
+    raise InputError(f"{directory}: no model.safetensors or model.safetensors.index.json")
 
 
 def check_state_dict(module: torch.nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
@@ -75,12 +102,12 @@ def check_state_dict(module: torch.nn.Module, state: dict[str, torch.Tensor], wh
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing:
-        raise KeyError(f"{where}: missing key {missing[0]!r} (expected shape "
+        raise InputError(f"{where}: missing key {missing[0]!r} (expected shape "
                        f"{tuple(expected[missing[0]].shape)}){f' and {len(missing) - 1} more' if len(missing) > 1 else ''}")
     if unexpected:
-        raise KeyError(f"{where}: unexpected key {unexpected[0]!r} (shape "
+        raise InputError(f"{where}: unexpected key {unexpected[0]!r} (shape "
                        f"{tuple(state[unexpected[0]].shape)}){f' and {len(unexpected) - 1} more' if len(unexpected) > 1 else ''}")
     for key, tensor in expected.items():
         if tuple(state[key].shape) != tuple(tensor.shape):
-            raise ValueError(f"{where}: key {key!r} has shape {tuple(state[key].shape)} in the "
+            raise InputError(f"{where}: key {key!r} has shape {tuple(state[key].shape)} in the "
                              f"checkpoint but the model expects {tuple(tensor.shape)}")

@@ -18,7 +18,6 @@ process never contain `base.`: `save_adapter` writes only the `lora_A`/`lora_B` 
 """
 import json
 import math
-import os
 import random
 import sys
 from pathlib import Path
@@ -30,7 +29,9 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm import tqdm
 
+import hub
 import nf4
+from errors import InputError
 
 TARGETS = nf4.TARGETS  # q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj
 IGNORE = -100  # label of a token that carries no loss (prompt, padding)
@@ -115,9 +116,8 @@ def save_adapter(model: nn.Module, path) -> None:
     metadata = {"r": str(settings["r"]), "alpha": str(settings["alpha"]), "targets": json.dumps(settings["targets"])}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in adapter_state_dict(model).items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    with hub.atomic(path) as tmp:
+        save_file({k: v.contiguous() for k, v in adapter_state_dict(model).items()}, str(tmp), metadata=metadata)
 
 
 def load_adapter(model: nn.Module, path) -> nn.Module:
@@ -127,18 +127,18 @@ def load_adapter(model: nn.Module, path) -> nn.Module:
         meta = f.metadata() or {}
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     if not {"r", "alpha", "targets"} <= meta.keys():
-        raise ValueError(f"{path}: not a cdcda adapter (metadata lacks r, alpha, targets)")
+        raise InputError(f"{path}: not a cdcda adapter (metadata lacks r, alpha, targets)")
     saved = {"r": int(meta["r"]), "alpha": float(meta["alpha"]), "targets": json.loads(meta["targets"])}
     ours = lora_settings(model)
     if saved != {**ours, "alpha": float(ours["alpha"])}:
-        raise ValueError(f"{path}: adapter was trained with {saved}, the model has LoRA {ours}")
+        raise InputError(f"{path}: adapter was trained with {saved}, the model has LoRA {ours}")
     own = adapter_state_dict(model)
     if own.keys() != tensors.keys():
         extra, missing = sorted(tensors.keys() - own.keys()), sorted(own.keys() - tensors.keys())
-        raise ValueError(f"{path}: adapter keys differ from the model's: unexpected {extra[:3]}, missing {missing[:3]}")
+        raise InputError(f"{path}: adapter keys differ from the model's: unexpected {extra[:3]}, missing {missing[:3]}")
     for key, value in tensors.items():
         if value.shape != own[key].shape:
-            raise ValueError(f"{path}: {key} has shape {tuple(value.shape)}, the model expects {tuple(own[key].shape)}")
+            raise InputError(f"{path}: {key} has shape {tuple(value.shape)}, the model expects {tuple(own[key].shape)}")
         own[key].copy_(value)  # state_dict tensors share storage with the parameters
     return model
 

@@ -18,6 +18,7 @@ import re
 import torch
 
 import data
+import encoder
 
 LABELS = {name: list(task.labels) for name, task in data.TASKS.items() if task.labels}  # lamp1, lamp2
 TASKS = tuple(data.TASKS)
@@ -169,8 +170,6 @@ def bertscore_f1(predictions: list[str], references: list[str], model, tokenizer
     layer 17); the embedded default here is all-MiniLM-L6-v2, so numbers are not comparable
     with the paper's. A side with no tokens (empty text) scores 0.
     """
-    import encoder
-
     _check_lists(predictions, references, "bertscore_f1")
     pred_emb = encoder.token_embeddings(model, tokenizer, predictions, layer, batch_size)
     ref_emb = encoder.token_embeddings(model, tokenizer, references, layer, batch_size)
@@ -209,7 +208,6 @@ def evaluate(task: str, predictions: list[str], golds: list[str], bertscore_mode
         return {"mae": mae(predictions, golds), "rmse": rmse(predictions, golds)}
     preds, refs = [p.strip() for p in predictions], [g.strip() for g in golds]
     if bertscore_model is None:
-        import encoder
         bertscore_model = encoder.load("all-minilm-l6-v2")
     model, tokenizer = bertscore_model
     n = len(preds)

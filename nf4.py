@@ -13,17 +13,14 @@ blocksize=64, quant_type="nf4")` (tests/test_nf4.py holds them against it).
 buffers and dequantizes to the compute dtype right before the matmul, again in the backward
 pass instead of keeping a dense copy for it. `quantize_model` swaps the linear layers of the
 decoder blocks (q, k, v, o, gate, up, down) and casts the rest of the model to the compute dtype.
-NF4 saves memory, not time: dequantizing is memory-bound, and on the CPU an NF4 training step
-is slower than a dense bf16 one (SmolLM2-135M, LoRA, a loaded 2-core CPU: about 8 vs 35 tokens/s).
+NF4 saves memory, not time: the weights are dequantized before every matmul (speeds: RESULTS.md).
 
 The token embedding (and the output head, tied to it in SmolLM2 and Qwen2.5-0.5B) is NOT
 quantized; it stays in the compute dtype (bf16), as in QLoRA/bitsandbytes, where only
 `nn.Linear` layers of the blocks become 4-bit and the head is skipped. The paper's 0.42 GB for
-Qwen2.5-0.5B points the same way: NF4 codes of the block linears (0.179 GB) plus the bf16
-embedding (0.272 GB) is 0.451 GB = 0.42 GiB, the figure transformers' `get_memory_footprint`
-reports (it does not count the absmax values); quantizing the 136M-entry embedding as well
-would give 0.26 GB (with double quantization). bench/bench_adapt.py measures all of these:
-as stored, the NF4 model of that shape takes 0.474 GB (0.457 GB with double quantization).
+Qwen2.5-0.5B points the same way: NF4 codes of the block linears plus the bf16 embedding,
+without the absmax values, as transformers' `get_memory_footprint` counts (the sizes, as
+bench/bench_adapt.py measures them, are in RESULTS.md).
 """
 import math
 

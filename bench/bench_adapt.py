@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import lora  # noqa: E402
 import nf4  # noqa: E402
 import qwen2  # noqa: E402
+import smollm2  # noqa: E402
 
 QWEN25_05B = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                   num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True,
@@ -81,7 +82,7 @@ def peft_reference(directory, batches) -> float:
 
 def training(args):
     model, tokenizer = qwen2.load()
-    directory = qwen2.embedded_dir()
+    directory = smollm2.embedded_dir()
     data = examples(args.steps * args.batch_size)
     encoded = [lora.encode_example(tokenizer, m, r, 512) for m, r in data]
     batches = [lora.right_pad(encoded[i:i + args.batch_size], tokenizer.pad_token_id)

@@ -18,7 +18,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import generate  # noqa: E402
+import hub  # noqa: E402
 import qwen2  # noqa: E402
+import smollm2  # noqa: E402
 
 
 def timings(run, new_tokens: int, repeats: int) -> tuple[float, float]:
@@ -48,12 +51,12 @@ def main():
         torch.set_num_threads(args.threads)
     from transformers import AutoModelForCausalLM
 
-    directory = qwen2.embedded_dir() if args.model == qwen2.EMBEDDED else qwen2.hub.snapshot(args.model)
+    directory = smollm2.embedded_dir() if args.model == qwen2.EMBEDDED else hub.snapshot(args.model)
     print(f"model {args.model} ({directory}); torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"{'dtype':9} {'B':>2} | {'prefill s':>9} {'hf':>7} {'ratio':>5} | {'decode tok/s':>12} {'hf':>7} {'ratio':>5}")
     for dtype in args.dtypes.split(","):
         ours, _ = qwen2.load(args.model, dtype=dtype)
-        hf = AutoModelForCausalLM.from_pretrained(directory, dtype=qwen2.DTYPES[dtype]).eval()
+        hf = AutoModelForCausalLM.from_pretrained(directory, dtype=hub.DTYPES[dtype]).eval()
         hf.generation_config.eos_token_id = None  # decode exactly N tokens, as qwen2 with eos None
         for B in map(int, args.batch_sizes.split(",")):
             ids = torch.randint(100, ours.config.vocab_size, (B, args.prompt_len),
@@ -61,7 +64,7 @@ def main():
             mask = torch.ones_like(ids)
 
             def run_ours(n):
-                return qwen2.generate(ours, ids, n, temperature=0, eos_token_id=None, attention_mask=mask)
+                return generate.generate(ours, ids, n, temperature=0, eos_token_id=None, attention_mask=mask)
 
             def run_hf(n):
                 return hf.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,

@@ -1,4 +1,4 @@
-"""Bounded load test of the cloud service (cloud.py): N concurrent users' uploads, loopback only.
+"""Bounded load test of the cloud service (server.py): N concurrent users' uploads, loopback only.
 
 Starts its own server process on 127.0.0.1 (a free port, a random bearer token), sends a fixed
 number of uploads (`POST /v1/augment`, steps 1-4) from --users concurrent clients through
@@ -40,6 +40,7 @@ import cdcda  # noqa: E402
 import cloud  # noqa: E402
 import data  # noqa: E402
 import qwen2  # noqa: E402
+import smollm2  # noqa: E402
 
 
 def tiny_model(directory: Path) -> str:
@@ -48,7 +49,7 @@ def tiny_model(directory: Path) -> str:
     config = qwen2.Config(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                           num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
                           model_type="llama", rms_norm_eps=1e-5)
-    qwen2.save_pretrained(qwen2.Qwen2(config), qwen2.Tokenizer.from_dir(qwen2.embedded_dir()), directory)
+    qwen2.save_pretrained(qwen2.Qwen2(config), qwen2.Tokenizer.from_dir(smollm2.embedded_dir()), directory)
     return str(directory)
 
 
@@ -56,7 +57,7 @@ def start_server(host: str, model: str, token: str, log) -> tuple[subprocess.Pop
     with socket.socket() as s:
         s.bind((host, 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, str(ROOT / "cloud.py"), "--host", host, "--port", str(port),
+    proc = subprocess.Popen([sys.executable, str(ROOT / "server.py"), "--host", host, "--port", str(port),
                              "--cloud-model", model], cwd=ROOT, env=dict(os.environ, CDCDA_TOKEN=token),
                             stdout=log, stderr=subprocess.STDOUT)
     url = f"http://{host}:{port}"

@@ -39,7 +39,7 @@ tweets each, for the online-buffer comparison of `experiments.py`):
   (user_id = the first such question's id), so a user can have several queries.
 - any other `*.json`: the per-user format (OPPU): `[{user_id, profile, query: [{id, input,
   gold}]}]`.
-Errors (ValueError / FileNotFoundError naming the file, the record index and its id): no
+Errors (`errors.InputError`, naming the file, the record index and its id): no
 task directory, malformed JSON, a wrong top-level type, a missing record field, an outputs
 file for another task, duplicate ids, a question without a gold or a gold without a
 question, a gold outside the label list (lamp1, lamp2) or not 1-5 (lamp3), an unknown task
@@ -51,6 +51,8 @@ import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+
+from errors import InputError
 
 DEMO_DIR = Path(__file__).parent / "demo"
 
@@ -87,6 +89,11 @@ class Task:
     user_end: str  # what appendix B prints between the query text and <|im_end|>
     pair_input: str  # str.format template over a profile item: the training input
     pair_output: str  # the profile field that is the training output
+
+    @property
+    def instruction(self) -> str:
+        """The instruction text of a training input, the part before the profile content."""
+        return self.pair_input.split("{", 1)[0]
 
     def format_history(self, items) -> str:
         """The {RETRIEVED USER HISTORY} block: one line per item, newline-terminated."""
@@ -139,7 +146,7 @@ TASKS: dict[str, Task] = {t.name: t for t in [
 
 def get_task(name: str) -> Task:
     if name not in TASKS:
-        raise ValueError(f"unknown task {name!r}; valid tasks: {', '.join(TASKS)}")
+        raise InputError(f"unknown task {name!r}; valid tasks: {', '.join(TASKS)}")
     return TASKS[name]
 
 
@@ -147,7 +154,7 @@ def split_users(users: list[User], n_target: int) -> tuple[list[User], list[User
     """The paper's split (sec. 5.1, after OPPU): the `n_target` most active users (longest
     history; ties by user_id) are the targets, all others train the task base model."""
     if not 1 <= n_target <= len(users):
-        raise ValueError(f"n_target={n_target}: must be between 1 and the {len(users)} users")
+        raise InputError(f"n_target={n_target}: must be between 1 and the {len(users)} users")
     ranked = sorted(users, key=lambda u: (-len(u.profile), u.user_id))
     return ranked[:n_target], ranked[n_target:]
 
@@ -161,7 +168,7 @@ def load_users(task: str, data_dir=None) -> list[User]:
     spec = get_task(task)
     task_dir = (DEMO_DIR if data_dir is None else Path(data_dir)) / spec.name
     if not task_dir.is_dir():
-        raise FileNotFoundError(
+        raise InputError(
             f"{task_dir}: no such directory (expected {spec.name}/ holding LaMP's "
             f"X_questions.json + X_outputs.json, or per-user JSON files)")
     files = sorted(task_dir.glob("*.json"))
@@ -171,21 +178,21 @@ def load_users(task: str, data_dir=None) -> list[User]:
     for path in questions:
         gold_path = path.with_name(path.name[:-len("_questions.json")] + "_outputs.json")
         if gold_path not in outputs:
-            raise FileNotFoundError(f"{path}: its gold file {gold_path.name} is missing")
+            raise InputError(f"{path}: its gold file {gold_path.name} is missing")
         users += _read_official(spec, path, gold_path)
     for path in outputs:
         if path.with_name(path.name[:-len("_outputs.json")] + "_questions.json") not in questions:
-            raise FileNotFoundError(f"{path}: its questions file is missing")
+            raise InputError(f"{path}: its questions file is missing")
     for path in files:
         if path not in questions and path not in outputs:
             users += _read_per_user(spec, path)
     seen = set()
     for u in users:
         if u.user_id in seen:
-            raise ValueError(f"{task_dir}: user id {u.user_id!r} appears twice")
+            raise InputError(f"{task_dir}: user id {u.user_id!r} appears twice")
         seen.add(u.user_id)
     if not users:
-        raise ValueError(f"{task_dir}: no usable user (no JSON files, or all users skipped)")
+        raise InputError(f"{task_dir}: no usable user (no JSON files, or all users skipped)")
     return users
 
 
@@ -193,16 +200,16 @@ def _read_json(path: Path):
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+        raise InputError(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
 
 
 def _field(record, key: str, where: str, kind=None):
     if not isinstance(record, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        raise InputError(f"{where}: expected a JSON object, got {type(record).__name__}")
     if key not in record:
-        raise ValueError(f"{where}: missing field {key!r}")
+        raise InputError(f"{where}: missing field {key!r}")
     if kind is not None and not isinstance(record[key], kind):
-        raise ValueError(f"{where}: field {key!r} must be a {kind.__name__}, got {type(record[key]).__name__}")
+        raise InputError(f"{where}: field {key!r} must be a {kind.__name__}, got {type(record[key]).__name__}")
     return record[key]
 
 
@@ -215,7 +222,7 @@ def _check_gold(spec: Task, gold, where: str) -> str:
     gold = str(gold)
     allowed = LAMP3_SCORES if spec.name == "lamp3" else spec.labels
     if allowed is not None and gold.strip() not in allowed:
-        raise ValueError(f"{where}: gold {gold!r} is not one of {', '.join(allowed)}")
+        raise InputError(f"{where}: gold {gold!r} is not one of {', '.join(allowed)}")
     return gold
 
 
@@ -245,18 +252,18 @@ def _read_official(spec: Task, q_path: Path, o_path: Path) -> list[User]:
     outputs = _read_json(o_path)
     golds_list = _field(outputs, "golds", str(o_path), list)
     if "task" in outputs and outputs["task"] != spec.lamp_name:
-        raise ValueError(f"{o_path}: task {outputs['task']!r}, expected {spec.lamp_name!r} for {spec.name}")
+        raise InputError(f"{o_path}: task {outputs['task']!r}, expected {spec.lamp_name!r} for {spec.name}")
     golds = {}
     for i, g in enumerate(golds_list):
         where = _where(o_path, i, g, "id")
         gid = str(_field(g, "id", where))
         if gid in golds:
-            raise ValueError(f"{where}: duplicate id {gid!r}")
+            raise InputError(f"{where}: duplicate id {gid!r}")
         golds[gid] = _check_gold(spec, _field(g, "output", where), where)
 
     questions = _read_json(q_path)
     if not isinstance(questions, list):
-        raise ValueError(f"{q_path}: expected a JSON list of questions, got {type(questions).__name__}")
+        raise InputError(f"{q_path}: expected a JSON list of questions, got {type(questions).__name__}")
     users, wheres, used = {}, {}, set()
     for i, q in enumerate(questions):
         where = _where(q_path, i, q, "id")
@@ -264,9 +271,9 @@ def _read_official(spec: Task, q_path: Path, o_path: Path) -> list[User]:
         query_input = _field(q, "input", where, str)
         profile = _field(q, "profile", where, list)
         if qid in used:
-            raise ValueError(f"{where}: duplicate id {qid!r}")
+            raise InputError(f"{where}: duplicate id {qid!r}")
         if qid not in golds:
-            raise ValueError(f"{where}: no gold with id {qid!r} in {o_path}")
+            raise InputError(f"{where}: no gold with id {qid!r} in {o_path}")
         used.add(qid)
         key = json.dumps(profile, sort_keys=True)
         if key not in users:
@@ -275,7 +282,7 @@ def _read_official(spec: Task, q_path: Path, o_path: Path) -> list[User]:
         users[key].queries.append(Query(qid, query_input, golds[qid]))
     extra = [gid for gid in golds if gid not in used]
     if extra:
-        raise ValueError(f"{o_path}: gold ids with no question in {q_path.name}: {', '.join(extra[:10])}")
+        raise InputError(f"{o_path}: gold ids with no question in {q_path.name}: {', '.join(extra[:10])}")
     return [u for key, u in users.items() if _keep(u, wheres[key])]
 
 
@@ -283,7 +290,7 @@ def _read_per_user(spec: Task, path: Path) -> list[User]:
     """The per-user format: a list of {user_id, profile, query: [{id, input, gold}]}."""
     records = _read_json(path)
     if not isinstance(records, list):
-        raise ValueError(f"{path}: expected a JSON list of users, got {type(records).__name__}")
+        raise InputError(f"{path}: expected a JSON list of users, got {type(records).__name__}")
     users = []
     for i, r in enumerate(records):
         where = _where(path, i, r, "user_id")

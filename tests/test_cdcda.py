@@ -1,4 +1,4 @@
-"""The pipeline: the augmentation prompt and parser, and a tiny end-to-end run of all five steps.
+"""The pipeline: steps 1, 4, 5, the options, and a tiny end-to-end run of all five steps.
 
 The end-to-end tests use a tiny random decoder (conftest.py: SmolLM2's tokenizer, 2 layers) as
 cloud and device model and the embedded MiniLM as judge, so they take seconds, not minutes.
@@ -8,35 +8,12 @@ import json
 import pytest
 import torch
 
+import augment
 import cdcda
 import data
+import options
 import qwen2
-
-
-def test_augment_prompt_is_the_papers():
-    text = cdcda.AUGMENT_PROMPT.format(x="rain again", y="ugh rain again smh")
-    assert text == ("Generate an Input and Response pairs semantically similar to the following example, "
-                    "no need to explain. Input: [rain again], Response: [ugh rain again smh].")
-
-
-@pytest.mark.parametrize("text, expected", [
-    ("Input: [snow in May], Response: [ugh snow in May smh].", ("snow in May", "ugh snow in May smh")),
-    ("Input: snow in May\nResponse: ugh snow", ("snow in May", "ugh snow")),
-    ("**Input:** \"snow in May\"\n**Response:** ugh snow", ("snow in May", "ugh snow")),
-    ("Sure! Input: [a], Response: [b]\nInput: [c], Response: [d]", ("a", "b")),  # first pair only
-    ("input: a; response: b", ("a", "b")),
-    ("Input: [a], Response: [b, with a comma]", ("a", "b, with a comma")),
-])
-def test_parse_pair_well_formed(text, expected):
-    assert cdcda.parse_pair(text) == expected
-
-
-@pytest.mark.parametrize("text", [
-    "", "I cannot help with that.", "Input: [snow in May]",  # partial: no response
-    "Input: [], Response: [b]", "Response: [b]", "Input: [a], Response: []", "\x00\ufffd garbage ###",
-])
-def test_parse_pair_garbage_and_partial(text):
-    assert cdcda.parse_pair(text) is None
+from errors import InputError
 
 
 def test_upload_cuts_the_instruction():
@@ -49,61 +26,18 @@ def test_upload_cuts_the_instruction():
 
 
 def test_parse_args_defaults_and_errors(capsys):
-    args = cdcda.parse_args([])
+    args = options.parse([], cdcda.METHODS)
     assert (args.task, args.k, args.temperature, args.lora_r, args.lora_alpha) == ("lamp7", 5, 0.7, 16, 8)
     assert args.cloud_model == args.device_model == qwen2.EMBEDDED
-    paper = cdcda.parse_args(["--paper"])
+    paper = options.parse(["--paper"], cdcda.METHODS)
     assert paper.device_model == "Qwen/Qwen2.5-0.5B-Instruct" and paper.judge.startswith("nli:")
     with pytest.raises(SystemExit):
-        cdcda.parse_args(["--methods", "base,magic"])
+        options.parse(["--methods", "base,magic"], cdcda.METHODS)
     assert "--methods" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="--judge"):
-        cdcda.make_judge("minilm", "cpu")
 
 
-def test_chat_reply_prefix_starts_the_assistant_turn(tiny_model_dir):
-    model, tok = qwen2.load(str(tiny_model_dir))
-    conv = [[{"role": "user", "content": "hi"}]]
-    primed = qwen2.chat(model, tok, conv, max_new_tokens=4, temperature=0, reply_prefix="Input: [")
-    assert primed[0].startswith("Input: [")
-    # the prefix is part of the prompt: the same as generating after a template that ends in it
-    ids = tok.encode(tok.apply_chat_template(conv[0]) + "Input: [")
-    out = qwen2.generate(model, torch.tensor([ids]), 4, temperature=0, eos_token_id=tok.eos_token_ids)
-    new = out[0, len(ids):].tolist()
-    new = new[:[t in tok.eos_token_ids for t in new].index(True)] if any(t in tok.eos_token_ids for t in new) else new
-    assert primed[0] == ("Input: [" + tok.decode(new)).strip()
-
-
-def fake_cloud(monkeypatch):
-    """The cloud LM's replies: a tiny random model writes no parsable pairs, so the cloud
-    step's generations are replaced by a fixed mix of good (the words reversed: same words,
-    little ROUGE-L overlap), off-topic and unparsable ones; every other step runs for real."""
-    real_chat = qwen2.chat
-    replies = ["Input: [{rx}], Response: [{y}]", "Input: [quantum chromodynamics lattice "
-               "gauge theory], Response: [no]", "no pair here"]
-
-    def chat(model, tokenizer, conversations, **kw):
-        if kw.get("desc", "").startswith("augment"):
-            assert kw["reply_prefix"] == cdcda.REPLY_PREFIX
-            out = []
-            for i, conv in enumerate(conversations):
-                x, y = conv[-1]["content"].split("Input: [")[1].split("], Response: [")
-                rx = " ".join(reversed(x.split()))
-                out.append(replies[i % 3].format(rx=rx, y=y[:-2]))
-            return out
-        return real_chat(model, tokenizer, conversations, **kw)
-    monkeypatch.setattr(qwen2, "chat", chat)
-
-
-def tiny_args(tiny_model_dir, out):
-    return ["--task", "lamp7", "--users", "2", "--k", "3", "--epochs", "1", "--base-epochs", "1",
-            "--max-length", "96", "--cloud-model", str(tiny_model_dir), "--device-model", str(tiny_model_dir),
-            "--out", str(out)]
-
-
-def test_end_to_end_tiny(tiny_model_dir, tmp_path, monkeypatch):
+def test_end_to_end_tiny(tiny_model_dir, tmp_path, monkeypatch, fake_cloud, tiny_args):
     monkeypatch.setenv("CDCDA_CACHE", str(tmp_path / "cache"))
-    fake_cloud(monkeypatch)
     rep = cdcda.main(tiny_args(tiny_model_dir, tmp_path / "run"))
     assert set(rep["rows"]) == {"base", "direct-ft", "cdcda"}
     for row in rep["rows"].values():
@@ -129,9 +63,8 @@ def test_end_to_end_tiny(tiny_model_dir, tmp_path, monkeypatch):
     assert len(list((tmp_path / "cache" / "base").iterdir())) == 1  # M_base trained once, cached
 
 
-def test_interrupted_run_resumes(tiny_model_dir, tmp_path, monkeypatch):
+def test_interrupted_run_resumes(tiny_model_dir, tmp_path, monkeypatch, fake_cloud, tiny_args):
     monkeypatch.setenv("CDCDA_CACHE", str(tmp_path / "cache"))
-    fake_cloud(monkeypatch)
     real_personalize, calls = cdcda.personalize, []
 
     def dies_on_second_user(*a, **kw):
@@ -148,20 +81,19 @@ def test_interrupted_run_resumes(tiny_model_dir, tmp_path, monkeypatch):
 
     monkeypatch.setattr(cdcda, "personalize", real_personalize)
     augmented = []
-    monkeypatch.setattr(cdcda, "augment", lambda *a, **kw: augmented.append(1) or pytest.fail("re-augmented"))
+    monkeypatch.setattr(augment, "augment", lambda *a, **kw: augmented.append(1) or pytest.fail("re-augmented"))
     rep = cdcda.main(tiny_args(tiny_model_dir, tmp_path / "run"))  # the second user's synthetic data is reused
     assert done[0].read_text() == first and not augmented
     assert len(rep["users"]) == 2
-    with pytest.raises(SystemExit, match="other settings"):
+    with pytest.raises(InputError, match="other settings"):
         cdcda.main(tiny_args(tiny_model_dir, tmp_path / "run") + ["--k", "2"])
 
 
-def test_buffer_keeps_n_items_and_only_they_are_uploaded(tiny_model_dir, tmp_path, monkeypatch):
+def test_buffer_keeps_n_items_and_only_they_are_uploaded(tiny_model_dir, tmp_path, monkeypatch, fake_cloud, tiny_args):
     monkeypatch.setenv("CDCDA_CACHE", str(tmp_path / "cache"))
-    fake_cloud(monkeypatch)
     uploaded, trained = [], []
-    real_augment, real_personalize = cdcda.augment, cdcda.personalize
-    monkeypatch.setattr(cdcda, "augment", lambda cloud, tok, pairs, *a, **kw: uploaded.append(list(pairs))
+    real_augment, real_personalize = augment.augment, cdcda.personalize
+    monkeypatch.setattr(augment, "augment", lambda cloud, tok, pairs, *a, **kw: uploaded.append(list(pairs))
                         or real_augment(cloud, tok, pairs, *a, **kw))
     monkeypatch.setattr(cdcda, "personalize", lambda model, tok, task, pairs, args, seed, desc: trained.append(
         (desc, list(pairs))) or real_personalize(model, tok, task, pairs, args, seed, desc))
@@ -183,11 +115,11 @@ def test_buffer_keeps_n_items_and_only_they_are_uploaded(tiny_model_dir, tmp_pat
 
 
 def test_buffer_and_filter_options_are_checked(capsys):
-    assert cdcda.parse_args([]).buffer == 0 and cdcda.parse_args([]).synthesis_filter == "cdcda"
+    assert options.parse([], cdcda.METHODS).buffer == 0 and options.parse([], cdcda.METHODS).synthesis_filter == "cdcda"
     for bad in (["--buffer", "-1"], ["--buffer-policy", "best"], ["--synthesis-filter", "nli"],
                 ["--eps-rouge1", "2"], ["--synthesis-filter", "rouge1", "--cloud", "http://x"]):
         with pytest.raises(SystemExit):
-            cdcda.parse_args(bad)
+            options.parse(bad, cdcda.METHODS)
     assert "--cloud-api" in capsys.readouterr().err
 
 
@@ -196,8 +128,8 @@ def test_gold_nll_is_the_cross_entropy_of_the_gold_tokens(tiny_model_dir):
     task = data.get_task("lamp7")
     queries = [data.Query("a", task.pair_input.format(text="rain again"), "ugh rain again lol"),
                data.Query("b", task.pair_input.format(text="big game"), "LETS GO")]
-    args = cdcda.parse_args([])
-    nll = cdcda.gold_nll(model, tok, task, queries, args)
+    args = options.parse([], cdcda.METHODS)
+    nll = cdcda.gold_nll(model, tok, task, queries, args.max_length)
     for q, value in zip(queries, nll):  # by hand: full logits, the gold's tokens and <|im_end|>
         prompt = tok.encode(tok.apply_chat_template(task.messages(q.input), add_generation_prompt=True))
         gold = tok.encode(q.gold) + tok.encode("<|im_end|>")
@@ -206,3 +138,24 @@ def test_gold_nll_is_the_cross_entropy_of_the_gold_tokens(tiny_model_dir):
         expected = torch.nn.functional.cross_entropy(logits[len(prompt) - 1:-1].float(), torch.tensor(gold))
         assert value == pytest.approx(expected.item(), rel=1e-5)
     assert nll[0] != nll[1]
+
+
+@pytest.mark.parametrize("bad, option", [
+    (["--temperature", "-1"], "--temperature"), (["--epochs", "0"], "--epochs"), (["--base-epochs", "0"], "--base-epochs"),
+    (["--batch-size", "0"], "--batch-size"), (["--max-length", "5"], "--max-length"), (["--eps-tdf", "2"], "--eps-tdf"),
+    (["--eps-min-len", "3"], "--eps-min-len"), (["--lr", "nan"], "--lr"), (["--lr", "0"], "--lr"),
+    (["--device", "gpu"], "--device"), (["--k", "0"], "--k"), (["--users", "0"], "--users"),
+    (["--lora-r", "0"], "--lora-r"), (["--lora-alpha", "-8"], "--lora-alpha"), (["--eps-scf", "3"], "--eps-scf"),
+    (["--bertscore-layer", "-1"], "--bertscore-layer"), (["--seed", "-1"], "--seed")])
+def test_every_bad_option_ends_in_one_line_naming_it(bad, option, capsys):
+    with pytest.raises(SystemExit):
+        options.parse(bad, cdcda.METHODS)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert option in err[-1] and any(rule in err[-1] for rule in ("must be", "keep nothing", "use cpu"))
+
+
+def test_good_options_pass():
+    for device in ("cpu", "cuda", "cuda:3"):
+        assert options.parse(["--device", device], cdcda.METHODS).device == device
+    args = options.parse(["--temperature", "0", "--eps-tdf", "0.99", "--eps-min-len", "2"], cdcda.METHODS)
+    assert (args.temperature, args.eps_min_len, args.eps_max_len) == (0.0, 2.0, 2.0)

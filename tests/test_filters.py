@@ -5,7 +5,6 @@ import json
 import pytest
 
 import filters
-from test_encoder import tiny_checkpoint
 
 
 class FakeJudge:
@@ -23,10 +22,12 @@ class FakeJudge:
 
 
 def test_semantic_consistency_eq2_needs_both_directions():
-    judge = FakeJudge({("x", "y"): 0.9, ("y", "x"): 0.4})
-    assert filters.semantic_consistency("x", "y", judge, 0.5) == (False, 0.9, 0.4)  # backward fails
-    assert filters.semantic_consistency("x", "y", judge, 0.4) == (True, 0.9, 0.4)   # >= is inclusive
-    assert filters.semantic_consistency("y", "x", judge, 0.5) == (False, 0.4, 0.9)  # forward fails
+    assert filters.semantic_consistency(0.9, 0.4, 0.5) is False  # backward fails
+    assert filters.semantic_consistency(0.9, 0.4, 0.4) is True   # >= is inclusive
+    assert filters.semantic_consistency(0.4, 0.9, 0.5) is False  # forward fails
+    judge = FakeJudge({("x", "y"): 0.9, ("y", "x"): 0.4, ("a", "b"): 0.7})
+    assert filters.entailment_both_ways(judge, ["x", "a"], ["y", "b"]) == ([0.9, 0.7], [0.4, 0.0])
+    assert judge.calls == [4]  # one batched call for both directions of every pair
 
 
 def test_token_diversity_eq3_by_hand():
@@ -101,15 +102,15 @@ def test_select_input_errors_and_empty():
     assert empty.kept == [] and empty.counts["candidates"] == 0 and judge.calls == []
 
 
-def test_nli_judge_on_tiny_checkpoint(tmp_path):
-    judge = filters.NLIJudge(str(tiny_checkpoint(tmp_path)))
+def test_nli_judge_on_tiny_checkpoint(tmp_path, tiny_encoder):
+    judge = filters.NLIJudge(str(tiny_encoder.checkpoint(tmp_path)))
     scores = judge(["the cat sat", "dog ran fast"], ["a cat is on the mat", "the dog ran"])
     assert len(scores) == 2 and all(0.0 <= s <= 1.0 for s in scores) and scores[0] != scores[1]
     assert judge.name == f"nli:{tmp_path}" and judge.default_eps_scf == filters.EPS_SCF_NLI
     other = tmp_path / "sentiment"
     other.mkdir()
     with pytest.raises(ValueError, match="no 'entailment' label"):
-        filters.NLIJudge(str(tiny_checkpoint(other, id2label={"0": "negative", "1": "positive"})))
+        filters.NLIJudge(str(tiny_encoder.checkpoint(other, id2label={"0": "negative", "1": "positive"})))
 
 
 def test_embedding_judge_proxy_with_minilm():

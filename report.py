@@ -1,0 +1,112 @@
+"""The report of a run: LaMP's metrics over every query of every target user, and the gold NLL.
+
+`build` scores the saved predictions (`metrics.evaluate`, as LaMP averages: over all queries
+of all target users), sums the augmentation counts and the seconds, and names the models and
+data that actually ran (`models_used`: a stand-in says which of the paper's models it replaces).
+`write` puts it in OUT/results.json and OUT/results.md. Evaluation is apart from training:
+`python cdcda.py report --out DIR [--bertscore-model M] [--bertscore-layer L]` reads the
+run's options (OUT/run.json) and its users' result.json files and scores them again.
+"""
+import argparse
+import json
+from pathlib import Path
+
+import data
+import encoder
+import hub
+import metrics
+from errors import InputError
+from options import PAPER
+
+
+def models_used(args) -> dict:
+    """Which model, data and setting filled each role, as printed at the start and in the report."""
+    roles = {role: getattr(args, role) + ("" if getattr(args, role) == PAPER[role]
+                                          else f"  (stand-in for the paper's {PAPER[role]})") for role in PAPER}
+    return roles | {
+        "data": str(args.data or "embedded demo (data/demo/, written for cdcda)"),
+        "cloud": (f"{args.cloud} (`server.py`: augmentation and filters there)" if args.cloud
+                  else f"{args.cloud_api} (augmentation there, filters here)" if args.cloud_api else "in process"),
+        "history": (f"{args.buffer}-item online buffer, {args.buffer_policy} (Qin et al.)" if args.buffer
+                    else "the whole history"),
+        "synthesis filter": (f"ROUGE-1 > {args.eps_rouge1} (Qin et al.)" if args.synthesis_filter == "rouge1"
+                             else "SCF, TDF, LSF")}
+
+
+def build(task: data.Task, users, results, args, labels: dict) -> dict:
+    """Metrics of every method over all queries of all target users, counts and seconds summed."""
+    golds = [q.gold for u in users for q in u.queries]
+    bert = (encoder.load(args.bertscore_model, "float32", args.device) if task.metric == "generation" else None)
+    rows = {}
+    for method in labels:
+        preds = [p for r in results for p in r["predictions"][method]]
+        rows[method] = metrics.evaluate(task.name, preds, golds, bertscore_model=bert,
+                                        bertscore_layer=args.bertscore_layer)
+        if all(method in r.get("gold_nll", {}) for r in results):  # the rows the device model answers
+            nll = [x for r in results for x in r["gold_nll"][method]]
+            rows[method]["gold_nll"] = sum(nll) / len(nll)
+    counts, times = {}, {}  # summed over users
+    for r in results:
+        for total, part in ((counts, r.get("counts", {})), (times, r["times"])):
+            for key, value in part.items():
+                total[key] = total.get(key, 0) + value
+    return {"task": task.name, "users": [u.user_id for u in users], "queries": len(golds),
+            "models": models_used(args), "labels": labels, "rows": rows, "counts": counts, "seconds": times,
+            "settings": {k: v for k, v in vars(args).items() if k != "out"}}
+
+
+def markdown(rep: dict) -> str:
+    keys = list(dict.fromkeys(k for row in rep["rows"].values() for k in row if k != "bertscore_model"))
+    lines = [f"# {rep['task']}: {len(rep['users'])} target users, {rep['queries']} queries", ""]
+    lines += [f"- {role}: {name}" for role, name in rep["models"].items()]
+    lines += ["", "| method | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    for method, row in rep["rows"].items():
+        lines.append(f"| {rep['labels'][method]} | " + " | ".join(f"{row[k]:.4f}" if k in row else "-" for k in keys) + " |")
+    if rep["counts"]:
+        lines += ["", "augmentation and selection: " + ", ".join(f"{k} {v}" for k, v in rep["counts"].items())]
+    lines += ["", "seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in rep["seconds"].items()), ""]
+    return "\n".join(lines)
+
+
+def write(rep: dict, out: Path, name: str = "results", title: str | None = None, note: str = "",
+          show: bool = True) -> dict:
+    """OUT/name.json and OUT/name.md (`title` replacing the Markdown's heading, `note` appended),
+    the Markdown printed."""
+    out.mkdir(parents=True, exist_ok=True)
+    hub.write_atomic(out / f"{name}.json", json.dumps(rep, indent=1))
+    md = markdown(rep) + note
+    md = f"# {title}\n" + md.split("\n", 1)[1] if title else md
+    hub.write_atomic(out / f"{name}.md", md)
+    print(("\n" + md if show else note) + f"\nwritten: {out / name}.json, {out / name}.md")
+    return rep
+
+
+def main(argv=None) -> dict:
+    """`python cdcda.py report --out DIR`: the report of a finished run, scored again."""
+    p = argparse.ArgumentParser(prog="cdcda.py report", description=main.__doc__)
+    p.add_argument("--out", required=True, help="the run's output directory (holds run.json and users/)")
+    p.add_argument("--bertscore-model", default=None, help="BERTScore backbone (default: the run's)")
+    p.add_argument("--bertscore-layer", type=int, default=None, help="its layer (default: the run's)")
+    given = p.parse_args(argv)
+    out = Path(given.out)
+    if not (out / "run.json").is_file():
+        raise InputError(f"{out / 'run.json'}: missing; --out must be the directory of a cdcda.py run")
+    args = argparse.Namespace(**json.loads((out / "run.json").read_text()))
+    for name in ("bertscore_model", "bertscore_layer"):
+        if getattr(given, name) is not None:
+            setattr(args, name, getattr(given, name))
+    task = data.get_task(args.task)
+    users = data.load_users(task.name, args.data)
+    targets = data.split_users(users, min(args.users, len(users)))[0]
+    results, missing = [], []
+    for user in targets:
+        path = out / "users" / user.user_id / "result.json"
+        result = json.loads(path.read_text()) if path.is_file() else {"predictions": {}}
+        if set(args.methods) <= set(result["predictions"]):
+            results.append(result)
+        else:
+            missing.append(user.user_id)
+    if missing:
+        raise InputError(f"{out}: {len(missing)} of {len(targets)} users are not finished ({', '.join(missing[:10])}); "
+                         "run the same command again to finish them")
+    return write(build(task, targets, results, args, args.labels), out)

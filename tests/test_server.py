@@ -1,0 +1,238 @@
+"""The cloud service (server.py) and the device's client (cloud.py) against it: a real server
+process on 127.0.0.1, plain HTTP clients.
+
+The server runs a tiny random decoder (SmolLM2's tokenizer, 2 layers of width 32) and the
+embedded MiniLM judge. A random decoder never writes a parsable "Input: ..., Response: ..."
+pair, so in the server process (and in the in-process run it is compared with) every
+augmentation reply is wrapped by `parsable`: the real, seeded generation decides whether the
+reply becomes a good pair, an off-topic pair or stays unparsable, so the records still depend
+on the seed and on generation being deterministic across processes.
+"""
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import zlib
+from pathlib import Path
+
+import pytest
+
+import augment
+import cdcda
+import cloud
+import generate
+import qwen2
+import server as cloud_server
+from errors import InputError
+
+ROOT = Path(__file__).resolve().parent.parent
+JUDGE = "embedding:all-minilm-l6-v2"
+TOKEN = "s3cret-test-token"
+
+
+def parsable(real_chat):
+    """generate.chat whose augmentation replies are parsable pairs built from the real generation."""
+    def chat(model, tokenizer, conversations, **kw):
+        texts = real_chat(model, tokenizer, conversations, **kw)
+        if not (kw.get("desc") or "").startswith("augment"):
+            return texts
+        if any("FAIL INSIDE THE CLOUD" in conv[-1]["content"] for conv in conversations):
+            raise RuntimeError("test: the cloud LM failed")  # an internal error, for the 500 test
+        out = []
+        for conv, text in zip(conversations, texts):
+            x = conv[-1]["content"].split("Input: [")[1].split("], Response: [")[0]
+            kind = zlib.crc32(text.encode()) % 3
+            out.append([f"Input: [{' '.join(reversed(x.split()))}], Response: [{text} ok]",
+                        f"Input: [quantum chromodynamics on a lattice], Response: [{text} ok]", "no pair"][kind])
+        return out
+    return chat
+
+
+def serve_parsable():
+    """Entry point of the server process: `server.main` with `parsable` augmentation replies."""
+    generate.chat = parsable(generate.chat)
+    cloud_server.main(sys.argv[1:])
+
+
+def start_server(model_dir, port: int, log: Path, token: str = "") -> subprocess.Popen:
+    """A server process on 127.0.0.1:port, returned once /health answers (or failed with its log)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]), CDCDA_TOKEN=token)
+    cmd = [sys.executable, "-c", "import test_server; test_server.serve_parsable()", "--port", str(port),
+           "--cloud-model", str(model_dir), "--judge", JUDGE]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                if json.loads(r.read())["status"] == "ok":
+                    return proc
+        except OSError:
+            time.sleep(0.2)
+    stop(proc)
+    pytest.fail(f"server not up after 90 s:\n{log.read_text()[-3000:]}")
+
+
+def stop(proc: subprocess.Popen):
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir, tmp_path_factory, free_port):
+    """The module's server (token required): its base URL."""
+    port, log = free_port(), tmp_path_factory.mktemp("log") / "server.log"
+    proc = start_server(tiny_model_dir, port, log, TOKEN)
+    yield f"http://127.0.0.1:{port}"
+    stop(proc)
+
+
+def post(url, body: bytes, token=TOKEN, timeout=60):
+    """(status, JSON answer) of a plain urllib POST."""
+    headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {token}"} if token else {})
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, body, headers), timeout=timeout) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+PAIRS = [("cannot believe it is raining again this weekend", "ugh raining AGAIN this weekend smh"),
+         ("finally finished my thesis draft tonight", "thesis draft DONE finally lol"),
+         ("the new coffee shop downtown is amazing", "new coffee shop downtown = amazing")]  # short: fast
+
+
+THRESHOLDS = {"eps_scf": None, "eps_tdf": 0.75, "eps_min_len": 0.5, "eps_max_len": 2.0}
+
+
+def test_augment_over_http_equals_in_process(server, tiny_model_dir, monkeypatch):
+    pairs = PAIRS
+    records, counts = cloud.remote_augment(server, "lamp7", pairs, 3, 0.7, 1234, THRESHOLDS, token=TOKEN)
+    monkeypatch.setattr(generate, "chat", parsable(generate.chat))
+    model, tok = qwen2.load(str(tiny_model_dir))
+    judge = augment.make_judge(JUDGE, "cpu")
+    originals, candidates, unparsable = augment.augment(model, tok, pairs, 3, 0.7, 1234)
+    sel = augment.select(originals, candidates, judge, THRESHOLDS)
+    assert records == sel.records  # same seed, same synthetic data, across processes and the wire
+    assert counts == {**sel.counts, "generated": 9, "unparsable": unparsable}
+    assert 0 < counts["kept"] < counts["candidates"] < 9 and unparsable > 0  # not a trivial comparison
+    other, _ = cloud.remote_augment(server, "lamp7", pairs, 3, 0.7, 99, THRESHOLDS, token=TOKEN)
+    assert other != records  # and the seed matters
+
+
+def test_openai_chat_completions_shape_and_determinism(server, tiny_model_dir):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hi."}]
+    body = {"model": str(tiny_model_dir), "messages": messages, "max_tokens": 8, "temperature": 0.7,
+            "seed": 3, "n": 2}
+    status, answer = post(server + "/v1/chat/completions", json.dumps(body).encode())
+    assert status == 200 and answer["object"] == "chat.completion" and answer["id"].startswith("chatcmpl-")
+    assert answer["model"] == str(tiny_model_dir) and isinstance(answer["created"], int)
+    assert [c["index"] for c in answer["choices"]] == [0, 1]
+    for c in answer["choices"]:
+        assert c["message"]["role"] == "assistant" and isinstance(c["message"]["content"], str)
+        assert c["finish_reason"] in ("stop", "length")
+    usage = answer["usage"]
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    assert 0 < usage["completion_tokens"] <= 16 and usage["prompt_tokens"] > 5
+    model, tok = qwen2.load(str(tiny_model_dir))
+    # the device side of --cloud-api: conversation i is sent with seed 3 + i, one request each
+    chat = cloud.api_chat(server, str(tiny_model_dir), api_key=TOKEN)
+    replies = chat(None, None, [messages, messages], max_new_tokens=8, temperature=0.7, seed=3)
+    assert replies == [generate.chat(model, tok, [messages], max_new_tokens=8, temperature=0.7, seed=s)[0]
+                       for s in (3, 4)]
+    assert answer["choices"][0]["message"]["content"] != answer["choices"][1]["message"]["content"]
+
+
+def augment_body(**change):
+    body = {"task": "lamp7", "pairs": [["rain again", "ugh rain"]], "k": 2, "seed": 0}
+    return json.dumps({k: v for k, v in (body | change).items() if v is not ...}).encode()
+
+
+@pytest.mark.parametrize("path, body, token, status, field", [
+    ("/v1/augment", b"{not json", TOKEN, 400, "body"),
+    ("/v1/augment", b"[1, 2]", TOKEN, 400, "body"),
+    ("/v1/augment", augment_body(pairs=...), TOKEN, 422, "pairs"),
+    ("/v1/augment", augment_body(pairs="rain"), TOKEN, 422, "pairs"),
+    ("/v1/augment", augment_body(pairs=[["a", "b"], ["only one"]]), TOKEN, 422, "pairs[1]"),
+    ("/v1/augment", augment_body(pairs=[["a", "b"]] * (cloud_server.MAX_PAIRS + 1)), TOKEN, 422, "pairs"),
+    ("/v1/augment", augment_body(task="lamp9"), TOKEN, 422, "task"),
+    ("/v1/augment", augment_body(k=0), TOKEN, 422, "k"),
+    ("/v1/augment", augment_body(k=cloud_server.MAX_K + 1), TOKEN, 422, "k"),
+    ("/v1/augment", augment_body(k="5"), TOKEN, 422, "k"),
+    ("/v1/augment", augment_body(thresholds={"eps_xyz": 1}), TOKEN, 422, "thresholds.eps_xyz"),
+    ("/v1/augment", augment_body(thresholds={"eps_tdf": "high"}), TOKEN, 422, "thresholds.eps_tdf"),
+    ("/v1/augment", b"[" * 100_000 + b"]" * 100_000, TOKEN, 400, "body"),  # nested too deep to parse
+    ("/v1/augment", b"{" + b" " * (cloud_server.MAX_BODY + 10) + b"}", TOKEN, 413, "body"),
+    ("/v1/augment", augment_body(), "wrong-token", 401, "Authorization"),
+    ("/v1/augment", augment_body(), None, 401, "Authorization"),
+    ("/v1/chat/completions", b"{}", TOKEN, 422, "messages"),
+    ("/v1/chat/completions", json.dumps({"model": "gpt-4", "messages": []}).encode(), TOKEN, 404, "model"),
+    ("/v1/chat/completions", json.dumps({"messages": [{"role": "user", "content": "hi"}], "n": 99}).encode(),
+     TOKEN, 422, "n"),
+    ("/v1/nothing", b"{}", TOKEN, 404, "path"),
+])
+def test_bad_requests_get_4xx_naming_the_field(server, path, body, token, status, field):
+    got, answer = post(server + path, body, token)
+    assert (got, answer["error"]["field"]) == (status, field), answer
+    assert field.split("[")[0].split(".")[0] in answer["error"]["message"]
+    with urllib.request.urlopen(server + "/health", timeout=5) as r:  # still serving
+        assert json.loads(r.read())["status"] == "ok"
+
+
+def test_internal_error_is_a_500_and_the_server_keeps_serving(server):
+    status, answer = post(server + "/v1/augment", augment_body(pairs=[["FAIL INSIDE THE CLOUD", "b"]]))
+    assert status == 500 and "RuntimeError: test: the cloud LM failed" in answer["error"]["message"]
+    with pytest.raises(cloud.CloudUnavailable, match="after 2 tries: HTTP 500"):  # 5xx: retried, then given up
+        cloud.remote_augment(server, "lamp7", [("FAIL INSIDE THE CLOUD", "b")], 1, 0.7, 0, THRESHOLDS,
+                             token=TOKEN, retries=1, backoff=0.01)
+    records, counts = cloud.remote_augment(server, "lamp7", PAIRS[:1], 1, 0.7, 0, THRESHOLDS, token=TOKEN)
+    assert counts["generated"] == 1 and len(records) == counts["candidates"]
+
+
+def test_client_does_not_retry_4xx(server):
+    t = time.time()
+    with pytest.raises(cloud.CloudError, match="HTTP 422: k: between 1 and 16"):
+        cloud.remote_augment(server, "lamp7", [("a", "b")], 0, 0.7, 0, THRESHOLDS, token=TOKEN, backoff=5)
+    assert time.time() - t < 5  # no backoff sleep happened
+    with pytest.raises(cloud.CloudError, match="HTTP 401"):
+        cloud.remote_augment(server, "lamp7", [("a", "b")], 1, 0.7, 0, THRESHOLDS, token="nope", backoff=5)
+
+
+def test_killed_server_keeps_finished_users_and_rerun_completes(tiny_model_dir, tmp_path, monkeypatch, free_port):
+    monkeypatch.setenv("CDCDA_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("CDCDA_TOKEN", raising=False)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = start_server(tiny_model_dir, port, tmp_path / "server.log")
+    real, calls = cloud.remote_augment, []
+
+    def killed_before_second_user(*a, **kw):
+        calls.append(a[1])
+        if len(calls) == 2:
+            stop(proc)  # the cloud goes away after the first user's upload and training
+        return real(*a, **(kw | {"retries": 1, "backoff": 0.05, "timeout": 30}))
+    argv = ["--task", "lamp7", "--users", "2", "--k", "2", "--epochs", "1", "--base-epochs", "1",
+            "--max-length", "64", "--methods", "cdcda", "--device-model", str(tiny_model_dir),
+            "--cloud", url, "--out", str(tmp_path / "run")]
+    monkeypatch.setattr(cloud, "remote_augment", killed_before_second_user)
+    try:
+        with pytest.raises(InputError, match=url):
+            cdcda.main(argv)
+        done = list((tmp_path / "run" / "users").glob("*/result.json"))
+        assert len(done) == 1 and not (tmp_path / "run" / "results.json").exists()
+        first = done[0].read_text()
+        proc = start_server(tiny_model_dir, port, tmp_path / "server2.log")  # same URL: same settings
+        monkeypatch.setattr(cloud, "remote_augment", real)
+        rep = cdcda.main(argv)
+        assert len(rep["users"]) == 2 and done[0].read_text() == first  # resumed, the finished user kept
+        assert len(list((tmp_path / "run" / "users").glob("*/synthetic.jsonl"))) == 2
+    finally:
+        stop(proc)
