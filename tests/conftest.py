@@ -1,4 +1,8 @@
-"""Fixtures shared by the pipeline, cloud and experiments tests."""
+"""Fixtures shared by the pipeline, cloud and experiments tests, and builders of tiny
+checkpoints in a Hugging Face cache layout."""
+import hashlib
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -18,3 +22,73 @@ def tiny_model_dir(tmp_path_factory):
     directory = tmp_path_factory.mktemp("tiny")
     qwen2.save_pretrained(qwen2.Qwen2(config), tokenizer, directory)
     return directory
+
+
+# ---- tiny checkpoints laid out as the Hugging Face cache holds them (tests/test_paper.py, test_metrics.py)
+
+SENTENCES = ["the cat sat on the mat", "a dog ran fast in the park", "hello world, this is a tweet!",
+             "I love my new phone", "rain again this weekend ugh", "great product, would buy again",
+             "Generate a headline for the following article:", "With the given examples, paraphrase the tweet."]
+
+
+def byte_level_tokenizer(special: list[str], vocab_size: int = 400):
+    """A byte-level BPE `tokenizers.Tokenizer` (GPT-2 / RoBERTa / Qwen style, no prefix space)
+    trained on SENTENCES, `special` first in the vocabulary (ids 0, 1, ...)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(SENTENCES * 3, trainer)
+    return tok
+
+
+def tiny_roberta(directory, num_hidden_layers: int = 2, id2label: dict | None = None, seed: int = 0):
+    """A random RoBERTa saved with transformers: RobertaModel, or RobertaForSequenceClassification
+    with `id2label`; its tokenizer byte-level BPE with <s> <pad> </s> <unk> <mask> = 0..4, as
+    roberta-large's. Returns the transformers model."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import processors
+    tok = byte_level_tokenizer(["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
+    tok.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0), add_prefix_space=False)
+    fast = transformers.RobertaTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                             sep_token="</s>", cls_token="<s>", unk_token="<unk>", pad_token="<pad>",
+                                             mask_token="<mask>", add_prefix_space=False, model_max_length=512)
+    fast.save_pretrained(directory)
+    torch.manual_seed(seed)
+    config = transformers.RobertaConfig(vocab_size=tok.get_vocab_size(), hidden_size=32, num_attention_heads=4,
+                                        num_hidden_layers=num_hidden_layers, intermediate_size=37, type_vocab_size=1,
+                                        max_position_embeddings=130, pad_token_id=1, layer_norm_eps=1e-5,
+                                        attn_implementation="eager", **({"id2label": id2label} if id2label else {}))
+    cls = transformers.RobertaForSequenceClassification if id2label else transformers.RobertaModel
+    model = cls(config).eval()
+    model.save_pretrained(directory)
+    return model
+
+
+def put_in_hub_cache(cache, repo_id: str, directory) -> Path:
+    """Copy a model directory into a huggingface_hub cache as a download leaves it:
+    cache/models--{owner--}name/snapshots/<commit>/<files> and refs/main holding <commit>."""
+    import shutil
+    repo = Path(cache) / ("models--" + repo_id.replace("/", "--"))
+    commit = hashlib.sha1(repo_id.encode()).hexdigest()
+    shutil.copytree(directory, repo / "snapshots" / commit)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    return repo / "snapshots" / commit
+
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch) -> Path:
+    """An empty, offline Hugging Face cache in tmp_path: HF_HOME, HF_HUB_CACHE, HF_HUB_OFFLINE=1
+    in the environment and in huggingface_hub.constants (which reads them once, at import)."""
+    import huggingface_hub.constants as hf_constants
+    cache = tmp_path / "hf" / "hub"
+    cache.mkdir(parents=True)
+    for name, value in (("HF_HOME", str(tmp_path / "hf")), ("HF_HUB_CACHE", str(cache)), ("HF_HUB_OFFLINE", "1")):
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(hf_constants, "HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
+    return cache

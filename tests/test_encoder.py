@@ -120,10 +120,11 @@ def test_prefixed_pretraining_checkpoint_loads_as_body(tmp_path):
         ref = hf.roberta(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
     m = enc["attention_mask"].bool()
     torch.testing.assert_close(model(enc["input_ids"], enc["attention_mask"])[-1][m], ref[m], atol=1e-5, rtol=1e-5)
-    # token embeddings: non-special tokens only, in order
-    emb = encoder.token_embeddings(model, tok, ["dog ran", ""])
-    assert emb[0].shape == (2, 32) and emb[1].shape == (0, 32)
-    torch.testing.assert_close(emb[0], ref[1, 1:3], atol=1e-5, rtol=1e-5)
+    # token embeddings: every real token in order, <s> and </s> marked special
+    (emb, special), (empty, empty_special) = encoder.token_embeddings(model, tok, ["dog ran", ""])
+    assert emb.shape == (4, 32) and special.tolist() == [True, False, False, True]
+    assert empty.shape == (2, 32) and empty_special.all()
+    torch.testing.assert_close(emb, ref[1, :4], atol=1e-5, rtol=1e-5)
 
 
 def test_load_errors(tmp_path, monkeypatch):
@@ -167,5 +168,7 @@ def test_real_minilm_matches_transformers():
     ours = encoder.sentence_embeddings(model, tok, texts, batch_size=2)
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
     assert torch.allclose(ours.norm(dim=-1), torch.ones(4))
-    emb = encoder.token_embeddings(model, tok, texts[:1])[0]
-    torch.testing.assert_close(emb, h[0, 1:enc["attention_mask"][0].sum() - 1], atol=1e-5, rtol=1e-5)
+    emb, special = encoder.token_embeddings(model, tok, texts[:1])[0]
+    torch.testing.assert_close(emb, h[0, :enc["attention_mask"][0].sum()], atol=1e-5, rtol=1e-5)
+    assert special.tolist() == [True] + [False] * (len(special) - 2) + [True]  # [CLS] ... [SEP]
+
