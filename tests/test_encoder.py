@@ -172,3 +172,26 @@ def test_real_minilm_matches_transformers():
     torch.testing.assert_close(emb, h[0, :enc["attention_mask"][0].sum()], atol=1e-5, rtol=1e-5)
     assert special.tolist() == [True] + [False] * (len(special) - 2) + [True]  # [CLS] ... [SEP]
 
+
+@pytest.mark.parametrize("repo_id", ["roberta-large", "FacebookAI/roberta-large"])
+def test_legacy_bare_hub_name_loads_from_an_offline_cache(tmp_path, offline_hub, repo_id):
+    """"roberta-large" (no owner, as the paper and bert_score name it) is a hub id like
+    "FacebookAI/roberta-large"; both resolve from an offline cache (models--roberta-large/...)."""
+    from conftest import put_in_hub_cache, tiny_roberta
+    hf = tiny_roberta(tmp_path / "src", num_hidden_layers=2)
+    put_in_hub_cache(offline_hub, repo_id, tmp_path / "src")
+    model, tok = encoder.load(repo_id)
+    assert model.name_or_path == repo_id and model.config.num_hidden_layers == 2
+    enc = tok(["hello world"])
+    with torch.no_grad():
+        ref = hf(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
+    torch.testing.assert_close(model(enc["input_ids"], enc["attention_mask"])[-1], ref, atol=1e-5, rtol=1e-5)
+    other = "roberta-base" if repo_id == "roberta-large" else "FacebookAI/roberta-base"
+    with pytest.raises(OSError, match=f"model '{other}' could not be fetched"):
+        encoder.load(other)  # not cached, and offline
+
+
+@pytest.mark.parametrize("source", ["a/b/c", "foo--bar", "-x", "x..y"])
+def test_not_a_hub_id_is_named(source):
+    with pytest.raises(FileNotFoundError, match="not a directory and not a hub repo id"):
+        encoder.load(source)
