@@ -293,14 +293,15 @@ def synthesize(task, pairs, cloud, judge, args, seed: int, user_dir: Path, times
         times["augment+select (remote)"] = time.time() - t
     else:
         chat = cloud_service.api_chat(args.cloud_api, args.cloud_model) if args.cloud_api else None
-        originals, candidates, unparsable = augment(*cloud, pairs, args.k, args.temperature, seed, chat=chat)
+        originals, candidates, unparsable, off_label = augment(*cloud, pairs, args.k, args.temperature, seed, chat=chat,
+                                                               task=task, max_len_ratio=args.eps_max_len)
         times["augment"] = time.time() - t
         t = time.time()
         sel = (online.rouge1_select(originals, candidates, args.eps_rouge1) if args.synthesis_filter == "rouge1"
                else select(originals, candidates, judge, thresholds(args)))
         times["select"] = time.time() - t
         records = sel.records
-        counts = {**sel.counts, "generated": len(pairs) * args.k, "unparsable": unparsable}
+        counts = {**sel.counts, "generated": len(pairs) * args.k, "unparsable": unparsable, "off_label": off_label}
     write_atomic(synthetic, "".join(json.dumps(r) + "\n" for r in records))
     write_atomic(counts_file, json.dumps(counts))
     return records, counts

@@ -182,7 +182,7 @@ def test_end_to_end_tiny(tiny_model_dir, tmp_path, monkeypatch):
     rep = cdcda.main(tiny_args(tiny_model_dir, tmp_path / "run"))
     assert set(rep["rows"]) == {"base", "direct-ft", "cdcda"}
     for row in rep["rows"].values():
-        assert set(row) == {"rouge1", "rougeL", "bertscore_f1", "bertscore_model", "gold_nll"}
+        assert set(row) == {"rouge1", "rougeL", "bertscore_f1", "bertscore_model", "bertscore_layer", "gold_nll"}
         assert row["gold_nll"] > 0
     counts = rep["counts"]
     users = data.split_users(data.load_users("lamp7"), 2)[0]
