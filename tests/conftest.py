@@ -31,16 +31,16 @@ SENTENCES = ["the cat sat on the mat", "a dog ran fast in the park", "hello worl
              "Generate a headline for the following article:", "With the given examples, paraphrase the tweet."]
 
 
-def byte_level_tokenizer(special: list[str], vocab_size: int = 400):
+def byte_level_tokenizer(special: list[str], vocab_size: int = 400, corpus=()):
     """A byte-level BPE `tokenizers.Tokenizer` (GPT-2 / RoBERTa / Qwen style, no prefix space)
-    trained on SENTENCES, `special` first in the vocabulary (ids 0, 1, ...)."""
+    trained on SENTENCES and `corpus`, `special` first in the vocabulary (ids 0, 1, ...)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(SENTENCES * 3, trainer)
+    tok.train_from_iterator((SENTENCES + list(corpus)) * 3, trainer)
     return tok
 
 
@@ -92,3 +92,37 @@ def offline_hub(tmp_path, monkeypatch) -> Path:
     monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(cache))
     monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
     return cache
+
+
+# Qwen2.5's template, cut down to what cdcda uses: ChatML, and Qwen's own system text when none is given
+QWEN_CHAT_TEMPLATE = (
+    "{%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
+    "{%- else %}{{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- for message in messages %}{%- if not (message.role == 'system' and loop.first) %}"
+    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+
+
+def tiny_qwen2(directory, corpus=(), seed: int = 0):
+    """A random Qwen2ForCausalLM shaped like Qwen2.5-0.5B-Instruct in all but size (tied
+    embeddings, q/k/v bias, rope_theta 1e6, rms_norm_eps 1e-6), saved with transformers, with a
+    byte-level BPE tokenizer holding <|endoftext|> <|im_start|> <|im_end|> and Qwen's
+    tokenizer_config.json keys (chat_template, eos_token <|im_end|>, pad_token <|endoftext|>)."""
+    transformers = pytest.importorskip("transformers")
+    import json
+    tok = byte_level_tokenizer(["<|endoftext|>", "<|im_start|>", "<|im_end|>"], vocab_size=600, corpus=corpus)
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    tok.save(str(Path(directory) / "tokenizer.json"))
+    (Path(directory) / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "Qwen2Tokenizer", "chat_template": QWEN_CHAT_TEMPLATE, "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>", "bos_token": None, "model_max_length": 131072}))
+    torch.manual_seed(seed)
+    config = transformers.Qwen2Config(vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=128,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      tie_word_embeddings=True, rope_theta=1e6, rms_norm_eps=1e-6,
+                                      max_position_embeddings=4096, bos_token_id=None, eos_token_id=2,
+                                      attn_implementation="eager")
+    model = transformers.Qwen2ForCausalLM(config).eval()
+    model.save_pretrained(directory)
+    return model
