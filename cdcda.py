@@ -47,7 +47,7 @@ EMBEDDED = {"cloud_model": qwen2.EMBEDDED, "device_model": qwen2.EMBEDDED,
 AUGMENT_PROMPT = ("Generate an Input and Response pairs semantically similar to the following "
                   "example, no need to explain. Input: [{x}], Response: [{y}].")  # sec. 4, verbatim
 REPLY_PREFIX = "Input: ["  # the start of the cloud's reply (see `augment`)
-AUGMENT_SLACK = 32  # tokens of augmentation budget beyond eq. 4's upper bound (the "Input: [" framing, ", Response: [")
+AUGMENT_SLACK = 32  # augmentation tokens beyond ceil(eps_max_len * longest): the closing "].", tokenization at the edges
 AUGMENT_BATCH = 32  # generations per batch: batched decoding reads the weights once per step for all rows
 ANSWER_TOKENS = {"lamp1": 8, "lamp2": 12, "lamp3": 4, "lamp4": 32, "lamp5": 48, "lamp7": 48}
 
