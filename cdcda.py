@@ -31,6 +31,7 @@ import torch
 import augment
 import cloud as cloud_client
 import data
+import encoder
 import generate
 import hub
 import lora
@@ -39,6 +40,7 @@ import online
 import options
 import qwen2
 import report
+import smollm2
 from errors import InputError
 
 ANSWER_TOKENS = {"lamp1": 8, "lamp2": 12, "lamp3": 4, "lamp4": 32, "lamp5": 48, "lamp7": 48}
@@ -84,10 +86,15 @@ def personalize(device_model, tokenizer, task: data.Task, pairs, training: Train
     return model.eval(), losses
 
 
-def answer(model, tokenizer, task: data.Task, queries, temperature: float, seed: int, desc: str) -> list[str]:
-    """The device answers the user's queries offline with the appendix-B prompt."""
-    return generate.chat(model, tokenizer, [task.messages(q.input) for q in queries],
-                         max_new_tokens=ANSWER_TOKENS[task.name], temperature=temperature, seed=seed, desc=desc)
+def answer(model, tokenizer, task: data.Task, queries, temperature: float, seed: int, max_length: int,
+           desc: str) -> list[str]:
+    """The device answers the user's queries offline with the appendix-B prompt, a long one
+    shortened as in training (`lora.fit_messages`: the user content's end goes, the template
+    and the instruction stay) so that prompt and answer fit in max_length tokens."""
+    budget = max_length - ANSWER_TOKENS[task.name]
+    conversations = [lora.fit_messages(tokenizer, task.messages(q.input), budget) for q in queries]
+    return generate.chat(model, tokenizer, conversations, max_new_tokens=ANSWER_TOKENS[task.name],
+                         temperature=temperature, seed=seed, desc=desc)
 
 
 @torch.inference_mode()
@@ -168,7 +175,7 @@ class Run:
     def answer(self, model, method: str) -> list[str]:
         self.nll[method] = gold_nll(model, self.tokenizer, self.task, self.user.queries, self.args.max_length)
         return answer(model, self.tokenizer, self.task, self.user.queries, self.args.temperature, self.seed,
-                      f"answer {method}")
+                      self.args.max_length, f"answer {method}")
 
     def personalized(self, method: str, pairs) -> list[str]:
         """Step 5 on `pairs`, the adapter saved, then the device answers."""
@@ -208,14 +215,15 @@ def synthesize(task, pairs, cloud, judge, args, seed: int, user_dir: Path, times
         times["augment+select (remote)"] = time.time() - t
     else:
         chat = cloud_client.api_chat(args.cloud_api, args.cloud_model) if args.cloud_api else None
-        originals, candidates, unparsable = augment.augment(*cloud, pairs, args.k, args.temperature, seed, chat=chat)
+        originals, candidates, unparsable, off_label = augment.augment(
+            *cloud, pairs, args.k, args.temperature, seed, chat=chat, task=task, max_len_ratio=args.eps_max_len)
         times["augment"] = time.time() - t
         t = time.time()
         sel = (online.rouge1_select(originals, candidates, args.eps_rouge1) if args.synthesis_filter == "rouge1"
                else augment.select(originals, candidates, judge, options.thresholds(args)))
         times["select"] = time.time() - t
         records = sel.records
-        counts = {**sel.counts, "generated": len(pairs) * args.k, "unparsable": unparsable}
+        counts = {**sel.counts, "generated": len(pairs) * args.k, "unparsable": unparsable, "off_label": off_label}
     hub.write_atomic(synthetic, "".join(json.dumps(r) + "\n" for r in records))
     hub.write_atomic(counts_file, json.dumps(counts))
     return records, counts
@@ -250,6 +258,27 @@ def run_user(user, task, cloud, judge, device_model, tok, args, user_dir: Path, 
 
 
 # ---------------------------------------------------------------- the run
+def check_models(args, task: data.Task, methods) -> None:
+    """Fail before the work: every model this run will load is found, and its config.json and
+    tokenizer.json read, before M_base or any user is trained; else one line naming the option."""
+    roles = {"--device-model": args.device_model}
+    if any(methods[m].synthetic for m in args.methods) and not args.cloud:  # with --cloud the server has them
+        roles["--cloud-model"] = args.cloud_model
+        if args.synthesis_filter == "cdcda":
+            roles["--judge"] = augment.judge_source(args.judge)[1]
+    if task.metric == "generation":
+        roles["--bertscore-model"] = args.bertscore_model
+    for option, source in roles.items():
+        try:
+            directory = (smollm2.embedded_dir() if source == qwen2.EMBEDDED else
+                         encoder.embedded_dir() if source == encoder.EMBEDDED else hub.snapshot(source))
+            hub.load_config(directory)
+            if not (directory / "tokenizer.json").is_file():
+                raise InputError(f"{directory / 'tokenizer.json'}: missing")
+        except InputError as e:
+            raise InputError(f"{option} {source}: {e}") from None
+
+
 EVALUATION_ONLY = ("out", "users", "methods", "bertscore_model", "bertscore_layer")  # not in the fingerprint
 
 
@@ -263,6 +292,7 @@ def run(args, methods=METHODS) -> dict:
     users = data.load_users(task.name, args.data)
     targets, others = data.split_users(users, min(args.users, len(users)))
     print(f"  users: {len(targets)} targets (most active), {len(others)} others train M_base")
+    check_models(args, task, methods)
     training = Training.from_args(args)
     base = base_model(task, others, args.device_model, replace(training, epochs=args.base_epochs), args.seed,
                       args.device)

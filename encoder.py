@@ -275,9 +275,10 @@ def entailment_probs(model, tokenizer: Tokenizer, premises: list[str], hypothese
 
 @torch.inference_mode()
 def token_embeddings(model, tokenizer: Tokenizer, texts: list[str], layer: int | None = None,
-                     batch_size: int = 32) -> list[torch.Tensor]:
-    """Hidden states of `layer` (0 = embeddings, default the last) for each text's non-special
-    tokens -> list of (n_tokens_i, H) float32 (BERTScore's inputs)."""
+                     batch_size: int = 32) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Hidden states of `layer` (0 = embeddings, default the last) for each text's real tokens,
+    special ones ([CLS]/[SEP], <s>/</s>) included -> list of (embeddings (n_tokens_i, H)
+    float32, is_special (n_tokens_i,) bool): BERTScore's inputs (metrics.bertscore_f1)."""
     body, out = _body(model), [None] * len(texts)
     layer = body.config.num_hidden_layers if layer is None else layer
     if not 0 <= layer <= body.config.num_hidden_layers:
@@ -286,7 +287,7 @@ def token_embeddings(model, tokenizer: Tokenizer, texts: list[str], layer: int |
     for idx, chunk in _batches(texts, batch_size):
         enc = {k: v.to(device) for k, v in tokenizer(chunk).items()}
         h = body(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"])[layer].float().cpu()  # (B, T, H)
-        keep = (enc["attention_mask"] == 1) & (enc["special_tokens_mask"] == 0)  # (B, T)
-        for i, row, m in zip(idx, h, keep.cpu()):
-            out[i] = row[m]
+        real, special = enc["attention_mask"].cpu() == 1, enc["special_tokens_mask"].cpu() == 1  # (B, T)
+        for i, row, m, sp in zip(idx, h, real, special):
+            out[i] = (row[m], sp[m])
     return out

@@ -271,7 +271,7 @@ def sweep(args, out: Path, ks=(1, 3, 5)) -> dict:
            "counts": {f"kept (k={k})": r["counts"].get("kept", 0) for k, r in reps.items()},
            "seconds": {f"k={k}": sum(r["seconds"].values()) for k, r in reps.items()},
            "settings": {**first["settings"], "k": list(ks)}}
-    names = [m for m in first["rows"]["cdcda"] if m not in ("bertscore_model", "gold_nll")]
+    names = [m for m in first["rows"]["cdcda"] if m not in ("bertscore_model", "bertscore_layer", "gold_nll")]
     plot(out / "sweep-k.png", list(ks), {m: [rep["rows"][f"k={k}"][m] for k in ks] for m in names}, args.task)
     return report.write(rep, out, "sweep-k", note="![Figure 2](sweep-k.png)\n")
 

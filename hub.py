@@ -7,6 +7,7 @@ listed in `model.safetensors.index.json`, `tokenizer.json`), found here, then re
 """
 import json
 import os
+import re
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -40,6 +41,10 @@ def write_atomic(path: Path, text: str) -> None:
         tmp.write_text(text)
 
 
+# "name" or "owner/name": letters, digits, "-", "_", "." (not first); "--" and ".." are the Hub's separators
+_REPO_ID = re.compile(r"(?!.*(--|\.\.))([A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*")
+
+
 def cache_dir() -> Path:
     """Where converted embedded models and trained task base models live ($CDCDA_CACHE)."""
     return Path(os.environ.get("CDCDA_CACHE", Path.home() / ".cache" / "cdcda"))
@@ -48,15 +53,19 @@ def cache_dir() -> Path:
 def snapshot(source: str) -> Path:
     """A local directory for `source`: an existing directory, or a hub repo id.
 
-    A repo id is resolved with `huggingface_hub.snapshot_download`, which also works offline
-    (HF_HUB_OFFLINE=1) from a warm hub cache. Without network and without a cached copy the
-    error names the repo and says what to do instead.
+    A repo id is "owner/name", or a bare legacy name from before the Hub had owners
+    ("roberta-large", "bert-base-uncased"; the Hub redirects them to FacebookAI/..., google-bert/...,
+    and caches them under their own name, models--roberta-large). It is resolved with
+    `huggingface_hub.snapshot_download`, which also works offline (HF_HUB_OFFLINE=1) from a warm
+    hub cache. Without network and without a cached copy the error names the repo and says
+    what to do instead.
     """
     path = Path(source).expanduser()
     if path.is_dir():
         return path
-    if path.exists() or source.startswith((".", "/", "~")) or source.count("/") != 1:
-        raise InputError(f"model {source!r}: not a directory and not a hub repo id (owner/name)")
+    if path.exists() or not _REPO_ID.fullmatch(source):
+        raise InputError(f"model {source!r}: not a directory and not a hub repo id "
+                                "(owner/name, or a legacy bare name such as roberta-large)")
     from huggingface_hub import snapshot_download
 
     patterns = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]

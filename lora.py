@@ -160,24 +160,62 @@ def merge(model: nn.Module) -> nn.Module:
     return model
 
 
+def fit_messages(tokenizer, messages: list[dict], budget: int) -> list[dict]:
+    """The messages with the last user message's content shortened at its end, so that the
+    rendered prompt (chat template + generation prompt) takes at most `budget` tokens; the
+    messages themselves when they already fit.
+
+    One rule for training (`encode_example`) and answering (the device's prompt before
+    generation), so the model answers the prompt shape it was trained on. What is kept: the
+    template, the system text, the content's start (LaMP's instruction comes first: "Generate a
+    headline for the following article: ...", "... review: ...") and the content's trailing
+    whitespace (appendix B's space before <|im_end|>); what goes: the end of the review, the
+    article, the abstract. Raises ValueError when the prompt without that content is already
+    over `budget`.
+    """
+    def length(msgs):
+        return len(tokenizer.encode(tokenizer.apply_chat_template(msgs, add_generation_prompt=True)))
+
+    over = length(messages) - budget
+    if over <= 0:
+        return messages
+    users = [i for i, m in enumerate(messages) if m["role"] == "user"]
+    if not users:
+        raise ValueError(f"the prompt takes {over + budget} tokens > {budget} and has no user content to shorten")
+    i = users[-1]
+    body = messages[i]["content"].rstrip()
+    tail = messages[i]["content"][len(body):]
+    ids = tokenizer.encode(body)
+    keep = len(ids) - over
+    while True:  # a cut can re-tokenize differently at its edge: measure again, cut again
+        kept = tokenizer.decode(ids[:keep]).rstrip() if keep > 0 else ""
+        fitted = messages[:i] + [{**messages[i], "content": kept + tail}] + messages[i + 1:]
+        over = length(fitted) - budget
+        if over <= 0:
+            return fitted
+        if keep <= 0:
+            raise ValueError(f"the chat template and the other messages alone take {over + budget} tokens, "
+                             f"more than the {budget} allowed; raise --max-length")
+        keep -= over
+
+
 def encode_example(tokenizer, messages: list[dict], response: str, max_length: int) -> tuple[list[int], int]:
     """One training example -> (token ids, number of prompt tokens).
 
     ids = chat_template(messages, add_generation_prompt=True) + response + <|im_end|>: the
     prompt is what the model sees at inference, the rest is what it must produce. Longer than
-    `max_length`: the prompt is cut from the left (its end, the assistant header, stays) and the
-    response kept whole, unless that leaves the prompt under max_length // 2 tokens; then the
-    response is cut at its end (and loses its <|im_end|>).
+    `max_length`: the prompt gets max(max_length - response tokens, max_length // 2) tokens, its
+    user content shortened at its end (`fit_messages`: template, system text and instruction
+    stay), and the response gets the rest (cut at its end, losing its <|im_end|>, only when it
+    alone is longer than half of max_length).
     """
     end = tokenizer.encode("<|im_end|>")
     if len(end) != 1:
         raise ValueError(f"tokenizer encodes '<|im_end|>' as {end}, not as one special token")
-    prompt = tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
     answer = tokenizer.encode(response) + end
-    if len(prompt) + len(answer) > max_length:
-        keep = min(len(prompt), max(max_length - len(answer), max_length // 2))
-        prompt, answer = prompt[len(prompt) - keep:], answer[: max_length - keep]
-    return prompt + answer, len(prompt)
+    messages = fit_messages(tokenizer, messages, max(max_length - len(answer), max_length // 2))
+    prompt = tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+    return prompt + answer[: max_length - len(prompt)], len(prompt)
 
 
 def finetune(model: nn.Module, tokenizer, examples: list[tuple[list[dict], str]], epochs: int = 2,
@@ -209,7 +247,7 @@ def finetune(model: nn.Module, tokenizer, examples: list[tuple[list[dict], str]]
     cut = sum(len(ids) >= max_length for ids, _ in encoded)
     if cut:
         print(f"finetune: {cut} of {len(encoded)} examples reach max_length={max_length}; "
-              "prompts cut from the left (see lora.encode_example)", file=sys.stderr)
+              "user contents cut at their end (see lora.fit_messages)", file=sys.stderr)
     device = params[0].device
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     rng = random.Random(seed)

@@ -157,31 +157,57 @@ def rmse(predictions: list[str], golds: list[str]) -> float:
 
 # ---------------------------------------------------------------- BERTScore (Zhang et al., 2020)
 
+# bert_score's layer per backbone (its `model2layers` table, bert-score 0.3.13: the layer whose
+# BERTScore correlated best with human judgements on WMT16), for the BERT / RoBERTa backbones
+# encoder.py runs. The Hub moved these legacy names under owners; both spellings are looked up.
+BERTSCORE_LAYERS = {"roberta-large": 17, "roberta-base": 10, "roberta-large-mnli": 19, "distilroberta-base": 5,
+                    "bert-base-uncased": 9, "bert-large-uncased": 18, "bert-base-multilingual-cased": 9}
+_LEGACY_OWNERS = ("FacebookAI/", "google-bert/", "distilbert/")
+
+
+def default_bertscore_layer(model) -> int:
+    """The layer BERTScore reads for `model` (from `encoder.load`), chosen by its name as
+    bert_score chooses it: "roberta-large" or "FacebookAI/roberta-large" -> 17, "roberta-base"
+    -> 10, "bert-base-uncased" -> 9, ... A backbone not in BERTSCORE_LAYERS (the embedded
+    all-MiniLM-L6-v2, a local directory) uses its last layer; pass `layer` to choose another."""
+    name, n = model.name_or_path, model.config.num_hidden_layers
+    layer = BERTSCORE_LAYERS.get(name.split("/", 1)[1] if name.startswith(_LEGACY_OWNERS) else name, n)
+    if layer > n:
+        raise ValueError(f"BERTScore backbone {name!r} reads layer {layer} (bert_score's choice for that name), "
+                         f"but the checkpoint has only {n} layers")
+    return layer
+
+
 def bertscore_f1(predictions: list[str], references: list[str], model, tokenizer,
                  layer: int | None = None, batch_size: int = 32) -> list[float]:
-    """BERTScore-F1 per pair, from `encoder.load`'s (model, tokenizer).
+    """BERTScore-F1 per pair (Zhang et al., 2020, eq. 1-3), as the `bert-score` package computes it.
 
-    Each side's contextual token embeddings (hidden states of `layer`, default the last;
-    special tokens such as [CLS]/[SEP] or <s>/</s> excluded entirely) are L2-normalised;
-    every token is matched greedily to its most similar token on the other side:
+    Each text is stripped; for a RoBERTa (byte-level BPE) backbone a non-empty text gets one
+    leading space, so its first word is tokenized like every other word ("Ġword"), as
+    bert_score asks its tokenizer to (add_prefix_space=True). Hidden states of `layer`
+    (default `default_bertscore_layer(model)`) are L2-normalised and every token is matched greedily
+    to its most similar token on the other side, special tokens (<s>, </s> / [CLS], [SEP])
+    included as match candidates but not averaged (bert_score gives them idf weight 0):
         R = mean_ref max_pred cos,   P = mean_pred max_ref cos,   F = 2PR / (P + R).
     No idf weighting and no baseline rescaling (bert_score's defaults idf=False,
-    rescale_with_baseline=False). The paper's backbone is roberta-large (bert_score uses its
-    layer 17); the embedded default here is all-MiniLM-L6-v2, so numbers are not comparable
-    with the paper's. A side with no tokens (empty text) scores 0.
+    rescale_with_baseline=False). A side with no tokens (empty text) scores 0.
+    tests/test_metrics.py holds it to bert_score on a tiny random RoBERTa at 1e-5.
     """
     _check_lists(predictions, references, "bertscore_f1")
-    pred_emb = encoder.token_embeddings(model, tokenizer, predictions, layer, batch_size)
-    ref_emb = encoder.token_embeddings(model, tokenizer, references, layer, batch_size)
+    layer = default_bertscore_layer(model) if layer is None else layer
+    prefix = " " if model.config.model_type == "roberta" else ""
+    texts = [prefix + t.strip() if t.strip() else "" for t in list(predictions) + list(references)]
+    embedded = encoder.token_embeddings(model, tokenizer, texts, layer, batch_size)
     scores = []
-    for p, r in zip(pred_emb, ref_emb):  # p: (n_pred, H), r: (n_ref, H)
-        if len(p) == 0 or len(r) == 0:
+    for (p, p_special), (r, r_special) in zip(embedded[:len(predictions)], embedded[len(predictions):]):
+        if p_special.all() or r_special.all():  # no real token on a side
             scores.append(0.0)
             continue
-        p = torch.nn.functional.normalize(p.float(), dim=-1)
-        r = torch.nn.functional.normalize(r.float(), dim=-1)
+        p = torch.nn.functional.normalize(p.float(), dim=-1)  # (n_pred, H)
+        r = torch.nn.functional.normalize(r.float(), dim=-1)  # (n_ref, H)
         sim = p @ r.T  # (n_pred, n_ref)
-        precision, recall = sim.max(dim=1).values.mean().item(), sim.max(dim=0).values.mean().item()
+        precision = sim.max(dim=1).values[~p_special].mean().item()
+        recall = sim.max(dim=0).values[~r_special].mean().item()
         scores.append(2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0)
     return scores
 
@@ -193,10 +219,11 @@ def evaluate(task: str, predictions: list[str], golds: list[str], bertscore_mode
     """All of a LaMP task's metrics.
 
     lamp1/lamp2 -> {"accuracy", "f1"}; lamp3 -> {"mae", "rmse"}; lamp4/5/7 -> {"rouge1",
-    "rougeL", "bertscore_f1", "bertscore_model"}. Generation texts are stripped first (as
-    LaMP does). `bertscore_model` is an already loaded `(model, tokenizer)` from
-    `encoder.load`; None loads the embedded all-MiniLM-L6-v2. The backbone's name is returned
-    under "bertscore_model" so a report can say which model the BERTScore came from.
+    "rougeL", "bertscore_f1", "bertscore_model", "bertscore_layer"}. Generation texts are
+    stripped first (as LaMP does). `bertscore_model` is an already loaded `(model, tokenizer)`
+    from `encoder.load`; None loads the embedded all-MiniLM-L6-v2. `bertscore_layer`: None is
+    bert_score's choice for the backbone (`default_bertscore_layer`). The backbone's name and the layer
+    are returned so a report can say where the BERTScore came from.
     """
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
@@ -210,8 +237,9 @@ def evaluate(task: str, predictions: list[str], golds: list[str], bertscore_mode
     if bertscore_model is None:
         bertscore_model = encoder.load("all-minilm-l6-v2")
     model, tokenizer = bertscore_model
+    layer = default_bertscore_layer(model) if bertscore_layer is None else bertscore_layer
     n = len(preds)
     return {"rouge1": sum(rouge_1(p, r) for p, r in zip(preds, refs)) / n,
             "rougeL": sum(rouge_l(p, r) for p, r in zip(preds, refs)) / n,
-            "bertscore_f1": sum(bertscore_f1(preds, refs, model, tokenizer, bertscore_layer)) / n,
-            "bertscore_model": model.name_or_path}
+            "bertscore_f1": sum(bertscore_f1(preds, refs, model, tokenizer, layer)) / n,
+            "bertscore_model": model.name_or_path, "bertscore_layer": layer}

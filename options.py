@@ -18,6 +18,7 @@ import qwen2
 
 PAPER = {"cloud_model": "Qwen/Qwen2.5-3B-Instruct", "device_model": "Qwen/Qwen2.5-0.5B-Instruct",
          "judge": "nli:alisawuffles/roberta-large-wanli", "bertscore_model": "roberta-large"}
+PAPER_ALIASES = {"FacebookAI/roberta-large": "roberta-large"}  # the Hub's current name of a legacy id
 EMBEDDED = {"cloud_model": qwen2.EMBEDDED, "device_model": qwen2.EMBEDDED,
             "judge": f"embedding:{encoder.EMBEDDED}", "bertscore_model": encoder.EMBEDDED}
 DEVICE = re.compile(r"cpu|cuda(:\d+)?")

@@ -16,13 +16,16 @@ import encoder
 import hub
 import metrics
 from errors import InputError
-from options import PAPER
+from options import PAPER, PAPER_ALIASES
 
 
 def models_used(args) -> dict:
     """Which model, data and setting filled each role, as printed at the start and in the report."""
-    roles = {role: getattr(args, role) + ("" if getattr(args, role) == PAPER[role]
-                                          else f"  (stand-in for the paper's {PAPER[role]})") for role in PAPER}
+    def is_papers(role):
+        name = getattr(args, role)
+        return PAPER_ALIASES.get(name, name) == PAPER[role]
+    roles = {role: getattr(args, role) + ("" if is_papers(role) else f"  (stand-in for the paper's {PAPER[role]})")
+             for role in PAPER}
     return roles | {
         "data": str(args.data or "embedded demo (data/demo/, written for cdcda)"),
         "cloud": (f"{args.cloud} (`server.py`: augmentation and filters there)" if args.cloud
@@ -56,7 +59,8 @@ def build(task: data.Task, users, results, args, labels: dict) -> dict:
 
 
 def markdown(rep: dict) -> str:
-    keys = list(dict.fromkeys(k for row in rep["rows"].values() for k in row if k != "bertscore_model"))
+    keys = list(dict.fromkeys(k for row in rep["rows"].values() for k in row if not k.startswith("bertscore_")
+                              or k == "bertscore_f1"))
     lines = [f"# {rep['task']}: {len(rep['users'])} target users, {rep['queries']} queries", ""]
     lines += [f"- {role}: {name}" for role, name in rep["models"].items()]
     lines += ["", "| method | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]

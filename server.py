@@ -108,9 +108,12 @@ class Cloud:
                                    where="thresholds.")
         pairs = [tuple(p) for p in pairs]
         with self.lock:
-            originals, candidates, unparsable = augment.augment(self.model, self.tokenizer, pairs, k, temperature, seed)
+            originals, candidates, unparsable, off_label = augment.augment(
+                self.model, self.tokenizer, pairs, k, temperature, seed, task=data.get_task(body["task"]),
+                max_len_ratio=thresholds["eps_max_len"])
             sel = augment.select(originals, candidates, self.judge, thresholds)
-        counts = {**sel.counts, "generated": len(pairs) * k, "unparsable": unparsable}  # as cdcda.synthesize
+        counts = {**sel.counts, "generated": len(pairs) * k, "unparsable": unparsable,
+                  "off_label": off_label}  # as cdcda.synthesize
         return {"records": sel.records, "counts": counts, "judge": self.judge.name, "model": self.model_name,
                 "thresholds": sel.thresholds}
 

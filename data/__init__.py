@@ -89,6 +89,7 @@ class Task:
     user_end: str  # what appendix B prints between the query text and <|im_end|>
     pair_input: str  # str.format template over a profile item: the training input
     pair_output: str  # the profile field that is the training output
+    pair_labels: tuple[str, ...] | None = None  # the outputs a training pair may have, None: free text
 
     @property
     def instruction(self) -> str:
@@ -109,6 +110,15 @@ class Task:
         """One profile item -> (input, output) in the task's query format (module docstring)."""
         return self.pair_input.format(**item), str(item[self.pair_output])
 
+    def valid_output(self, y: str) -> bool:
+        """Whether `y` may be a training pair's output: one of `pair_labels` exactly (after
+        strip; "Sci-Fi" is not "sci-fi", "5 stars" is not "5", as LaMP's metrics would score
+        them), any non-empty text for the free-text tasks. lamp2's pairs end in a tag, lamp3's
+        in a 1-5 score; lamp1's end in a paper title (see `pair`), not in "[1]"/"[2]", so a
+        lamp1 candidate is free text."""
+        y = y.strip()
+        return bool(y) and (self.pair_labels is None or y in self.pair_labels)
+
 
 _TITLE_OF_ABSTRACT = "Generate a title for the following abstract of a paper: {abstract}"
 _TITLE_SYSTEM = ("With the given examples, generate a title for the given article. "
@@ -124,12 +134,12 @@ TASKS: dict[str, Task] = {t.name: t for t in [
          "With the given examples, generate a tag for the given movie. ", " ",
          "Which tag does this movie relate to among the following tags? Just answer with the "
          "tag name without further explanation. tags: [" + ", ".join(LAMP2_TAGS) + "] "
-         "description: {description}", "tag"),
+         "description: {description}", "tag", LAMP2_TAGS),
     Task("lamp3", "LaMP_3", "Personalized Product Rating", ("text", "score"),
          None, "regression",
          "With the given examples, generate a score for the given review. ", " ",
          "What is the score of the following review on a scale of 1 to 5? just answer with "
-         "1, 2, 3, 4, or 5 without further explanation. review: {text}", "score"),
+         "1, 2, 3, 4, or 5 without further explanation. review: {text}", "score", LAMP3_SCORES),
     Task("lamp4", "LaMP_4", "Personalized News Headline Generation", ("text", "title"),
          None, "generation", _TITLE_SYSTEM, " ",
          "Generate a headline for the following article: {text}", "title"),

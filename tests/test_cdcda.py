@@ -41,7 +41,7 @@ def test_end_to_end_tiny(tiny_model_dir, tmp_path, monkeypatch, fake_cloud, tiny
     rep = cdcda.main(tiny_args(tiny_model_dir, tmp_path / "run"))
     assert set(rep["rows"]) == {"base", "direct-ft", "cdcda"}
     for row in rep["rows"].values():
-        assert set(row) == {"rouge1", "rougeL", "bertscore_f1", "bertscore_model", "gold_nll"}
+        assert set(row) == {"rouge1", "rougeL", "bertscore_f1", "bertscore_model", "bertscore_layer", "gold_nll"}
         assert row["gold_nll"] > 0
     counts = rep["counts"]
     users = data.split_users(data.load_users("lamp7"), 2)[0]
@@ -87,6 +87,8 @@ def test_interrupted_run_resumes(tiny_model_dir, tmp_path, monkeypatch, fake_clo
     assert len(rep["users"]) == 2
     with pytest.raises(InputError, match="other settings"):
         cdcda.main(tiny_args(tiny_model_dir, tmp_path / "run") + ["--k", "2"])
+    rescored = cdcda.main(tiny_args(tiny_model_dir, tmp_path / "run") + ["--bertscore-layer", "2"])  # evaluation only
+    assert all(row["bertscore_layer"] == 2 for row in rescored["rows"].values()) and done[0].read_text() == first
 
 
 def test_buffer_keeps_n_items_and_only_they_are_uploaded(tiny_model_dir, tmp_path, monkeypatch, fake_cloud, tiny_args):

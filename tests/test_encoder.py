@@ -74,10 +74,11 @@ def test_prefixed_pretraining_checkpoint_loads_as_body(tmp_path, tiny_encoder):
         ref = hf.roberta(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
     m = enc["attention_mask"].bool()
     torch.testing.assert_close(model(enc["input_ids"], enc["attention_mask"])[-1][m], ref[m], atol=1e-5, rtol=1e-5)
-    # token embeddings: non-special tokens only, in order
-    emb = encoder.token_embeddings(model, tok, ["dog ran", ""])
-    assert emb[0].shape == (2, 32) and emb[1].shape == (0, 32)
-    torch.testing.assert_close(emb[0], ref[1, 1:3], atol=1e-5, rtol=1e-5)
+    # token embeddings: every real token in order, <s> and </s> marked special
+    (emb, special), (empty, empty_special) = encoder.token_embeddings(model, tok, ["dog ran", ""])
+    assert emb.shape == (4, 32) and special.tolist() == [True, False, False, True]
+    assert empty.shape == (2, 32) and empty_special.all()
+    torch.testing.assert_close(emb, ref[1, :4], atol=1e-5, rtol=1e-5)
 
 
 def test_load_errors(tmp_path, monkeypatch, tiny_encoder):
@@ -121,5 +122,29 @@ def test_real_minilm_matches_transformers():
     ours = encoder.sentence_embeddings(model, tok, texts, batch_size=2)
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
     assert torch.allclose(ours.norm(dim=-1), torch.ones(4))
-    emb = encoder.token_embeddings(model, tok, texts[:1])[0]
-    torch.testing.assert_close(emb, h[0, 1:enc["attention_mask"][0].sum() - 1], atol=1e-5, rtol=1e-5)
+    emb, special = encoder.token_embeddings(model, tok, texts[:1])[0]
+    torch.testing.assert_close(emb, h[0, :enc["attention_mask"][0].sum()], atol=1e-5, rtol=1e-5)
+    assert special.tolist() == [True] + [False] * (len(special) - 2) + [True]  # [CLS] ... [SEP]
+
+
+@pytest.mark.parametrize("repo_id", ["roberta-large", "FacebookAI/roberta-large"])
+def test_legacy_bare_hub_name_loads_from_an_offline_cache(tmp_path, offline_hub, hub_checkpoints, repo_id):
+    """"roberta-large" (no owner, as the paper and bert_score name it) is a hub id like
+    "FacebookAI/roberta-large"; both resolve from an offline cache (models--roberta-large/...)."""
+    hf = hub_checkpoints.roberta(tmp_path / "src", num_hidden_layers=2)
+    hub_checkpoints.put(offline_hub, repo_id, tmp_path / "src")
+    model, tok = encoder.load(repo_id)
+    assert model.name_or_path == repo_id and model.config.num_hidden_layers == 2
+    enc = tok(["hello world"])
+    with torch.no_grad():
+        ref = hf(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
+    torch.testing.assert_close(model(enc["input_ids"], enc["attention_mask"])[-1], ref, atol=1e-5, rtol=1e-5)
+    other = "roberta-base" if repo_id == "roberta-large" else "FacebookAI/roberta-base"
+    with pytest.raises(InputError, match=f"model '{other}' could not be fetched"):
+        encoder.load(other)  # not cached, and offline
+
+
+@pytest.mark.parametrize("source", ["a/b/c", "foo--bar", "-x", "x..y"])
+def test_not_a_hub_id_is_named(source):
+    with pytest.raises(InputError, match="not a directory and not a hub repo id"):
+        encoder.load(source)

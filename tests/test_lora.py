@@ -221,3 +221,41 @@ def test_real_chatml_tokenizer_masks_the_response():
     ids, n_prompt = lora.encode_example(tok, [{"role": "user", "content": "Hi there"}], "Hello!", max_length=64)
     assert tok.decode(ids[n_prompt:]) == "Hello!" and ids[-1] == tok.encode("<|im_end|>")[0]
     assert tok.tokenizer.decode(ids[:n_prompt], skip_special_tokens=False).endswith("<|im_start|>assistant\n")
+
+
+@pytest.mark.parametrize("task_name", ["lamp3", "lamp4", "lamp5"])
+def test_long_prompt_keeps_template_system_text_and_instruction(task_name):
+    """A LaMP prompt twice the limit: the user content is cut at its end; the rendered prompt
+    fits, starts with the system text, keeps the instruction and ends in the answer cue."""
+    import data
+    directory = hub.cache_dir() / qwen2.EMBEDDED
+    if not (directory / "tokenizer.json").is_file():
+        pytest.skip(f"{directory} not converted yet (qwen2.load() does it once)")
+    tok, task, limit = qwen2.Tokenizer.from_dir(directory), data.get_task(task_name), 384
+    item = {"text": " ".join(["The council met on Tuesday to debate the budget."] * 90),
+            "abstract": " ".join(["We study things."] * 200),
+            "title": "t", "score": "4"}
+    messages = task.messages(task.pair(item)[0])
+    full = tok.apply_chat_template(messages)
+    assert len(tok.encode(full)) >= 2 * limit
+    fitted = lora.fit_messages(tok, messages, limit)
+    text = tok.apply_chat_template(fitted)
+    assert len(tok.encode(text)) <= limit and len(tok.encode(text)) > limit - 8  # fits, nothing more cut than needed
+    assert text.startswith(f"<|im_start|>system\n{task.system}<|im_end|>\n<|im_start|>user\n")
+    instruction = task.pair_input.split("{", 1)[0]
+    assert fitted[1]["content"].startswith(instruction) and fitted[1]["content"].endswith(task.user_end)
+    assert full.startswith(text[:-len(task.user_end + "<|im_end|>\n<|im_start|>assistant\n")])  # a prefix of it
+    assert text.endswith(task.user_end + "<|im_end|>\n<|im_start|>assistant\n")  # the answer cue
+    assert lora.fit_messages(tok, fitted, limit) == fitted  # what fits stays as it is
+    # training encodes the same prompt, the response whole after it
+    ids, n_prompt = lora.encode_example(tok, messages, "Council Passes Budget", limit)
+    assert len(ids) <= limit and tok.decode(ids[n_prompt:]) == "Council Passes Budget"
+    assert tok.tokenizer.decode(ids[:n_prompt], skip_special_tokens=False) == tok.apply_chat_template(
+        lora.fit_messages(tok, messages, limit - (len(ids) - n_prompt)))
+
+
+def test_fit_messages_errors_when_the_template_alone_is_too_long():
+    tok = word_tokenizer()
+    messages = [{"role": "system", "content": "hello world " * 10}, {"role": "user", "content": "the cat"}]
+    with pytest.raises(ValueError, match="raise --max-length"):
+        lora.fit_messages(tok, messages, 12)

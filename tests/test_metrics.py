@@ -1,5 +1,7 @@
 """metrics.py: worked examples (never skip) and the oracles rouge_score / scikit-learn."""
+import dataclasses
 import math
+import sys
 import warnings
 
 import pytest
@@ -109,13 +111,74 @@ def test_mae_rmse_worst_case_rule_by_hand():
 
 def test_bertscore_greedy_matching_by_hand(monkeypatch):
     # prediction tokens p1=(1,0), p2=(0,1); reference tokens r1=(1,0), r2=(1,1)/sqrt2 (after normalising)
-    fake = {"pred": torch.tensor([[1.0, 0.0], [0.0, 2.0]]), "ref": torch.tensor([[3.0, 0.0], [1.0, 1.0]]),
-            "empty": torch.zeros(0, 2)}
+    # and a special token s=(0,1) on each side: a match candidate, never averaged
+    no = torch.tensor([False, False])
+    fake = {"pred": (torch.tensor([[1.0, 0.0], [0.0, 2.0]]), no), "ref": (torch.tensor([[3.0, 0.0], [1.0, 1.0]]), no),
+            "ref+s": (torch.tensor([[3.0, 0.0], [1.0, 1.0], [0.0, 5.0]]), torch.tensor([False, False, True])),
+            "empty": (torch.tensor([[0.0, 1.0], [0.0, 1.0]]), torch.tensor([True, True]))}
     monkeypatch.setattr(encoder, "token_embeddings", lambda m, t, texts, layer, bs: [fake[s] for s in texts])
+    model = FakeEncoder()
     # P = mean(max(1, .707), max(0, .707)) = (1 + .7071) / 2; R = mean(max(1, 0), max(.707, .707)) = same
     p = r = (1 + 2 ** -0.5) / 2
-    assert metrics.bertscore_f1(["pred"], ["ref"], None, None) == [pytest.approx(2 * p * r / (p + r))]
-    assert metrics.bertscore_f1(["pred", "empty"], ["pred", "ref"], None, None) == [pytest.approx(1.0), 0.0]
+    assert metrics.bertscore_f1(["pred"], ["ref"], model, None) == [pytest.approx(2 * p * r / (p + r))]
+    assert metrics.bertscore_f1(["pred", "empty"], ["pred", "ref"], model, None) == [pytest.approx(1.0), 0.0]
+    # with s in the reference: p2 now matches s (cos 1), so P = 1; R still averages r1, r2 only: (1 + .7071) / 2
+    assert metrics.bertscore_f1(["pred"], ["ref+s"], model, None) == [pytest.approx(2 * 1 * r / (1 + r))]
+
+
+class FakeEncoder:
+    name_or_path = "fake-encoder"
+    config = encoder.Config(vocab_size=9, hidden_size=2, num_hidden_layers=3, num_attention_heads=1,
+                            intermediate_size=4, max_position_embeddings=8)
+
+
+@pytest.mark.parametrize("name, layers, expected", [
+    ("roberta-large", 24, 17), ("FacebookAI/roberta-large", 24, 17), ("roberta-base", 12, 10),
+    ("bert-base-uncased", 12, 9), ("google-bert/bert-base-uncased", 12, 9), ("distilroberta-base", 6, 5),
+    ("all-minilm-l6-v2", 6, 6), ("/models/my-roberta", 4, 4), ("someone/roberta-large", 24, 24),  # unknown: last
+])
+def test_bertscore_layer_is_bert_scores_choice(name, layers, expected):
+    model = FakeEncoder()
+    model.name_or_path, model.config = name, dataclasses.replace(FakeEncoder.config, num_hidden_layers=layers)
+    assert metrics.default_bertscore_layer(model) == expected
+
+
+def test_bertscore_layer_beyond_the_checkpoint_is_an_error():
+    model = FakeEncoder()
+    model.name_or_path = "roberta-large"  # 3 layers, not 24
+    with pytest.raises(ValueError, match="layer 17.*only 3 layers"):
+        metrics.default_bertscore_layer(model)
+
+
+BERTSCORE_TEXTS = (["the cat sat on the mat", "hello world, this is a tweet!", "  rain again  ",
+                    "I love my new phone café", "a dog ran fast in the park and the cat sat", "x"],
+                   ["a cat sat on a mat", "hello there world", "rain again this weekend ugh",
+                    "great product", "the dog ran in the park", "I love my new phone"])
+
+
+@pytest.mark.parametrize("layer", [1, 3, 4])
+def test_bertscore_matches_the_bert_score_package(tmp_path, monkeypatch, hub_checkpoints, layer):
+    """bert_score 0.3.13 on a tiny random RoBERTa with a byte-level BPE tokenizer: F1 to 1e-5.
+    bert_score encodes each text with add_prefix_space=True; transformers 5 ignores that
+    argument per call, so its tokenizer is loaded with add_prefix_space=True, which is what
+    bert_score gets under transformers 4 (the paper's time)."""
+    bert_score = pytest.importorskip("bert_score")
+    transformers = pytest.importorskip("transformers")
+    hub_checkpoints.roberta(tmp_path, num_hidden_layers=4)
+    score_module = sys.modules["bert_score.score"]
+    monkeypatch.setattr(score_module, "get_tokenizer", lambda model_type, use_fast=False:
+                        transformers.AutoTokenizer.from_pretrained(model_type, add_prefix_space=True))
+    cands, refs = BERTSCORE_TEXTS
+    _, _, expected = bert_score.score(cands, refs, model_type=str(tmp_path), num_layers=layer, idf=False,
+                                      device="cpu", batch_size=2)
+    model, tokenizer = encoder.load(str(tmp_path))
+    ours = metrics.bertscore_f1(cands, refs, model, tokenizer, layer=layer, batch_size=4)
+    assert ours == pytest.approx(expected.tolist(), abs=1e-5)
+    assert len(set(ours)) == len(ours) and all(0 < f < 1 for f in ours)
+    # an empty side scores 0, as bert_score sets it (which cannot encode "" under transformers 5)
+    assert metrics.bertscore_f1(["", "a cat", " "], ["a cat", "", "x"], model, tokenizer, layer=layer) == [0.0] * 3
+    tok = tokenizer.tokenizer  # the leading space changes the first word's tokens, so the match above tests it
+    assert tok.encode(" the cat").tokens[1:-1] != tok.encode("the cat").tokens[1:-1]
 
 
 def test_evaluate_keys_and_errors(monkeypatch):
@@ -123,13 +186,14 @@ def test_evaluate_keys_and_errors(monkeypatch):
     assert set(metrics.evaluate("lamp2", ["comedy"], ["comedy"])) == {"accuracy", "f1"}
     assert metrics.evaluate("lamp3", ["1", "5"], ["2", "5"]) == {"mae": 0.5, "rmse": pytest.approx(0.5 ** 0.5)}
 
-    class Fake:
-        name_or_path = "fake-encoder"
-
-    monkeypatch.setattr(encoder, "token_embeddings", lambda m, t, texts, layer, bs: [torch.ones(1, 2)] * len(texts))
-    out = metrics.evaluate("lamp7", [" the cat sat "], ["the cat ran"], bertscore_model=(Fake(), None))
+    layers = []
+    monkeypatch.setattr(encoder, "token_embeddings", lambda m, t, texts, layer, bs: layers.append(layer) or
+                        [(torch.ones(1, 2), torch.tensor([False]))] * len(texts))
+    out = metrics.evaluate("lamp7", [" the cat sat "], ["the cat ran"], bertscore_model=(FakeEncoder(), None))
     assert out == {"rouge1": pytest.approx(2 / 3), "rougeL": pytest.approx(2 / 3), "bertscore_f1": pytest.approx(1.0),
-                   "bertscore_model": "fake-encoder"}
+                   "bertscore_model": "fake-encoder", "bertscore_layer": 3}
+    out = metrics.evaluate("lamp7", ["a"], ["b"], bertscore_model=(FakeEncoder(), None), bertscore_layer=1)
+    assert out["bertscore_layer"] == 1 and layers == [3, 1]
     with pytest.raises(ValueError, match="unknown task 'lamp6'"):
         metrics.evaluate("lamp6", ["a"], ["a"])
     with pytest.raises(ValueError, match="no predictions"):

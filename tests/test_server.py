@@ -23,6 +23,7 @@ import pytest
 import augment
 import cdcda
 import cloud
+import data
 import generate
 import qwen2
 import server as cloud_server
@@ -44,9 +45,9 @@ def parsable(real_chat):
         out = []
         for conv, text in zip(conversations, texts):
             x = conv[-1]["content"].split("Input: [")[1].split("], Response: [")[0]
-            kind = zlib.crc32(text.encode()) % 3
-            out.append([f"Input: [{' '.join(reversed(x.split()))}], Response: [{text} ok]",
-                        f"Input: [quantum chromodynamics on a lattice], Response: [{text} ok]", "no pair"][kind])
+            h = zlib.crc32(text.encode())  # the random text itself holds "Input: [", brackets, newlines
+            out.append([f"Input: [{' '.join(reversed(x.split()))}], Response: [{h} ok]",
+                        f"Input: [quantum chromodynamics on a lattice], Response: [{h} ok]", "no pair"][h % 3])
         return out
     return chat
 
@@ -119,10 +120,11 @@ def test_augment_over_http_equals_in_process(server, tiny_model_dir, monkeypatch
     monkeypatch.setattr(generate, "chat", parsable(generate.chat))
     model, tok = qwen2.load(str(tiny_model_dir))
     judge = augment.make_judge(JUDGE, "cpu")
-    originals, candidates, unparsable = augment.augment(model, tok, pairs, 3, 0.7, 1234)
+    originals, candidates, unparsable, off_label = augment.augment(model, tok, pairs, 3, 0.7, 1234,
+                                                                   task=data.get_task("lamp7"))
     sel = augment.select(originals, candidates, judge, THRESHOLDS)
     assert records == sel.records  # same seed, same synthetic data, across processes and the wire
-    assert counts == {**sel.counts, "generated": 9, "unparsable": unparsable}
+    assert counts == {**sel.counts, "generated": 9, "unparsable": unparsable, "off_label": off_label}
     assert 0 < counts["kept"] < counts["candidates"] < 9 and unparsable > 0  # not a trivial comparison
     other, _ = cloud.remote_augment(server, "lamp7", pairs, 3, 0.7, 99, THRESHOLDS, token=TOKEN)
     assert other != records  # and the seed matters
