@@ -290,8 +290,11 @@ def run(args, methods=METHODS) -> dict:
     for role, name in report.models_used(args).items():
         print(f"  {role}: {name}")
     users = data.load_users(task.name, args.data)
-    targets, others = data.split_users(users, min(args.users, len(users)))
-    print(f"  users: {len(targets)} targets (most active), {len(others)} others train M_base")
+    files = {name for u in users for name in u.files}
+    for name in sorted(files):
+        print(f"  {name}: {sum(name in u.files for u in users)} users, {sum(u.files.get(name, 0) for u in users)} queries")
+    targets, others = data.split_users(users, min(args.users, len(users)), args.user_selection, args.seed)
+    print(f"  users: {len(targets)} targets ({args.user_selection}), {len(others)} others train M_base")
     check_models(args, task, methods)
     training = Training.from_args(args)
     base = base_model(task, others, args.device_model, replace(training, epochs=args.base_epochs), args.seed,

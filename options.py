@@ -38,7 +38,9 @@ def parser(methods) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="CDCDA-PLM end to end on LaMP (`python cdcda.py report --out DIR` "
                                 "scores a finished run again)")
     p.add_argument("--task", default="lamp7", choices=list(data.TASKS), help="LaMP task")
-    p.add_argument("--users", type=int, default=3, help="number of target users (the most active)")
+    p.add_argument("--users", type=int, default=3, help="number of target users")
+    p.add_argument("--user-selection", default="most-active", choices=["most-active", "random"],
+                   help="targets: the longest histories (sec. 5.1) or a seeded random sample (appendix D)")
     p.add_argument("--data", default=None, help="directory with DIR/<task>/*.json (real LaMP); default: embedded demo")
     p.add_argument("--out", default=None, help="output directory (default runs/<task>)")
     p.add_argument("--methods", default="base,direct-ft,cdcda", help=f"comma-separated subset of {','.join(methods)}")

@@ -101,7 +101,7 @@ def main(argv=None) -> dict:
             setattr(args, name, getattr(given, name))
     task = data.get_task(args.task)
     users = data.load_users(task.name, args.data)
-    targets = data.split_users(users, min(args.users, len(users)))[0]
+    targets = data.split_users(users, min(args.users, len(users)), args.user_selection, args.seed)[0]
     results, missing = [], []
     for user in targets:
         path = out / "users" / user.user_id / "result.json"

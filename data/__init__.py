@@ -23,15 +23,13 @@ of the task's queries, so fine-tuning on the history teaches the query task:
   lamp5 abstract -> title, each behind the same instruction text LaMP's queries use.
 - lamp7: profile items hold only the user's own tweet. Input = the paraphrase instruction +
   the tweet, output = the same tweet: the pair teaches the user's wording, not a rewrite.
-- lamp1: profile items are the author's papers (title, abstract) and a citation choice
-  needs a second candidate, so a single item cannot form a query-format pair. Input = the
-  LaMP-5 instruction + the abstract, output = the title (as OPPU does): it teaches the
-  author's topics and vocabulary, which is what picks the related reference.
+- lamp1: a citation choice needs two candidates, so a single paper cannot form a query-format
+  pair; abstract -> title as OPPU does: it teaches the author's topics and vocabulary.
 
 Files. `load_users(task, data_dir)` reads every JSON file in `data_dir/<task>/` (e.g.
-`DIR/lamp7/`; `data_dir=None` is the embedded demo, `data/demo/lamp7/`; `data/stream` holds
-`lamp7/users.json`, the lamp7 demo with the three target users' histories written out to 48
-tweets each, for the online-buffer comparison of `experiments.py`):
+`DIR/lamp7/`; None: the embedded demo `data/demo/lamp7/`; `data/stream/lamp7/users.json` is
+the lamp7 demo with the targets' histories written out to 48 tweets, for the buffer comparison);
+users of different files who share a profile item id are one person (`merge_people`):
 - `X_questions.json` + `X_outputs.json` (LaMP's official format; LaMP's LaMP_7/dev/
   dev_questions.json and dev_outputs.json, train_* alike, go in as they are): questions
   `[{id, input, profile: [...]}]`, outputs `{task: "LaMP_7", golds: [{id, output}]}`. Each
@@ -39,17 +37,15 @@ tweets each, for the online-buffer comparison of `experiments.py`):
   (user_id = the first such question's id), so a user can have several queries.
 - any other `*.json`: the per-user format (OPPU): `[{user_id, profile, query: [{id, input,
   gold}]}]`.
-Errors (`errors.InputError`, naming the file, the record index and its id): no
-task directory, malformed JSON, a wrong top-level type, a missing record field, an outputs
-file for another task, duplicate ids, a question without a gold or a gold without a
-question, a gold outside the label list (lamp1, lamp2) or not 1-5 (lamp3), an unknown task
-(the message lists the valid ones), no usable user at all. Warnings, and the run goes on
-without that piece: a profile item missing a task field or with an empty one (the item is
-skipped), a user left with no history, a per-user record with no query (the user is skipped).
+Bad files end in an `errors.InputError` naming the file, the record index and its id (no task
+directory, malformed JSON, a missing field, duplicate ids, a question without a gold, a gold
+outside the labels, ...); a profile item missing a field, a user with no history or no query
+is skipped with a warning.
 """
 import json
+import random
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from errors import InputError
@@ -75,6 +71,7 @@ class User:
     user_id: str
     profile: list[dict]  # the user's history D_u, items with the task's profile fields
     queries: list[Query]
+    files: dict = field(default_factory=dict, compare=False)  # file name -> how many of the queries came from it
 
 
 @dataclass(frozen=True)
@@ -160,13 +157,47 @@ def get_task(name: str) -> Task:
     return TASKS[name]
 
 
-def split_users(users: list[User], n_target: int) -> tuple[list[User], list[User]]:
-    """The paper's split (sec. 5.1, after OPPU): the `n_target` most active users (longest
-    history; ties by user_id) are the targets, all others train the task base model."""
+def split_users(users: list[User], n_target: int, selection: str = "most-active",
+                seed: int = 0) -> tuple[list[User], list[User]]:
+    """The paper's split: the `n_target` targets and the others, who train the task base model.
+    "most-active" (sec. 5.1, after OPPU): the longest histories, ties by user_id; "random"
+    (appendix D): a seeded random sample of the users."""
     if not 1 <= n_target <= len(users):
-        raise InputError(f"n_target={n_target}: must be between 1 and the {len(users)} users")
-    ranked = sorted(users, key=lambda u: (-len(u.profile), u.user_id))
+        raise InputError(f"--users {n_target}: must be between 1 and the {len(users)} users")
+    if selection == "random":
+        ranked = random.Random(seed).sample(sorted(users, key=lambda u: u.user_id), len(users))
+    else:
+        ranked = sorted(users, key=lambda u: (-len(u.profile), u.user_id))
     return ranked[:n_target], ranked[n_target:]
+
+
+def merge_people(users: list[User]) -> list[User]:
+    """Users whose histories share a profile item id are one person (LaMP's train and dev files
+    hold the same people under other question ids): one user, the first one's id, the union of
+    the histories (each item once, in order) and every query. Items without an id never merge."""
+    merged, owner = [], {}  # profile item id -> index in merged
+    for user in users:
+        ids = {str(item["id"]) for item in user.profile if isinstance(item, dict) and "id" in item}
+        hits = sorted({owner[i] for i in ids if i in owner})
+        if not hits:
+            merged.append(user)
+            index = len(merged) - 1
+        else:
+            index = hits[0]
+            for other in [merged[h] for h in hits[1:]] + [user]:
+                if other is None:
+                    continue
+                person = merged[index]
+                known = {json.dumps(item, sort_keys=True) for item in person.profile}
+                person.profile += [item for item in other.profile if json.dumps(item, sort_keys=True) not in known]
+                person.queries += other.queries
+                for name, n in other.files.items():
+                    person.files[name] = person.files.get(name, 0) + n
+            for h in hits[1:]:  # rare: this user joins two people seen apart so far
+                merged[h] = None
+                owner.update({i: index for i, o in owner.items() if o == h})
+        owner.update({i: index for i in ids})
+    return [u for u in merged if u is not None]
 
 
 def load_users(task: str, data_dir=None) -> list[User]:
@@ -196,6 +227,7 @@ def load_users(task: str, data_dir=None) -> list[User]:
     for path in files:
         if path not in questions and path not in outputs:
             users += _read_per_user(spec, path)
+    users = merge_people(users)
     seen = set()
     for u in users:
         if u.user_id in seen:
@@ -290,6 +322,7 @@ def _read_official(spec: Task, q_path: Path, o_path: Path) -> list[User]:
             users[key] = User(qid, _clean_profile(spec, profile, where), [])
             wheres[key] = where
         users[key].queries.append(Query(qid, query_input, golds[qid]))
+        users[key].files[q_path.name] = users[key].files.get(q_path.name, 0) + 1
     extra = [gid for gid in golds if gid not in used]
     if extra:
         raise InputError(f"{o_path}: gold ids with no question in {q_path.name}: {', '.join(extra[:10])}")
@@ -311,7 +344,7 @@ def _read_per_user(spec: Task, path: Path) -> list[User]:
             qwhere = f"{where} query {j}"
             gold = _check_gold(spec, _field(q, "gold", qwhere), qwhere)
             queries.append(Query(str(_field(q, "id", qwhere)), _field(q, "input", qwhere, str), gold))
-        user = User(uid, profile, queries)
+        user = User(uid, profile, queries, {path.name: len(queries)})
         if _keep(user, where):
             users.append(user)
     return users

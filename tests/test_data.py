@@ -270,10 +270,31 @@ def test_split_users_most_active_with_deterministic_ties():
     assert [x.user_id for x in targets] == ["e", "b", "c"]
     assert [x.user_id for x in others] == ["d", "a"]
     assert [x.user_id for x in split_users(list(reversed(users)), 3)[0]] == ["e", "b", "c"]
-    with pytest.raises(ValueError, match="n_target=6"):
+    with pytest.raises(InputError, match="--users 6"):
         split_users(users, 6)
-    with pytest.raises(ValueError, match="n_target=0"):
+    with pytest.raises(InputError, match="--users 0"):
         split_users(users, 0)
+    drawn = [x.user_id for x in split_users(users, 3, "random", seed=1)[0]]
+    assert drawn == [x.user_id for x in split_users(list(reversed(users)), 3, "random", seed=1)[0]]  # seeded
+    assert len(set(drawn)) == 3 and any([x.user_id for x in split_users(users, 3, "random", seed=s)[0]] != drawn
+                                        for s in range(2, 6))  # another seed, another sample
+
+
+def test_train_and_dev_files_hold_one_person_once(tmp_path):
+    """LaMP's time-based split: the same person answers a train and a dev question, with a
+    longer history in dev. Shared profile item ids make them one user, with both queries;
+    M_base can then never train on a target's other question."""
+    early = [{"id": "a1", "text": "one"}, {"id": "a2", "text": "two"}]
+    write_official(tmp_path, prefix="train", questions=[
+        {"id": "t1", "input": "in1", "profile": early}, {"id": "t2", "input": "in2", "profile": [{"id": "b1", "text": "x"}]}])
+    write_official(tmp_path, prefix="dev", questions=[
+        {"id": "d1", "input": "in3", "profile": early + [{"id": "a3", "text": "three"}]},
+        {"id": "d2", "input": "in4", "profile": [{"id": "c1", "text": "y"}]}])
+    users = {u.user_id: u for u in load_users("lamp7", tmp_path)}
+    assert set(users) == {"d1", "d2", "t2"}  # dev_* sorts before train_*: the person is d1
+    person = users["d1"]
+    assert [q.id for q in person.queries] == ["d1", "t1"] and [i["id"] for i in person.profile] == ["a1", "a2", "a3"]
+    assert person.files == {"dev_questions.json": 1, "train_questions.json": 1}
 
 
 # ---- the embedded demo -------------------------------------------------------------------
