@@ -6,6 +6,7 @@ of each generation; `select` keeps the candidates that pass SCF, TDF and LSF (eq
 `filters.select`) with the judge `make_judge` builds. The pipeline (cdcda.py) runs these in
 process or through an OpenAI-compatible server (`cloud.api_chat`); server.py serves them.
 """
+import functools
 import math
 import re
 
@@ -72,11 +73,16 @@ def parse_pair(text: str) -> tuple[str, str] | None:
 
 
 def augment(cloud, cloud_tok, pairs, k: int, temperature: float, seed: int, chat=None,
-            task: data.Task | None = None, max_len_ratio: float = filters.EPS_MAX_LEN):
+            task: data.Task | None = None, max_len_ratio: float = filters.EPS_MAX_LEN, structured: bool = False):
     """Step 2 (eq. 1): k samples per pair from the cloud LM with the paper's prompt.
 
     The cloud's reply is started with REPLY_PREFIX ("Input: ["): the 135M stand-in answers
-    the bare prompt mostly in prose, which parses as nothing. Generation stops at
+    the bare prompt mostly in prose, which parses as nothing. `structured` (--augment-decoding
+    structured) decodes the whole shape instead of hoping for it: the input is sampled up to
+    its "]", then "], Response: [" is written for the model and the response sampled up to its
+    "]" (same prompt, model and temperature; only the scaffolding is forced), so the filters
+    judge content, not format. `chat` replaces `generate.chat` (`cloud.api_chat` for
+    --cloud-api: the same priming and stops over the API). Generation stops at
     ceil(max_len_ratio * longest) + AUGMENT_SLACK tokens, `longest` the tokens of the longest
     example's "Input: [x], Response: [y]": a candidate as long as eq. 4's upper bound
     (`max_len_ratio`, pass --eps-max-len) allows is never cut off.
@@ -87,9 +93,14 @@ def augment(cloud, cloud_tok, pairs, k: int, temperature: float, seed: int, chat
     prompts = [[{"role": "user", "content": AUGMENT_PROMPT.format(x=x, y=y)}] for x, y in pairs for _ in range(k)]
     longest = max(len(cloud_tok.encode(f"Input: [{x}], Response: [{y}]")) for x, y in pairs)
     budget = math.ceil(max_len_ratio * longest) + AUGMENT_SLACK
-    texts = (chat or generate.chat)(cloud, cloud_tok, prompts, max_new_tokens=budget,
-                                    temperature=temperature, seed=seed, batch_size=AUGMENT_BATCH,
-                                    desc="augment (cloud)", reply_prefix=REPLY_PREFIX)
+    reply = functools.partial(chat or generate.chat, cloud, cloud_tok, max_new_tokens=budget,
+                              temperature=temperature, batch_size=AUGMENT_BATCH)
+    if structured:
+        inputs = reply(prompts, seed=seed, desc="augment (cloud): inputs", reply_prefix=REPLY_PREFIX, stop="]")
+        texts = [text + "]" for text in reply(prompts, seed=seed + 1, desc="augment (cloud): responses",
+                                              reply_prefix=[x + "], Response: [" for x in inputs], stop="]")]
+    else:
+        texts = reply(prompts, seed=seed, desc="augment (cloud)", reply_prefix=REPLY_PREFIX)
     originals, candidates, unparsable, off_label = [], [], 0, 0
     for i, text in enumerate(texts):
         pair = parse_pair(text)

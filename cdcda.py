@@ -31,7 +31,6 @@ import torch
 import augment
 import cloud as cloud_client
 import data
-import encoder
 import generate
 import hub
 import lora
@@ -40,7 +39,7 @@ import online
 import options
 import qwen2
 import report
-import smollm2
+import rewrite
 from errors import InputError
 
 ANSWER_TOKENS = {"lamp1": 8, "lamp2": 12, "lamp3": 4, "lamp4": 32, "lamp5": 48, "lamp7": 48}
@@ -62,12 +61,17 @@ class Training:
 
 
 # ---------------------------------------------------------------- the five steps (sec. 4)
-def upload(task: data.Task, user: data.User) -> list[tuple[str, str]]:
+def upload(task: data.Task, user: data.User, rewrites: dict | None = None) -> list[tuple[str, str]]:
     """Step 1: the user's history D_u as (x, y) pairs; x is the content the instruction wraps
     (the tweet, the article), so augmentation and the filters see the user's text, not the
-    task instruction every pair shares."""
-    prefix = task.instruction
-    return [(x[len(prefix):], y) for x, y in map(task.pair, user.profile)]
+    task instruction every pair shares. `rewrites` (--history-pairs rewrite, LaMP-7): x is the
+    device's neutral rewrite of the tweet (`rewrite.history_pair`); a user none of whose items
+    has one keeps the identity pairs."""
+    pairs = [p for p in (rewrite.history_pair(task, item, rewrites) for item in user.profile) if p]
+    if not pairs:
+        print(f"  {user.user_id}: no history item has a rewrite; its identity pairs are used")
+        pairs = [task.pair(item) for item in user.profile]
+    return [(x[len(task.instruction):], y) for x, y in pairs]
 
 
 def download(pairs, kept) -> list[tuple[str, str]]:
@@ -123,14 +127,15 @@ def buffer_history(pairs, device_model, tokenizer, capacity: int, policy: str, s
 
 
 # ---------------------------------------------------------------- M_base
-def base_model(task: data.Task, others, device_model: str, training: Training, seed: int, device: str) -> Path:
+def base_model(task: data.Task, others, device_model: str, training: Training, seed: int, device: str,
+               rewrites: dict | None = None) -> Path:
     """M_base: the device model LoRA-tuned on the non-target users' data, merged, cached.
 
     The task's training set (sec. 4: "fine-tune a general LM on a public, standard dataset"):
     the other users' queries with their golds (LaMP's supervised examples) and their history
     pairs. Done "on the cloud" in the paper (no data of the target users), so at full
     precision. The cache key covers the device model, the training data and the settings."""
-    pairs = [task.pair(item) for u in others for item in u.profile]
+    pairs = [p for u in others for p in (rewrite.history_pair(task, item, rewrites) for item in u.profile) if p]
     pairs += [(q.input, q.gold) for u in others for q in u.queries]
     settings = [device_model, pairs, training.epochs, training.lr, training.r, training.alpha, seed]
     key = hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:16]
@@ -211,12 +216,13 @@ def synthesize(task, pairs, cloud, judge, args, seed: int, user_dir: Path, times
     t = time.time()
     if args.cloud:  # steps 1-4 over HTTP: the server augments and selects
         records, counts = cloud_client.remote_augment(args.cloud, task.name, pairs, args.k, args.temperature,
-                                                      seed, options.thresholds(args))
+                                                      seed, options.thresholds(args), args.augment_decoding)
         times["augment+select (remote)"] = time.time() - t
     else:
         chat = cloud_client.api_chat(args.cloud_api, args.cloud_model) if args.cloud_api else None
         originals, candidates, unparsable, off_label = augment.augment(
-            *cloud, pairs, args.k, args.temperature, seed, chat=chat, task=task, max_len_ratio=args.eps_max_len)
+            *cloud, pairs, args.k, args.temperature, seed, chat=chat, task=task, max_len_ratio=args.eps_max_len,
+            structured=args.augment_decoding == "structured")
         times["augment"] = time.time() - t
         t = time.time()
         sel = (online.rouge1_select(originals, candidates, args.eps_rouge1) if args.synthesis_filter == "rouge1"
@@ -229,11 +235,12 @@ def synthesize(task, pairs, cloud, judge, args, seed: int, user_dir: Path, times
     return records, counts
 
 
-def run_user(user, task, cloud, judge, device_model, tok, args, user_dir: Path, methods=METHODS) -> dict:
+def run_user(user, task, cloud, judge, device_model, tok, args, user_dir: Path, methods=METHODS,
+             rewrites: dict | None = None) -> dict:
     """All methods for one user; the result dict is also written to user_dir/result.json."""
     seed = args.seed + zlib.crc32(user.user_id.encode()) % 10_000
     times, result = {}, {"user_id": user.user_id, "predictions": {}}
-    pairs, counts = upload(task, user), {}
+    pairs, counts = upload(task, user, rewrites), {}
     if args.buffer:
         t = time.time()
         pairs, summary = buffer_history(pairs, device_model, tok, args.buffer, args.buffer_policy, seed)
@@ -258,27 +265,6 @@ def run_user(user, task, cloud, judge, device_model, tok, args, user_dir: Path, 
 
 
 # ---------------------------------------------------------------- the run
-def check_models(args, task: data.Task, methods) -> None:
-    """Fail before the work: every model this run will load is found, and its config.json and
-    tokenizer.json read, before M_base or any user is trained; else one line naming the option."""
-    roles = {"--device-model": args.device_model}
-    if any(methods[m].synthetic for m in args.methods) and not args.cloud:  # with --cloud the server has them
-        roles["--cloud-model"] = args.cloud_model
-        if args.synthesis_filter == "cdcda":
-            roles["--judge"] = augment.judge_source(args.judge)[1]
-    if task.metric == "generation":
-        roles["--bertscore-model"] = args.bertscore_model
-    for option, source in roles.items():
-        try:
-            directory = (smollm2.embedded_dir() if source == qwen2.EMBEDDED else
-                         encoder.embedded_dir() if source == encoder.EMBEDDED else hub.snapshot(source))
-            hub.load_config(directory)
-            if not (directory / "tokenizer.json").is_file():
-                raise InputError(f"{directory / 'tokenizer.json'}: missing")
-        except InputError as e:
-            raise InputError(f"{option} {source}: {e}") from None
-
-
 EVALUATION_ONLY = ("out", "users", "methods", "bertscore_model", "bertscore_layer")  # not in the fingerprint
 
 
@@ -295,10 +281,14 @@ def run(args, methods=METHODS) -> dict:
         print(f"  {name}: {sum(name in u.files for u in users)} users, {sum(u.files.get(name, 0) for u in users)} queries")
     targets, others = data.split_users(users, min(args.users, len(users)), args.user_selection, args.seed)
     print(f"  users: {len(targets)} targets ({args.user_selection}), {len(others)} others train M_base")
-    check_models(args, task, methods)
+    options.check_models(args, task, methods)
     training = Training.from_args(args)
+    rewrites = None
+    if args.history_pairs == "rewrite" and rewrite.needs_rewrites(task):  # every method and M_base alike
+        rewrites = rewrite.neutral_rewrites(task, users, args.device_model, augment.make_judge(args.judge, args.device),
+                                            options.thresholds(args), args.device)
     base = base_model(task, others, args.device_model, replace(training, epochs=args.base_epochs), args.seed,
-                      args.device)
+                      args.device, rewrites)
     device_model, tok = qwen2.load(base, "float32", args.device)
     device_model = nf4.quantize_model(device_model, torch.bfloat16)  # sec. 5.1: NF4 weights, bf16 compute
     cloud = judge = None
@@ -324,7 +314,7 @@ def run(args, methods=METHODS) -> dict:
             continue
         print(f"user {i + 1}/{len(targets)} {user.user_id}: {len(user.profile)} history items, {len(user.queries)} queries")
         try:
-            results.append(run_user(user, task, cloud, judge, device_model, tok, args, user_dir, methods))
+            results.append(run_user(user, task, cloud, judge, device_model, tok, args, user_dir, methods, rewrites))
         except cloud_client.CloudUnavailable as e:
             raise InputError(f"{e}\nfinished users are kept under {out / 'users'}; run again to resume") from None
     return report.write(report.build(task, targets, results, args, labels), out)

@@ -56,13 +56,14 @@ def post_json(url: str, body: dict, token: str | None, timeout: float, retries: 
 
 
 def remote_augment(url: str, task_name: str, pairs, k: int, temperature: float, seed: int, thresholds: dict,
-                   token: str | None = None, timeout: float = 600, retries: int = 3, backoff: float = 1.0):
-    """Steps 1-4 through a `serve`: upload D_u, get back (records, counts) as `cdcda.run_user`
+                   decoding: str = "free", token: str | None = None, timeout: float = 600, retries: int = 3,
+                   backoff: float = 1.0):
+    """Steps 1-4 through server.py: upload D_u, get back (records, counts) as `cdcda.synthesize`
     writes them (records with "kept" flags; counts with "generated" and "unparsable").
-    token=None reads CDCDA_TOKEN."""
+    `decoding`: "free" or "structured" (`augment.augment`). token=None reads CDCDA_TOKEN."""
     token = os.environ.get("CDCDA_TOKEN") if token is None else token
     body = {"task": task_name, "pairs": [list(p) for p in pairs], "k": k, "temperature": temperature,
-            "seed": seed, "thresholds": thresholds}
+            "seed": seed, "thresholds": thresholds, "decoding": decoding}
     answer = post_json(url.rstrip("/") + "/v1/augment", body, token, timeout, retries, backoff)
     if not (isinstance(answer.get("records"), list) and isinstance(answer.get("counts"), dict)):
         raise CloudError(f"{url}: the answer has no records/counts: {str(answer)[:200]}")
@@ -78,20 +79,26 @@ def chat_url(url: str) -> str:
 
 
 def openai_chat(url: str, model: str, conversations: list[list[dict]], max_tokens: int, temperature: float,
-                seed: int, api_key: str | None = None, timeout: float = 120, retries: int = 3, backoff: float = 1.0,
-                concurrency: int = 4) -> list[str]:
-    """One reply per conversation from an OpenAI-compatible server (vLLM, or `serve`).
-    Conversation i is sent with seed + i, so the k copies of one augmentation prompt differ.
-    api_key=None reads OPENAI_API_KEY."""
+                seed: int, api_key: str | None = None, stop: str = "", timeout: float = 120, retries: int = 3,
+                backoff: float = 1.0, concurrency: int = 4) -> list[str]:
+    """One reply per conversation from an OpenAI-compatible server (vLLM, or server.py), as the
+    server wrote it. Conversation i is sent with seed + i, so the k copies of one augmentation
+    prompt differ. A conversation that ends in an assistant message is continued (vLLM's
+    `continue_final_message`); `stop` ends a reply before that text. api_key=None reads
+    OPENAI_API_KEY."""
     api_key = os.environ.get("OPENAI_API_KEY") if api_key is None else api_key
     endpoint = chat_url(url)
 
     def one(i):
         body = {"model": model, "messages": conversations[i], "max_tokens": max_tokens,
                 "temperature": temperature, "seed": seed + i, "n": 1}
+        if conversations[i][-1]["role"] == "assistant":
+            body |= {"continue_final_message": True, "add_generation_prompt": False}
+        if stop:
+            body["stop"] = stop
         answer = post_json(endpoint, body, api_key, timeout, retries, backoff)
         try:
-            return (answer["choices"][0]["message"]["content"] or "").strip()
+            return answer["choices"][0]["message"]["content"] or ""
         except (KeyError, IndexError, TypeError):
             raise CloudError(f"{endpoint}: not a chat completion: {str(answer)[:200]}") from None
     with ThreadPoolExecutor(concurrency) as pool:
@@ -99,13 +106,17 @@ def openai_chat(url: str, model: str, conversations: list[list[dict]], max_token
 
 
 def api_chat(url: str, model: str, api_key: str | None = None, **client):
-    """`generate.chat`'s shape over an OpenAI-compatible server, for `cdcda.augment` (--cloud-api):
-    chat(model, tokenizer, conversations, max_new_tokens, temperature, seed, ...) -> list[str];
-    the local model and tokenizer arguments are ignored, and so is `reply_prefix` (the chat API
-    cannot start the assistant's turn)."""
+    """`generate.chat` over an OpenAI-compatible server, for `augment.augment` (--cloud-api):
+    chat(model, tokenizer, conversations, max_new_tokens, temperature, seed, ..., reply_prefix,
+    stop) -> list[str]; the local model and tokenizer arguments are ignored. `reply_prefix`
+    starts the assistant's turn as in process: it is sent as a final assistant message to be
+    continued, and kept in the reply."""
     def chat(_model, _tokenizer, conversations, max_new_tokens=64, temperature=0.7, seed=0, batch_size=8, desc=None,
-             reply_prefix=""):
-        return openai_chat(url, model, conversations, max_new_tokens, temperature, seed, api_key, **client)
+             reply_prefix="", stop=""):
+        prefixes = [reply_prefix] * len(conversations) if isinstance(reply_prefix, str) else list(reply_prefix)
+        primed = [c + [{"role": "assistant", "content": p}] if p else c for c, p in zip(conversations, prefixes)]
+        texts = openai_chat(url, model, primed, max_new_tokens, temperature, seed, api_key, stop, **client)
+        return [(p + t).strip() for p, t in zip(prefixes, texts)]
     return chat
 
 

@@ -8,6 +8,8 @@ what runs it token by token:
 - `speculative_generate`: a drafter proposes gamma tokens, the target verifies them by exact
   rejection sampling (Leviathan et al., 2023), so the output follows the target's distribution.
 """
+import functools
+
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -78,24 +80,37 @@ def generate(model: Qwen2, input_ids, max_new_tokens: int, temperature: float = 
     return out[:, :n]
 
 
-def reply_text(tokenizer: Tokenizer, new_ids: list[int]) -> tuple[str, int | None]:
-    """The end-of-turn cut: (the text of the generated ids before the first end-of-turn / eos
-    id, that id's index; None when the reply ran out of tokens first)."""
-    end = next((j for j, t in enumerate(new_ids) if t in tokenizer.eos_token_ids), None)
-    return tokenizer.decode(new_ids[:end]), end
+@functools.lru_cache(maxsize=8)
+def stop_token_ids(tokenizer: Tokenizer, stop: str) -> tuple[int, ...]:
+    """Every vocabulary id whose text contains `stop` ("]" is also in "].", "])"): a reply asked
+    to stop at `stop` ends at any of them, however the model tokenizes the closing text."""
+    return tuple(i for i in range(tokenizer.tokenizer.get_vocab_size()) if stop in tokenizer.decode([i]))
+
+
+def reply_text(tokenizer: Tokenizer, new_ids: list[int], stop: str = "") -> tuple[str, int | None]:
+    """The end-of-turn cut: (the text of the generated ids before the first end-of-turn / eos id,
+    or before the first `stop` text; the index of the id that ended it, None when the reply ran
+    out of tokens first)."""
+    ends = set(tokenizer.eos_token_ids) | set(stop_token_ids(tokenizer, stop) if stop else ())
+    end = next((j for j, t in enumerate(new_ids) if t in ends), None)
+    text = tokenizer.decode(new_ids if end is None else new_ids[:end + 1])  # an eos id decodes to ""
+    return (text.split(stop)[0] if stop else text), end
 
 
 def chat(model: Qwen2, tokenizer: Tokenizer, conversations: list[list[dict]], max_new_tokens: int = 64,
          temperature: float = 0.7, seed: int = 0, batch_size: int = 8, desc: str | None = None,
-         reply_prefix: str = "") -> list[str]:
+         reply_prefix: str | list[str] = "", stop: str = "") -> list[str]:
     """Reply to each conversation (ChatML messages); the text up to the end-of-turn token, stripped.
 
     Conversations are batched by prompt length (less padding); one generator seeded with `seed`.
-    `reply_prefix` is written as the start of the assistant's turn (and kept in the reply): it
-    steers a small model into a format.
+    `reply_prefix` (one for all, or one per conversation) is written as the start of the
+    assistant's turn and kept in the reply: it steers a small model into a format. `stop` ends
+    a reply before the first occurrence of that text (OpenAI's `stop`).
     """
     device = model.model.embed_tokens.weight.device
-    prompts = [tokenizer.encode(tokenizer.apply_chat_template(c) + reply_prefix) for c in conversations]
+    prefixes = [reply_prefix] * len(conversations) if isinstance(reply_prefix, str) else list(reply_prefix)
+    prompts = [tokenizer.encode(tokenizer.apply_chat_template(c) + p) for c, p in zip(conversations, prefixes)]
+    ends = list(tokenizer.eos_token_ids) + list(stop_token_ids(tokenizer, stop) if stop else ())
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     generator = torch.Generator(device).manual_seed(seed)
     replies = [""] * len(prompts)
@@ -103,10 +118,10 @@ def chat(model: Qwen2, tokenizer: Tokenizer, conversations: list[list[dict]], ma
         for start in range(0, len(order), batch_size):
             rows = order[start:start + batch_size]
             ids, mask = left_pad([prompts[i] for i in rows], tokenizer.pad_token_id, device)
-            out = generate(model, ids, max_new_tokens, temperature, eos_token_id=tokenizer.eos_token_ids,
-                           attention_mask=mask, generator=generator)
+            out = generate(model, ids, max_new_tokens, temperature, eos_token_id=ends, attention_mask=mask,
+                           generator=generator)
             for i, new in zip(rows, out[:, ids.shape[1]:].tolist()):
-                replies[i] = (reply_prefix + reply_text(tokenizer, new)[0]).strip()
+                replies[i] = (prefixes[i] + reply_text(tokenizer, new, stop)[0]).strip()
             bar.update(len(rows))
     return replies
 

@@ -4,17 +4,22 @@
 server.py takes `add_filter_options` (the judge and the thresholds of eq. 2-4), so a default
 lives in one place. `check_args` checks every value and every combination that cannot make
 sense before any work starts, and fills in the models: the embedded stand-ins by default, the
-paper's with --paper.
+paper's with --paper; `check_models` finds every model a run will load before it trains anything.
 """
 import argparse
 import math
 import re
 
+import augment
 import data
 import encoder
 import filters
+import hub
 import online
 import qwen2
+import rewrite
+import smollm2
+from errors import InputError
 
 PAPER = {"cloud_model": "Qwen/Qwen2.5-3B-Instruct", "device_model": "Qwen/Qwen2.5-0.5B-Instruct",
          "judge": "nli:alisawuffles/roberta-large-wanli", "bertscore_model": "roberta-large"}
@@ -56,6 +61,12 @@ def parser(methods) -> argparse.ArgumentParser:
     p.add_argument("--cloud-api", default=None, metavar="URL", help="augment with --cloud-model on an "
                    "OpenAI-compatible server (vLLM; key from $OPENAI_API_KEY); the filters run here")
     p.add_argument("--k", type=int, default=5, help="synthetic samples per pair (eq. 1)")
+    p.add_argument("--history-pairs", default="identity", choices=["identity", "rewrite"],
+                   help="LaMP-7's history tweets as training pairs: tweet -> the same tweet, or the device "
+                   "model's neutral rewrite -> tweet (rewrite.py), for every method and M_base alike")
+    p.add_argument("--augment-decoding", default="free", choices=["free", "structured"],
+                   help="step 2: sample the reply after 'Input: [' and parse it, or force its "
+                   "'Input: [...], Response: [...]' shape (in process, on server.py and over --cloud-api alike)")
     p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (sec. 5.1)")
     add_filter_options(p)
     p.add_argument("--buffer", type=int, default=0, metavar="N", help="keep only N history items, chosen "
@@ -130,3 +141,26 @@ def thresholds(args) -> dict:
     """The eq. 2-4 thresholds as `filters.select` takes them."""
     return {"eps_scf": args.eps_scf, "eps_tdf": args.eps_tdf,
             "eps_min_len": args.eps_min_len, "eps_max_len": args.eps_max_len}
+
+
+def check_models(args, task: data.Task, methods) -> None:
+    """Fail before the work: every model this run will load is found, and its config.json and
+    tokenizer.json read, before M_base or any user is trained; else one line naming the option."""
+    roles = {"--device-model": args.device_model}
+    if any(methods[m].synthetic for m in args.methods) and not args.cloud:  # with --cloud the server has them
+        roles["--cloud-model"] = args.cloud_model
+        if args.synthesis_filter == "cdcda":
+            roles["--judge"] = augment.judge_source(args.judge)[1]
+    if args.history_pairs == "rewrite" and rewrite.needs_rewrites(task):
+        roles["--judge"] = augment.judge_source(args.judge)[1]
+    if task.metric == "generation":
+        roles["--bertscore-model"] = args.bertscore_model
+    for option, source in roles.items():
+        try:
+            directory = (smollm2.embedded_dir() if source == qwen2.EMBEDDED else
+                         encoder.embedded_dir() if source == encoder.EMBEDDED else hub.snapshot(source))
+            hub.load_config(directory)
+            if not (directory / "tokenizer.json").is_file():
+                raise InputError(f"{directory / 'tokenizer.json'}: missing")
+        except InputError as e:
+            raise InputError(f"{option} {source}: {e}") from None

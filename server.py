@@ -7,11 +7,12 @@ and selects (step 3, eq. 2-4), and the device downloads D_filtered (step 4; `clo
 the device's client, `python cdcda.py --cloud URL`):
 
   POST /v1/augment           {"task", "pairs": [[x, y], ...], "k", "temperature", "seed",
-                              "thresholds": {eps_scf, eps_tdf, eps_min_len, eps_max_len}}
+                              "thresholds": {eps_scf, eps_tdf, eps_min_len, eps_max_len},
+                              "decoding": "free" | "structured"}
                              -> {"records": [selection records], "counts", "judge", "model"}
                              (upload = the request, download = the response)
   POST /v1/chat/completions  an OpenAI-compatible subset (messages, temperature, top_p,
-                             max_tokens, n, seed, model) over the same cloud LM
+                             max_tokens, n, seed, model, stop; vLLM's continue_final_message)
   GET  /health, GET /v1/models
 
 Errors are JSON {"error": {"message", "field"}}: 400 malformed JSON, 401 missing or wrong bearer
@@ -99,6 +100,7 @@ class Cloud:
         k = get(body, "k", int, 5, lambda v: 1 <= v <= MAX_K, f"between 1 and {MAX_K}")
         temperature = get(body, "temperature", float, 0.7, lambda v: 0 <= v <= 2, "between 0 and 2")
         seed = get(body, "seed", int, 0, lambda v: 0 <= v < 2 ** 63, "a non-negative integer")
+        decoding = get(body, "decoding", str, "free", lambda v: v in ("free", "structured"), "free or structured")
         given = get(body, "thresholds", dict, {})
         for name in set(given) - set(THRESHOLDS):
             raise RequestError(422, f"thresholds.{name}: unknown; use {', '.join(THRESHOLDS)}", f"thresholds.{name}")
@@ -110,7 +112,7 @@ class Cloud:
         with self.lock:
             originals, candidates, unparsable, off_label = augment.augment(
                 self.model, self.tokenizer, pairs, k, temperature, seed, task=data.get_task(body["task"]),
-                max_len_ratio=thresholds["eps_max_len"])
+                max_len_ratio=thresholds["eps_max_len"], structured=decoding == "structured")
             sel = augment.select(originals, candidates, self.judge, thresholds)
         counts = {**sel.counts, "generated": len(pairs) * k, "unparsable": unparsable,
                   "off_label": off_label}  # as cdcda.synthesize
@@ -119,7 +121,10 @@ class Cloud:
 
     def chat_completions(self, body: dict) -> dict:
         """OpenAI's chat completion for one conversation; n samples share one seeded generator.
-        With n=1 the reply equals `generate.chat([messages], max_tokens, temperature, seed)`."""
+        With n=1 the reply equals `generate.chat([messages], max_tokens, temperature, seed)`.
+        As vLLM does, `continue_final_message` (with `add_generation_prompt: false`) continues
+        a final assistant message instead of starting a new turn (its content is the reply's
+        start, not repeated in the answer), and `stop` (a string) ends the reply before it."""
         model = get(body, "model", str, self.model_name)
         if model != self.model_name:
             raise RequestError(404, f"model: {model!r} is not served here, {self.model_name!r} is", "model")
@@ -135,21 +140,29 @@ class Cloud:
         max_tokens = get(body, "max_tokens", int, 256, lambda v: 1 <= v <= MAX_TOKENS, f"between 1 and {MAX_TOKENS}")
         n = get(body, "n", int, 1, lambda v: 1 <= v <= MAX_N, f"between 1 and {MAX_N}")
         seed = get(body, "seed", int, 0, lambda v: 0 <= v < 2 ** 63, "a non-negative integer")
+        stop = get(body, "stop", str, "", lambda v: len(v) <= 16, "a string of at most 16 characters")
+        cont = body.get("continue_final_message") is True
+        if cont and (messages[-1]["role"] != "assistant" or body.get("add_generation_prompt") is not False):
+            raise RequestError(422, "continue_final_message: needs a final assistant message and "
+                               "add_generation_prompt false", "continue_final_message")
         tok, device = self.tokenizer, self.model.model.embed_tokens.weight.device
-        prompt = tok.encode(tok.apply_chat_template([{"role": m["role"], "content": m["content"]} for m in messages]))
+        turns = [{"role": m["role"], "content": m["content"]} for m in messages]
+        prompt = tok.encode(tok.apply_chat_template(turns[:-1]) + turns[-1]["content"] if cont
+                            else tok.apply_chat_template(turns))
         if len(prompt) + max_tokens > self.model.config.max_position_embeddings:
             raise RequestError(422, f"messages: {len(prompt)} prompt tokens + max_tokens {max_tokens} exceed the "
                                f"context of {self.model.config.max_position_embeddings}", "messages")
+        ends = list(tok.eos_token_ids) + list(generate.stop_token_ids(tok, stop) if stop else ())
         ids = torch.tensor([prompt] * n, device=device)  # (n, T)
         with self.lock, torch.no_grad():
             generator = torch.Generator(device).manual_seed(seed)
-            out = generate.generate(self.model, ids, max_tokens, temperature, top_p, eos_token_id=tok.eos_token_ids,
-                                 generator=generator)  # (n, T + new)
+            out = generate.generate(self.model, ids, max_tokens, temperature, top_p, eos_token_id=ends,
+                                    generator=generator)  # (n, T + new)
         choices, used = [], 0
         for i, new in enumerate(out[:, len(prompt):].tolist()):
-            text, end = generate.reply_text(tok, new)
+            text, end = generate.reply_text(tok, new, stop)
             used += len(new) if end is None else end + 1
-            choices.append({"index": i, "message": {"role": "assistant", "content": text.strip()},
+            choices.append({"index": i, "message": {"role": "assistant", "content": text if cont else text.strip()},
                             "finish_reason": "length" if end is None else "stop", "logprobs": None})
         return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
                 "model": self.model_name, "choices": choices,

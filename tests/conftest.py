@@ -4,6 +4,7 @@ Tests take these as fixtures; no test file imports another.
 """
 import hashlib
 import json
+import os
 import shutil
 import socket
 import types
@@ -47,13 +48,17 @@ def free_port():
     return port
 
 
+DEVICE = os.environ.get("CDCDA_TEST_DEVICE", "cpu")  # the pipeline tests' --device: cpu, cuda or cuda:N
+
+
 @pytest.fixture
 def tiny_args():
-    """The pipeline's options for a run of seconds on the tiny decoder (cloud and device)."""
+    """The pipeline's options for a run of seconds on the tiny decoder (cloud and device), on
+    $CDCDA_TEST_DEVICE (default cpu), so the same tests run on a GPU unchanged."""
     def args(model_dir, out) -> list[str]:
         return ["--task", "lamp7", "--users", "2", "--k", "3", "--epochs", "1", "--base-epochs", "1",
                 "--max-length", "96", "--cloud-model", str(model_dir), "--device-model", str(model_dir),
-                "--out", str(out)]
+                "--out", str(out), "--device", DEVICE]
     return args
 
 

@@ -5,6 +5,7 @@ import pytest
 
 import augment
 import data
+import generate
 import qwen2
 import smollm2
 
@@ -112,3 +113,17 @@ def test_augment_budget_allows_the_length_filters_upper_bound(ratio):
 def test_make_judge_names_the_option():
     with pytest.raises(ValueError, match="--judge"):
         augment.make_judge("minilm", "cpu")
+
+
+def test_structured_augmentation_always_yields_the_pair_shape(tiny_model_dir, monkeypatch):
+    """A random model writes prose; structured decoding still returns "Input: [x], Response: [y]"
+    for every generation: the input stops at its "]", the response is primed and stops at its "]"."""
+    model, tok = qwen2.load(str(tiny_model_dir))
+    seen, real = [], generate.chat
+    monkeypatch.setattr(generate, "chat", lambda *a, **kw: seen.append(kw) or real(*a, **kw))
+    pairs = [("rain again", "ugh rain smh"), ("big game tonight", "LETS GO big game")]
+    originals, candidates, unparsable, _ = augment.augment(model, tok, pairs, 2, 1.0, 0, structured=True)
+    assert [kw["stop"] for kw in seen] == ["]", "]"] and seen[0]["reply_prefix"] == augment.REPLY_PREFIX
+    primed = seen[1]["reply_prefix"]
+    assert len(primed) == 4 and all(p.startswith("Input: [") and p.endswith("], Response: [") for p in primed)
+    assert unparsable + len(candidates) == 4 and len(originals) == len(candidates)

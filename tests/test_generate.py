@@ -192,3 +192,27 @@ def test_speculative_generate_checks_vocab_and_batch(tiny_model):
 
 
 # ---------------------------------------------------------------------------- reverse KL
+
+
+def test_chat_stop_ends_each_reply_before_the_stop_text(tiny_model_dir):
+    model, tok = qwen2.load(str(tiny_model_dir))
+    stops = generate.stop_token_ids(tok, "]")
+    assert tok.encode("]")[0] in stops and all("]" in tok.decode([i]) for i in stops)
+    convs = [[{"role": "user", "content": "hi"}], [{"role": "user", "content": "a longer question"}]]
+    replies = generate.chat(model, tok, convs, max_new_tokens=16, temperature=1.0, seed=3,
+                            reply_prefix=["Input: [", "Input: [x], Response: ["], stop="]")
+    assert replies[0].startswith("Input: [") and replies[1].startswith("Input: [x], Response: [")
+    assert "]" not in replies[0] and replies[1].count("]") == 1  # the prefix's own "]" only
+    free = generate.chat(model, tok, convs, max_new_tokens=16, temperature=1.0, seed=3,
+                         reply_prefix=["Input: [", "Input: [x], Response: ["])
+    assert free[0].startswith(replies[0])  # the same draws; the stopped reply is the free one cut at "]"
+
+
+def test_reply_text_cuts_at_the_end_of_turn_or_the_stop_text(tiny_model_dir):
+    tok = qwen2.Tokenizer.from_dir(tiny_model_dir)
+    ids = tok.encode("ab] cd")
+    assert generate.reply_text(tok, ids) == ("ab] cd", None)
+    end = tok.eos_token_ids[0]
+    assert generate.reply_text(tok, tok.encode("ab") + [end] + tok.encode("cd")) == ("ab", len(tok.encode("ab")))
+    text, index = generate.reply_text(tok, ids, stop="]")
+    assert text == "ab" and "]" in tok.decode([ids[index]])

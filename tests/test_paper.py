@@ -7,6 +7,7 @@ The cloud model really generates; its replies are then rewritten into parsable p
 model writes none), the way conftest.py's fake cloud does, so selection has candidates.
 """
 import json
+import os
 
 import pytest
 
@@ -80,7 +81,7 @@ def test_paper_configuration_end_to_end(tmp_path, monkeypatch, paper_models):
     out = tmp_path / "run"
     rep = cdcda.main(["--task", "lamp7", "--paper", "--data", str(tmp_path / "lamp"), "--users", "2",
                       "--out", str(out), "--k", "2", "--epochs", "1", "--base-epochs", "1", "--max-length", "128",
-                      "--batch-size", "4"])
+                      "--batch-size", "4", "--device", os.environ.get("CDCDA_TEST_DEVICE", "cpu")])
     saved = json.loads((out / "results.json").read_text())
     assert saved["rows"] == json.loads(json.dumps(rep["rows"]))
     assert set(rep["rows"]) == {"base", "direct-ft", "cdcda"} and rep["queries"] == 2

@@ -238,3 +238,20 @@ def test_killed_server_keeps_finished_users_and_rerun_completes(tiny_model_dir, 
         assert len(list((tmp_path / "run" / "users").glob("*/synthetic.jsonl"))) == 2
     finally:
         stop(proc)
+
+
+def test_api_priming_and_stop_equal_in_process(server, tiny_model_dir):
+    """--cloud-api augments like the in-process cloud: the reply is started with the same
+    prefix (continue_final_message) and stopped at the same text, so the replies are equal."""
+    model, tok = qwen2.load(str(tiny_model_dir))
+    chat = cloud.api_chat(server, str(tiny_model_dir), api_key=TOKEN)
+    conversations = [[{"role": "user", "content": "say something"}]]
+    for prefix, stop in (("Input: [", ""), ("Input: [", "]"), (["Input: [a], Response: ["], "]")):
+        remote = chat(None, None, conversations, max_new_tokens=8, temperature=0.7, seed=5, reply_prefix=prefix,
+                      stop=stop)
+        local = generate.chat(model, tok, conversations, max_new_tokens=8, temperature=0.7, seed=5,
+                              reply_prefix=prefix, stop=stop)
+        assert remote == local and remote[0].startswith("Input: [")
+    status, answer = post(server + "/v1/chat/completions", json.dumps(
+        {"messages": conversations[0], "continue_final_message": True}).encode())
+    assert status == 422 and answer["error"]["field"] == "continue_final_message"

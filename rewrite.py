@@ -1,0 +1,74 @@
+"""The input a LaMP-7 history item lacks, written on the device (--history-pairs rewrite).
+
+LaMP-7's history holds only the user's tweets, so `data.Task.pair` makes (paraphrase
+instruction + tweet -> the same tweet): an identity pair that teaches copying, while a query
+pairs a neutral text with the user's styled tweet. `neutral_rewrites` has the pretrained device
+model (not the cloud: the data stays on the device, and every method and M_base get the same
+pairs) rewrite each tweet zero-shot into plain, neutral text; `history_pair` then makes
+(instruction + rewrite -> tweet), the mapping the task scores.
+
+A rewrite must pass the project's own filters against its tweet: the same meaning (eq. 2, the
+judge at eps_scf), a sensible length (eq. 4), and not a copy (some word changed: ROUGE-L < 1).
+Of a greedy rewrite and `samples` sampled ones (T = 0.7, seed 0: the pairs are data, fixed
+across runs), the one the judge scores closest in meaning is kept; a tweet with none keeps no
+pair. Tasks whose history items hold an input (every task but LaMP-7) are left as they are.
+"""
+import hashlib
+import json
+import re
+
+import augment
+import data
+import generate
+import hub
+import qwen2
+
+REWRITE_PROMPT = ("Rewrite the following text as plain, neutral English with the same facts: no slang, no "
+                  "hashtags, no emojis, no exclamations. Only output the rewritten text.\nText: {text}")
+LABEL = re.compile(r"^\W*(\w+\s+){0,2}\w+\W*:\W*")  # "Rewrite:", "**Text:**": a leading label the model adds
+
+
+def needs_rewrites(task: data.Task) -> bool:
+    """Whether the task's history items are their own output (LaMP-7: the tweet is both)."""
+    return "{" + task.pair_output + "}" in task.pair_input
+
+
+def history_pair(task: data.Task, item: dict, rewrites: dict | None = None) -> tuple[str, str] | None:
+    """One history item as a training pair: `task.pair`, or (instruction + its rewrite -> the
+    item's text) when `rewrites` are given; None when its rewrite was rejected (no pair)."""
+    x, y = task.pair(item)
+    if rewrites is None or not needs_rewrites(task):
+        return x, y
+    return (task.instruction + rewrites[y], y) if rewrites.get(y) else None
+
+
+def neutral_rewrites(task: data.Task, users, device_model: str, judge, thresholds: dict, device: str,
+                     samples: int = 4) -> dict[str, str]:
+    """{text: its neutral rewrite, or "" when none passed} for every history item of `users`,
+    cached under the model cache (the key covers the model, the prompt, the judge, the texts)."""
+    texts = sorted({task.pair(item)[1] for u in users for item in u.profile})
+    key = hashlib.sha256(json.dumps([device_model, REWRITE_PROMPT, samples, judge.name, thresholds,
+                                     texts]).encode()).hexdigest()[:16]
+    path = hub.cache_dir() / "rewrites" / f"{task.name}-{key}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    model, tok = qwen2.load(device_model, "float32", device)
+    prompts = [[{"role": "user", "content": REWRITE_PROMPT.format(text=t)}] for t in texts]
+    budget = max(len(tok.encode(t)) for t in texts) + 16
+    outs = (generate.chat(model, tok, prompts, budget, temperature=0.0, batch_size=augment.AUGMENT_BATCH,
+                          desc="rewrite history (device)")
+            + generate.chat(model, tok, prompts * samples, budget, temperature=0.7, seed=0,
+                            batch_size=augment.AUGMENT_BATCH, desc="rewrite history (device, sampled)"))
+    outs = [LABEL.sub("", o.split("\n")[0]).strip().strip('"') for o in outs]
+    sources = texts * (samples + 1)
+    sel = augment.select([(t, t) for t in sources], [(o, t) for o, t in zip(outs, sources)], judge,
+                         thresholds | {"eps_tdf": 1.0 - 1e-6})  # TDF here only rejects exact copies
+    rewrites, best = {t: "" for t in texts}, {}
+    for r in sel.records:
+        score = min(r["scf_forward"], r["scf_backward"])
+        if r["kept"] and score > best.get(r["output"], -2.0):
+            rewrites[r["output"]], best[r["output"]] = r["syn_input"], score
+    print(f"history rewrites: {len(best)} of {len(texts)} texts have one")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    hub.write_atomic(path, json.dumps(rewrites, indent=1))
+    return rewrites
