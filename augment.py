@@ -84,23 +84,28 @@ def augment(cloud, cloud_tok, pairs, k: int, temperature: float, seed: int, chat
     judge content, not format. `chat` replaces `generate.chat` (`cloud.api_chat` for
     --cloud-api: the same priming and stops over the API). Generation stops at
     ceil(max_len_ratio * longest) + AUGMENT_SLACK tokens, `longest` the tokens of the longest
-    example's "Input: [x], Response: [y]": a candidate as long as eq. 4's upper bound
-    (`max_len_ratio`, pass --eps-max-len) allows is never cut off.
+    example's "Input: [x], Response: [y]" (structured: of the longest x, then of the longest
+    y): a candidate as long as eq. 4's upper bound (`max_len_ratio`, --eps-max-len) allows is
+    never cut off.
     Returns (originals, candidates, n_unparsable, n_off_label): candidates[i] was generated
     from originals[i]; generations without a parsable pair are dropped and counted in
     n_unparsable, parsed ones whose response `task.valid_output` rejects (a lamp2 tag or lamp3
     score outside the task's labels) are dropped and counted in n_off_label (0 without `task`)."""
     prompts = [[{"role": "user", "content": AUGMENT_PROMPT.format(x=x, y=y)}] for x, y in pairs for _ in range(k)]
-    longest = max(len(cloud_tok.encode(f"Input: [{x}], Response: [{y}]")) for x, y in pairs)
-    budget = math.ceil(max_len_ratio * longest) + AUGMENT_SLACK
-    reply = functools.partial(chat or generate.chat, cloud, cloud_tok, max_new_tokens=budget,
-                              temperature=temperature, batch_size=AUGMENT_BATCH)
+
+    def budget(texts):  # tokens for a text up to eq. 4's upper bound times the longest of `texts`
+        return math.ceil(max_len_ratio * max(len(cloud_tok.encode(t)) for t in texts)) + AUGMENT_SLACK
+    reply = functools.partial(chat or generate.chat, cloud, cloud_tok, temperature=temperature,
+                              batch_size=AUGMENT_BATCH)
     if structured:
-        inputs = reply(prompts, seed=seed, desc="augment (cloud): inputs", reply_prefix=REPLY_PREFIX, stop="]")
-        texts = [text + "]" for text in reply(prompts, seed=seed + 1, desc="augment (cloud): responses",
-                                              reply_prefix=[x + "], Response: [" for x in inputs], stop="]")]
+        inputs = reply(prompts, budget([x for x, _ in pairs]), seed=seed, desc="augment (cloud): inputs",
+                       reply_prefix=REPLY_PREFIX, stop="]")
+        texts = [text + "]" for text in reply(prompts, budget([y for _, y in pairs]), seed=seed + 1,
+                                              desc="augment (cloud): responses", stop="]",
+                                              reply_prefix=[x + "], Response: [" for x in inputs])]
     else:
-        texts = reply(prompts, seed=seed, desc="augment (cloud)", reply_prefix=REPLY_PREFIX)
+        texts = reply(prompts, budget([f"Input: [{x}], Response: [{y}]" for x, y in pairs]), seed=seed,
+                      desc="augment (cloud)", reply_prefix=REPLY_PREFIX)
     originals, candidates, unparsable, off_label = [], [], 0, 0
     for i, text in enumerate(texts):
         pair = parse_pair(text)

@@ -94,8 +94,8 @@ def answer(model, tokenizer, task: data.Task, queries, temperature: float, seed:
            desc: str) -> list[str]:
     """The device answers the user's queries offline with the appendix-B prompt, a long one
     shortened as in training (`lora.fit_messages`: the user content's end goes, the template
-    and the instruction stay) so that prompt and answer fit in max_length tokens."""
-    budget = max_length - ANSWER_TOKENS[task.name]
+    and the instruction stay; the prompt gets what `lora.encode_example` gives it)."""
+    budget = max(max_length - ANSWER_TOKENS[task.name], max_length // 2)
     conversations = [lora.fit_messages(tokenizer, task.messages(q.input), budget) for q in queries]
     return generate.chat(model, tokenizer, conversations, max_new_tokens=ANSWER_TOKENS[task.name],
                          temperature=temperature, seed=seed, desc=desc)

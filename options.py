@@ -61,10 +61,10 @@ def parser(methods) -> argparse.ArgumentParser:
     p.add_argument("--cloud-api", default=None, metavar="URL", help="augment with --cloud-model on an "
                    "OpenAI-compatible server (vLLM; key from $OPENAI_API_KEY); the filters run here")
     p.add_argument("--k", type=int, default=5, help="synthetic samples per pair (eq. 1)")
-    p.add_argument("--history-pairs", default="identity", choices=["identity", "rewrite"],
+    p.add_argument("--history-pairs", default="rewrite", choices=["identity", "rewrite"],
                    help="LaMP-7's history tweets as training pairs: tweet -> the same tweet, or the device "
                    "model's neutral rewrite -> tweet (rewrite.py), for every method and M_base alike")
-    p.add_argument("--augment-decoding", default="free", choices=["free", "structured"],
+    p.add_argument("--augment-decoding", default="structured", choices=["free", "structured"],
                    help="step 2: sample the reply after 'Input: [' and parse it, or force its "
                    "'Input: [...], Response: [...]' shape (in process, on server.py and over --cloud-api alike)")
     p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (sec. 5.1)")
@@ -125,6 +125,10 @@ def check_args(p: argparse.ArgumentParser, args, methods) -> argparse.Namespace:
     for role in PAPER:
         if getattr(args, role) is None:
             setattr(args, role, (PAPER if args.paper else EMBEDDED)[role])
+    try:
+        augment.judge_source(args.judge)
+    except InputError as e:
+        p.error(str(e))
     if isinstance(args.methods, str):
         args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in args.methods if m not in methods]

@@ -54,11 +54,12 @@ DEVICE = os.environ.get("CDCDA_TEST_DEVICE", "cpu")  # the pipeline tests' --dev
 @pytest.fixture
 def tiny_args():
     """The pipeline's options for a run of seconds on the tiny decoder (cloud and device), on
-    $CDCDA_TEST_DEVICE (default cpu), so the same tests run on a GPU unchanged."""
+    $CDCDA_TEST_DEVICE (default cpu), so the same tests run on a GPU unchanged; identity pairs
+    and free decoding, whose counts the tests check exactly (the defaults have a test of their own)."""
     def args(model_dir, out) -> list[str]:
         return ["--task", "lamp7", "--users", "2", "--k", "3", "--epochs", "1", "--base-epochs", "1",
                 "--max-length", "96", "--cloud-model", str(model_dir), "--device-model", str(model_dir),
-                "--out", str(out), "--device", DEVICE]
+                "--out", str(out), "--device", DEVICE, "--history-pairs", "identity", "--augment-decoding", "free"]
     return args
 
 
@@ -66,21 +67,27 @@ def tiny_args():
 def fake_cloud(monkeypatch):
     """The cloud LM's replies: a tiny random model writes no parsable pairs, so the cloud
     step's generations are replaced by a fixed mix of good (the words reversed: same words,
-    little ROUGE-L overlap), off-topic and unparsable ones; every other step runs for real."""
+    little ROUGE-L overlap), off-topic and unparsable ones, in the free and the structured
+    decoding's shape; the device's history rewrites are the tweets' words reversed too. Every
+    other step runs for real."""
     real_chat = generate.chat
     replies = ["Input: [{rx}], Response: [{y}]", "Input: [quantum chromodynamics lattice "
                "gauge theory], Response: [no]", "no pair here"]
 
-    def chat(model, tokenizer, conversations, **kw):
-        if kw.get("desc", "").startswith("augment"):
-            assert kw["reply_prefix"] == augment.REPLY_PREFIX
-            out = []
-            for i, conv in enumerate(conversations):
-                x, y = conv[-1]["content"].split("Input: [")[1].split("], Response: [")
-                rx = " ".join(reversed(x.split()))
-                out.append(replies[i % 3].format(rx=rx, y=y[:-2]))
-            return out
-        return real_chat(model, tokenizer, conversations, **kw)
+    def chat(model, tokenizer, conversations, *args, **kw):
+        desc = kw.get("desc") or ""
+        if desc.startswith("rewrite"):
+            return [" ".join(reversed(c[-1]["content"].split("Text: ")[1].split())) for c in conversations]
+        if not desc.startswith("augment"):
+            return real_chat(model, tokenizer, conversations, *args, **kw)
+        pairs = [c[-1]["content"].split("Input: [")[1].split("], Response: [") for c in conversations]
+        if not isinstance(kw["reply_prefix"], str):  # structured decoding, the responses
+            return [prefix + y[:-2] for prefix, (_, y) in zip(kw["reply_prefix"], pairs)]
+        assert kw["reply_prefix"] == augment.REPLY_PREFIX
+        out = [replies[i % 3].format(rx=" ".join(reversed(x.split())), y=y[:-2]) for i, (x, y) in enumerate(pairs)]
+        if kw.get("stop"):  # structured decoding, the inputs: up to their "]"
+            return [o.split("]")[0] if o.startswith("Input: [") else augment.REPLY_PREFIX + o for o in out]
+        return out
     monkeypatch.setattr(generate, "chat", chat)
 
 

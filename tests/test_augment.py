@@ -85,7 +85,7 @@ def test_augment_counts_unparsable_and_off_label_apart():
     replies = ["Input: [good], Response: [4]", "Input: [good], Response: [4", "Input: [good], Response: [4 stars]",
                "Input: [good], Response: [Four]"]
     tok = qwen2.Tokenizer.from_dir(smollm2.embedded_dir())
-    chat = lambda model, tokenizer, conversations, **kw: replies[:len(conversations)]
+    chat = lambda model, tokenizer, conversations, *args, **kw: replies[:len(conversations)]
     task = data.get_task("lamp3")
     originals, candidates, unparsable, off_label = augment.augment(None, tok, [("good", "4")], 4, 0.7, 0, chat=chat,
                                                                  task=task)

@@ -161,3 +161,24 @@ def test_good_options_pass():
         assert options.parse(["--device", device], cdcda.METHODS).device == device
     args = options.parse(["--temperature", "0", "--eps-tdf", "0.99", "--eps-min-len", "2"], cdcda.METHODS)
     assert (args.temperature, args.eps_min_len, args.eps_max_len) == (0.0, 2.0, 2.0)
+
+
+def test_the_defaults_pair_rewrites_and_decode_the_pair_shape(tiny_model_dir, tmp_path, monkeypatch, fake_cloud,
+                                                              tiny_args):
+    """Without --history-pairs identity / --augment-decoding free: every method trains on
+    (the device's rewrite -> tweet) pairs (fake_cloud's rewrites: the words reversed), and the
+    cloud's every generation has the pair's shape."""
+    monkeypatch.setenv("CDCDA_CACHE", str(tmp_path / "cache"))
+    trained, real_personalize = [], cdcda.personalize
+    monkeypatch.setattr(cdcda, "personalize", lambda model, tok, task, pairs, training, seed, desc: trained.append(
+        (desc, list(pairs))) or real_personalize(model, tok, task, pairs, training, seed, desc))
+    argv = tiny_args(tiny_model_dir, tmp_path / "run")
+    argv = argv[:argv.index("--history-pairs")] + ["--methods", "direct-ft,cdcda"]
+    rep = cdcda.main(argv)
+    assert rep["counts"]["unparsable"] == 0 and rep["counts"]["candidates"] == rep["counts"]["generated"]
+    history = dict(trained)
+    for user in data.split_users(data.load_users("lamp7"), 2)[0]:
+        pairs = history[f"direct-ft {user.user_id}"]
+        assert pairs and all(x != y and sorted(x.split()) == sorted(y.split()) for x, y in pairs)
+        assert history[f"cdcda {user.user_id}"][:len(pairs)] == pairs
+    assert len(list((tmp_path / "cache" / "rewrites").glob("lamp7-*.json"))) == 1

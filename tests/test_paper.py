@@ -46,15 +46,18 @@ def write_lamp7(directory):
 
 def rewrite_cloud_replies(monkeypatch):
     """The cloud model generates for real; each augmentation reply then becomes the prompt's
-    pair with the input's words reversed (parsable, passes the length filter)."""
+    input with its words reversed (structured decoding's input phase) and the prompt's response
+    (its response phase): parsable, and through the length filter."""
     real_chat = generate.chat
 
-    def chat(model, tokenizer, conversations, **kw):
-        texts = real_chat(model, tokenizer, conversations, **kw)
+    def chat(model, tokenizer, conversations, *args, **kw):
+        texts = real_chat(model, tokenizer, conversations, *args, **kw)
         if not (kw.get("desc") or "").startswith("augment"):
             return texts
         pairs = [c[-1]["content"].split("Input: [")[1].split("], Response: [") for c in conversations]
-        return [f"Input: [{' '.join(reversed(x.split()))}], Response: [{y[:-2]}]" for x, y in pairs]
+        if isinstance(kw["reply_prefix"], str):
+            return [kw["reply_prefix"] + " ".join(reversed(x.split())) for x, _ in pairs]
+        return [prefix + y[:-2] for prefix, (_, y) in zip(kw["reply_prefix"], pairs)]
     monkeypatch.setattr(generate, "chat", chat)
 
 

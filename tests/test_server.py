@@ -36,8 +36,8 @@ TOKEN = "s3cret-test-token"
 
 def parsable(real_chat):
     """generate.chat whose augmentation replies are parsable pairs built from the real generation."""
-    def chat(model, tokenizer, conversations, **kw):
-        texts = real_chat(model, tokenizer, conversations, **kw)
+    def chat(model, tokenizer, conversations, *args, **kw):
+        texts = real_chat(model, tokenizer, conversations, *args, **kw)
         if not (kw.get("desc") or "").startswith("augment"):
             return texts
         if any("FAIL INSIDE THE CLOUD" in conv[-1]["content"] for conv in conversations):
