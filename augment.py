@@ -18,7 +18,7 @@ from errors import InputError
 AUGMENT_PROMPT = ("Generate an Input and Response pairs semantically similar to the following "
                   "example, no need to explain. Input: [{x}], Response: [{y}].")  # sec. 4, verbatim
 REPLY_PREFIX = "Input: ["  # the start of the cloud's reply (see `augment`)
-AUGMENT_SLACK = 32  # augmentation tokens beyond ceil(eps_max_len * longest): the closing "].", tokenization at the edges
+AUGMENT_SLACK = 32  # tokens beyond ceil(eps_max_len * longest): the closing "].", tokenization at the edges
 AUGMENT_BATCH = 32  # generations per batch: batched decoding reads the weights once per step for all rows
 
 

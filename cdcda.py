@@ -278,7 +278,8 @@ def run(args, methods=METHODS) -> dict:
     users = data.load_users(task.name, args.data)
     files = {name for u in users for name in u.files}
     for name in sorted(files):
-        print(f"  {name}: {sum(name in u.files for u in users)} users, {sum(u.files.get(name, 0) for u in users)} queries")
+        queries = sum(u.files.get(name, 0) for u in users)
+        print(f"  {name}: {sum(name in u.files for u in users)} users, {queries} queries")
     targets, others = data.split_users(users, min(args.users, len(users)), args.user_selection, args.seed)
     print(f"  users: {len(targets)} targets ({args.user_selection}), {len(others)} others train M_base")
     options.check_models(args, task, methods)

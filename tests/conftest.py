@@ -59,7 +59,8 @@ def tiny_args():
     def args(model_dir, out) -> list[str]:
         return ["--task", "lamp7", "--users", "2", "--k", "3", "--epochs", "1", "--base-epochs", "1",
                 "--max-length", "96", "--cloud-model", str(model_dir), "--device-model", str(model_dir),
-                "--out", str(out), "--device", DEVICE, "--history-pairs", "identity", "--augment-decoding", "free"]
+                "--out", str(out), "--device", DEVICE, "--history-pairs", "identity",
+                "--augment-decoding", "free"]
     return args
 
 

@@ -223,7 +223,8 @@ def test_killed_server_keeps_finished_users_and_rerun_completes(tiny_model_dir, 
         return real(*a, **(kw | {"retries": 1, "backoff": 0.05, "timeout": 30}))
     argv = ["--task", "lamp7", "--users", "2", "--k", "2", "--epochs", "1", "--base-epochs", "1",
             "--max-length", "64", "--methods", "cdcda", "--device-model", str(tiny_model_dir),
-            "--cloud", url, "--out", str(tmp_path / "run")]
+            "--cloud", url, "--out", str(tmp_path / "run"), "--history-pairs", "identity",
+            "--augment-decoding", "free"]
     monkeypatch.setattr(cloud, "remote_augment", killed_before_second_user)
     try:
         with pytest.raises(InputError, match=url):
