@@ -58,6 +58,23 @@ def build(task: data.Task, users, results, args, labels: dict) -> dict:
             "settings": {k: v for k, v in vars(args).items() if k != "out"}}
 
 
+def reading(rep: dict) -> str:
+    """One line saying what the table shows, from its own numbers: the rows ordered by the gold
+    NLL and by the task's first metric."""
+    first = next(iter(next(iter(rep["rows"].values()))))  # rouge1, accuracy or mae
+    lower = first == "mae"
+    orders = [("gold NLL", True, "gold_nll"), (first, lower, first)]
+    parts = []
+    for name, ascending, key in orders:
+        rows = [(row[key], rep["labels"][m]) for m, row in rep["rows"].items() if key in row]
+        if len(rows) > 1:
+            rows.sort(reverse=not ascending)
+            sign = " < " if ascending else " > "
+            parts.append(f"{name} ({'lower' if ascending else 'higher'} is better): "
+                         + sign.join(f"{label} {value:.3f}" for value, label in rows))
+    return "reading: " + "; ".join(parts) if parts else ""
+
+
 def markdown(rep: dict) -> str:
     keys = list(dict.fromkeys(k for row in rep["rows"].values() for k in row if not k.startswith("bertscore_")
                               or k == "bertscore_f1"))
@@ -66,6 +83,8 @@ def markdown(rep: dict) -> str:
     lines += ["", "| method | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for method, row in rep["rows"].items():
         lines.append(f"| {rep['labels'][method]} | " + " | ".join(f"{row[k]:.4f}" if k in row else "-" for k in keys) + " |")
+    if reading(rep):
+        lines += ["", reading(rep)]
     if rep["counts"]:
         lines += ["", "augmentation and selection: " + ", ".join(f"{k} {v}" for k, v in rep["counts"].items())]
     lines += ["", "seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in rep["seconds"].items()), ""]
