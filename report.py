@@ -33,7 +33,10 @@ def models_used(args) -> dict:
         "history": (f"{args.buffer}-item online buffer, {args.buffer_policy} (Qin et al.)" if args.buffer
                     else "the whole history"),
         "synthesis filter": (f"ROUGE-1 > {args.eps_rouge1} (Qin et al.)" if args.synthesis_filter == "rouge1"
-                             else "SCF, TDF, LSF")}
+                             else "SCF, TDF, LSF"),
+        "augmentation decoding": args.augment_decoding,
+        "history pairs": ("rewrite (a LaMP-7 tweet paired with the device's neutral rewrite of it)"
+                          if args.history_pairs == "rewrite" else "identity (a LaMP-7 tweet paired with itself)")}
 
 
 def build(task: data.Task, users, results, args, labels: dict) -> dict:
