@@ -283,32 +283,36 @@ def run(args, methods=METHODS) -> dict:
     targets, others = data.split_users(users, min(args.users, len(users)), args.user_selection, args.seed)
     print(f"  users: {len(targets)} targets ({args.user_selection}), {len(others)} others train M_base")
     options.check_models(args, task, methods)
-    training = Training.from_args(args)
-    rewrites = None
-    if args.history_pairs == "rewrite" and rewrite.needs_rewrites(task):  # every method and M_base alike
-        rewrites = rewrite.neutral_rewrites(task, users, args.device_model, augment.make_judge(args.judge, args.device),
-                                            options.thresholds(args), args.device)
+    fingerprint = {k: v for k, v in vars(args).items() if k not in EVALUATION_ONLY}
+    for user in targets:  # before any work: a re-run with other settings would mix two runs' files
+        settings = out / "users" / user.user_id / "settings.json"
+        if settings.is_file() and json.loads(settings.read_text()) != fingerprint:
+            raise InputError(f"{settings}: written by a run with other settings; use another --out or delete it")
+    labels = {m: methods[m].label for m in args.methods}
+    out.mkdir(parents=True, exist_ok=True)
+    hub.write_atomic(out / "run.json", json.dumps(vars(args) | {"labels": labels}, indent=1))  # for `report`
+    synthetic = any(methods[m].synthetic for m in args.methods) and not args.cloud  # --cloud: the server's
+    rewriting = args.history_pairs == "rewrite" and rewrite.needs_rewrites(task)
+    judge = (augment.make_judge(args.judge, args.device)
+             if rewriting or synthetic and args.synthesis_filter == "cdcda" else None)
+    training, rewrites = Training.from_args(args), None
+    if rewriting:  # every method and M_base alike
+        rewrites = rewrite.neutral_rewrites(task, users, args.device_model, judge, options.thresholds(args),
+                                            args.device)
     base = base_model(task, others, args.device_model, replace(training, epochs=args.base_epochs), args.seed,
                       args.device, rewrites)
     device_model, tok = qwen2.load(base, "float32", args.device)
     device_model = nf4.quantize_model(device_model, torch.bfloat16)  # sec. 5.1: NF4 weights, bf16 compute
-    cloud = judge = None
-    if any(methods[m].synthetic for m in args.methods) and not args.cloud:  # with --cloud the server holds both
+    cloud = None
+    if synthetic:
         cloud = ((None, cloud_client.load_tokenizer(args.cloud_model)) if args.cloud_api
                  else qwen2.load(args.cloud_model, "float32", args.device))
-        judge = augment.make_judge(args.judge, args.device) if args.synthesis_filter == "cdcda" else None
-    fingerprint = {k: v for k, v in vars(args).items() if k not in EVALUATION_ONLY}
-    labels = {m: methods[m].label for m in args.methods}
-    out.mkdir(parents=True, exist_ok=True)
-    hub.write_atomic(out / "run.json", json.dumps(vars(args) | {"labels": labels}, indent=1))  # for `report`
     results = []
     for i, user in enumerate(targets):
         user_dir = out / "users" / user.user_id
         user_dir.mkdir(parents=True, exist_ok=True)
-        done, settings = user_dir / "result.json", user_dir / "settings.json"
-        if settings.is_file() and json.loads(settings.read_text()) != fingerprint:
-            raise InputError(f"{settings}: written by a run with other settings; use another --out or delete it")
-        hub.write_atomic(settings, json.dumps(fingerprint))
+        done = user_dir / "result.json"
+        hub.write_atomic(user_dir / "settings.json", json.dumps(fingerprint))
         if done.is_file() and set(args.methods) <= set(json.loads(done.read_text())["predictions"]):
             print(f"user {i + 1}/{len(targets)} {user.user_id}: done earlier, reusing {done}")
             results.append(json.loads(done.read_text()))
