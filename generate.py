@@ -87,11 +87,17 @@ def stop_token_ids(tokenizer: Tokenizer, stop: str) -> tuple[int, ...]:
     return tuple(i for i in range(tokenizer.tokenizer.get_vocab_size()) if stop in tokenizer.decode([i]))
 
 
+def end_ids(tokenizer: Tokenizer, stop: str = "") -> list[int]:
+    """The ids that end a reply: the end-of-turn / eos ids first (`generate` fills a finished
+    row with the first), then those of `stop`'s text."""
+    return list(tokenizer.eos_token_ids) + list(stop_token_ids(tokenizer, stop) if stop else ())
+
+
 def reply_text(tokenizer: Tokenizer, new_ids: list[int], stop: str = "") -> tuple[str, int | None]:
     """The end-of-turn cut: (the text of the generated ids before the first end-of-turn / eos id,
     or before the first `stop` text; the index of the id that ended it, None when the reply ran
     out of tokens first)."""
-    ends = set(tokenizer.eos_token_ids) | set(stop_token_ids(tokenizer, stop) if stop else ())
+    ends = set(end_ids(tokenizer, stop))
     end = next((j for j, t in enumerate(new_ids) if t in ends), None)
     text = tokenizer.decode(new_ids if end is None else new_ids[:end + 1])  # an eos id decodes to ""
     return (text.split(stop)[0] if stop else text), end
@@ -110,7 +116,7 @@ def chat(model: Qwen2, tokenizer: Tokenizer, conversations: list[list[dict]], ma
     device = model.model.embed_tokens.weight.device
     prefixes = [reply_prefix] * len(conversations) if isinstance(reply_prefix, str) else list(reply_prefix)
     prompts = [tokenizer.encode(tokenizer.apply_chat_template(c) + p) for c, p in zip(conversations, prefixes)]
-    ends = list(tokenizer.eos_token_ids) + list(stop_token_ids(tokenizer, stop) if stop else ())
+    ends = end_ids(tokenizer, stop)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     generator = torch.Generator(device).manual_seed(seed)
     replies = [""] * len(prompts)

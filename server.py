@@ -152,7 +152,7 @@ class Cloud:
         if len(prompt) + max_tokens > self.model.config.max_position_embeddings:
             raise RequestError(422, f"messages: {len(prompt)} prompt tokens + max_tokens {max_tokens} exceed the "
                                f"context of {self.model.config.max_position_embeddings}", "messages")
-        ends = list(tok.eos_token_ids) + list(generate.stop_token_ids(tok, stop) if stop else ())
+        ends = generate.end_ids(tok, stop)
         ids = torch.tensor([prompt] * n, device=device)  # (n, T)
         with self.lock, torch.no_grad():
             generator = torch.Generator(device).manual_seed(seed)
