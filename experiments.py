@@ -301,14 +301,28 @@ def main(argv=None) -> dict:
     p.add_argument("--sweep-k", action="store_true", help="Figure 2: cdcda at k = 1, 3, 5 in OUT/sweep-k/k<k>")
     p.add_argument("--compare-buffers", action="store_true", help="whole history vs 16/32-item online "
                    "buffers (scores, random), each with and without augmentation, in OUT/buffers")
+    p.add_argument("--buffer-sizes", default=",".join(map(str, BUFFER_SIZES)), metavar="N,N",
+                   help="--compare-buffers' capacities (items)")
+    p.add_argument("--buffer-rows", default="all", metavar="ROW,ROW", help="--compare-buffers' rows (default all: "
+                   "base, direct-ft, cdcda, then scores-N, random-N, each also +aug)")
     args = p.parse_args(argv)
     table1 = args.methods is not None or not (args.ablations or args.sweep_k or args.compare_buffers)
     args.methods = ",".join(TABLE1) if args.methods in (None, "all") else args.methods
     args = options.check_args(p, args, METHODS)
     if args.compare_buffers and args.buffer:
         p.error("--compare-buffers streams every user through its own buffers; drop --buffer")
+    sizes = args.buffer_sizes.split(",")
+    if not all(n.isdigit() and int(n) > 0 for n in sizes):
+        p.error(f"--buffer-sizes: {args.buffer_sizes!r} is not a comma-separated list of positive integers")
     out = Path(args.out or Path("runs") / args.task)
-    experiment = {k: getattr(args, k) for k in ("ablations", "sweep_k", "compare_buffers")}
+    buffers = buffer_methods([int(n) for n in sizes])
+    if args.buffer_rows != "all":
+        rows = args.buffer_rows.split(",")
+        if unknown := [r for r in rows if r not in buffers]:
+            p.error(f"--buffer-rows: no row {', '.join(unknown)}; the rows are {','.join(buffers)}")
+        buffers = {r: buffers[r] for r in rows}
+    experiment = {k: getattr(args, k) for k in ("ablations", "sweep_k", "compare_buffers", "buffer_sizes",
+                                                 "buffer_rows")}
     for k in experiment:
         delattr(args, k)  # not pipeline settings: left out of the runs' settings fingerprints
     reports = {}
@@ -320,8 +334,7 @@ def main(argv=None) -> dict:
         methods = {m: METHODS[m]._replace(label=label) for m, label in ABLATIONS.items()}
         reports["ablations"] = cdcda.run(variant(args, methods=list(methods), out=str(out / "ablations")), methods)
     if experiment["compare_buffers"]:
-        methods = buffer_methods(BUFFER_SIZES)
-        reports["buffers"] = cdcda.run(variant(args, methods=list(methods), out=str(out / "buffers")), methods)
+        reports["buffers"] = cdcda.run(variant(args, methods=list(buffers), out=str(out / "buffers")), buffers)
     if experiment["sweep_k"]:
         reports["sweep_k"] = sweep(args, out / "sweep-k")
     return reports

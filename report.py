@@ -15,6 +15,7 @@ import data
 import encoder
 import hub
 import metrics
+import rewrite
 from errors import InputError
 from options import PAPER, PAPER_ALIASES
 
@@ -35,7 +36,9 @@ def models_used(args) -> dict:
         "synthesis filter": (f"ROUGE-1 > {args.eps_rouge1} (Qin et al.)" if args.synthesis_filter == "rouge1"
                              else "SCF, TDF, LSF"),
         "augmentation decoding": args.augment_decoding,
-        "history pairs": ("rewrite (a LaMP-7 tweet paired with the device's neutral rewrite of it)"
+        "history pairs": ("the task's own (its history items hold their inputs)"
+                          if not rewrite.needs_rewrites(data.get_task(args.task))
+                          else "rewrite (a LaMP-7 tweet paired with the device's neutral rewrite of it)"
                           if args.history_pairs == "rewrite" else "identity (a LaMP-7 tweet paired with itself)")}
 
 

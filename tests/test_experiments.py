@@ -138,12 +138,16 @@ def test_sweep_writes_one_result_per_k(tiny_model_dir, tmp_path, monkeypatch, fa
 
 def test_compare_buffers_trains_each_row_on_its_buffer(tiny_model_dir, tmp_path, monkeypatch, fake_cloud, tiny_args):
     monkeypatch.setenv("CDCDA_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(experiments, "BUFFER_SIZES", (4, 8))  # the demo histories are 13-15 items
     trained, real_personalize = [], cdcda.personalize
     monkeypatch.setattr(cdcda, "personalize", lambda model, tok, task, pairs, args, seed, desc: trained.append(
         (desc, list(pairs))) or real_personalize(model, tok, task, pairs, args, seed, desc))
     out = tmp_path / "run"
-    rep = experiments.main(tiny_args(tiny_model_dir, out) + ["--compare-buffers"])["buffers"]
+    with pytest.raises(SystemExit):
+        experiments.main(tiny_args(tiny_model_dir, out) + ["--compare-buffers", "--buffer-sizes", "4,x"])
+    with pytest.raises(SystemExit):
+        experiments.main(tiny_args(tiny_model_dir, out) + ["--compare-buffers", "--buffer-rows", "scores-5"])
+    # the demo histories are 13-15 items
+    rep = experiments.main(tiny_args(tiny_model_dir, out) + ["--compare-buffers", "--buffer-sizes", "4,8"])["buffers"]
     assert list(rep["rows"]) == ["base", "direct-ft", "cdcda"] + [f"{p}-{n}{a}" for n in (4, 8)
                                                                 for p in ("scores", "random") for a in ("", "+aug")]
     assert rep["labels"]["random-8+aug"] == "8-item buffer, random + augmentation"
@@ -164,3 +168,7 @@ def test_compare_buffers_trains_each_row_on_its_buffer(tiny_model_dir, tmp_path,
         assert sizes[f"direct-ft {user.user_id}"] == history
         assert json.loads((user_dir / "buffer-scores-4.json").read_text()) != json.loads(
             (user_dir / "buffer-random-4.json").read_text())
+    trained.clear()  # --buffer-rows: a subset of the rows, from the finished users' results
+    rows = experiments.main(tiny_args(tiny_model_dir, out) + ["--compare-buffers", "--buffer-sizes", "4,8",
+                                                              "--buffer-rows", "base,random-8+aug"])["buffers"]["rows"]
+    assert list(rows) == ["base", "random-8+aug"] and rows["base"] == rep["rows"]["base"] and not trained

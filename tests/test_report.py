@@ -1,4 +1,6 @@
 """report.py: the table's one-line reading, worked from a hand-made report."""
+import cdcda
+import options
 import report
 
 
@@ -16,3 +18,10 @@ def test_reading_orders_the_rows_by_gold_nll_and_the_first_metric():
     mae = rep({"a": {"mae": 0.9, "rmse": 1.0}, "b": {"mae": 0.4, "rmse": 0.5}})
     assert report.reading(mae) == "reading: mae (lower is better): B 0.400 < A 0.900"  # no gold NLL column
     assert report.reading(rep({"a": {"accuracy": 1.0}})) == ""  # one row: nothing to order
+
+
+def test_models_used_names_the_history_pairs_only_where_they_are_a_choice():
+    args = options.parse(["--task", "lamp7", "--history-pairs", "identity"], cdcda.METHODS)
+    assert report.models_used(args)["history pairs"].startswith("identity")
+    args = options.parse(["--task", "lamp2"], cdcda.METHODS)  # the default "rewrite" does not apply to lamp2
+    assert report.models_used(args)["history pairs"].startswith("the task's own")
