@@ -128,13 +128,26 @@ def train_rate(model, tok, examples, training, seed: int = 0) -> float:
     return seconds / sum(len(lora.encode_example(tok, m, y, training.max_length)[0]) for m, y in batch)
 
 
-def decode_rate(model, tok, conversations, batch: int, steps: int = 8) -> float:
-    """Seconds per decoding step of `batch` conversations at once (prefill included, spread
-    over `steps` steps), never stopping at an end token."""
+def decode_rate(model, tok, conversations, batch: int, steps: int = 8) -> tuple[float, float]:
+    """(seconds of the prefill, seconds per decoding step) of `batch` conversations at once:
+    1 and 1 + `steps` new tokens timed, never stopping at an end token; the difference is
+    the steps."""
     prompts = [tok.encode(tok.apply_chat_template(c)) for c in (conversations * batch)[:batch]]
     ids, mask = generate.left_pad(prompts, tok.pad_token_id, next(model.parameters()).device)
-    generate.generate(model, ids, 2, 0.7, eos_token_id=None, attention_mask=mask)  # warm-up
-    return _timed(lambda: generate.generate(model, ids, steps, 0.7, eos_token_id=None, attention_mask=mask)) / steps
+
+    def run(n):
+        return _timed(lambda: generate.generate(model, ids, n, 0.7, eos_token_id=None, attention_mask=mask))
+    run(2)  # warm-up
+    short, long = run(1), run(1 + steps)
+    step = max(long - short, 0.0) / steps
+    return max(short - step, 0.0), step
+
+
+def generation_seconds(rate: tuple[float, float], rows: int, batch: int, budget: int) -> float:
+    """`rows` conversations in batches of `batch`, each batch decoded to `budget` new tokens (a
+    cap: a batch ends sooner when all its rows have ended)."""
+    prefill, step = rate
+    return math.ceil(rows / batch) * (prefill + budget * step)
 
 
 def plan(args, task: data.Task, targets, others, methods: list[str], synthetic: bool, training, answer_tokens: int,
@@ -145,20 +158,23 @@ def plan(args, task: data.Task, targets, others, methods: list[str], synthetic: 
     fine-tune (all but "base"):
       cloud generations  h_u k (x2 with --augment-decoding structured: input, then response)
       candidate pairs    h_u k
-      training tokens    epochs (f h_u + h_u k [synthetic methods; at most: every candidate kept]) t_u,
-                         t_u the mean tokens of u's encoded history pairs
+      training tokens    epochs (f h_u + K) t_u, t_u the mean tokens of u's encoded history pairs,
+                         K the kept candidates (the synthetic methods train on them): from 0 to h_u k
       answer tokens      m q_u answer_tokens
-    Time = counts times rates measured here on the device model (`train_rate`, `decode_rate`
-    on NF4 for the user's steps, at full precision for M_base and the history rewrites, the
-    cloud model's at augment.AUGMENT_BATCH rows); selection, gold NLL and scoring are left out.
+    Time: these counts times rates measured here (`train_rate`, `decode_rate`) on the device
+    model: NF4 for the users' training and answers (8 rows a batch, as `generate.chat`), full
+    precision for M_base and the history rewrites, the cloud model at augment.AUGMENT_BATCH rows;
+    every generation decoded to its cap (as `augment.augment` and `rewrite` set it). Two totals:
+    no candidate kept, every candidate kept; selection, gold NLL and scoring are left out, and
     M_base and the rewrites are counted as not cached."""
     device_model, tok = qwen2.load(args.device_model, "float32", args.device)
     sample = max(targets, key=lambda u: len(u.profile))
     pairs = [task.pair(item) for item in sample.profile]
     examples = [(task.messages(x), y) for x, y in pairs]
-    queries = [task.messages(q.input) for q in sample.queries] or examples[0][:1]
+    prompts = [[{"role": "user", "content": augment.AUGMENT_PROMPT.format(x=x, y=y)}] for x, y in pairs]
+    queries = [task.messages(q.input) for q in sample.queries] or [m for m, _ in examples]
     print("plan: calibrating on", args.device)
-    rate = {"decode full": decode_rate(device_model, tok, [m for m, _ in examples], augment.AUGMENT_BATCH)}
+    rate = {"decode full": decode_rate(device_model, tok, prompts, augment.AUGMENT_BATCH)}
     nf4_model = nf4.quantize_model(qwen2.load(args.device_model, "float32", args.device)[0], torch.bfloat16)
     rate["decode nf4"] = decode_rate(nf4_model, tok, queries, 8)
     rate["train nf4"] = train_rate(nf4_model, tok, examples, training)
@@ -167,31 +183,31 @@ def plan(args, task: data.Task, targets, others, methods: list[str], synthetic: 
     cloud_tok = tok
     if synthetic and not remote and args.cloud_model != args.device_model:
         cloud, cloud_tok = qwen2.load(args.cloud_model, "float32", args.device)
-        rate["decode cloud"] = decode_rate(cloud, cloud_tok, [m for m, _ in examples], augment.AUGMENT_BATCH)
+        rate["decode cloud"] = decode_rate(cloud, cloud_tok, prompts, augment.AUGMENT_BATCH)
     rate.setdefault("decode cloud", rate["decode full"])
     tuning = sum(m != "base" for m in methods)
-    structured = 2 if args.augment_decoding == "structured" else 1
+    passes = 2 if args.augment_decoding == "structured" else 1
 
     def tokens(pairs) -> list[int]:
         return [len(lora.encode_example(tok, task.messages(x), y, args.max_length)[0]) for x, y in pairs]
-
-    def steps(n_rows: int, batch: int, budget: int) -> int:
-        return math.ceil(n_rows / batch) * budget
 
     rows = {}
     for u in targets:
         h, q = len(u.profile), len(u.queries)
         pairs = [task.pair(item) for item in u.profile]
         mean = sum(tokens(pairs)) / max(h, 1)
-        row = {"history": h, "queries": q, "generations": h * args.k * structured * synthetic,
-               "candidates": h * args.k * synthetic,
-               "training tokens": round(args.epochs * (tuning * h + h * args.k * synthetic) * mean),
+        candidates = h * args.k * synthetic
+        row = {"history": h, "queries": q, "generations": candidates * passes, "candidates": candidates,
+               "training tokens, none kept": round(args.epochs * tuning * h * mean),
+               "training tokens, all kept": round(args.epochs * (tuning * h + candidates) * mean),
                "answer tokens": len(methods) * q * answer_tokens}
-        budget = math.ceil(args.eps_max_len * max(len(cloud_tok.encode(f"Input: [{x}], Response: [{y}]"))
-                                                  for x, y in pairs)) + augment.AUGMENT_SLACK if h else 0
-        cloud_s = 0.0 if remote else steps(h * args.k, augment.AUGMENT_BATCH, budget) * rate["decode cloud"] * synthetic
-        row["seconds"] = (cloud_s + row["training tokens"] * rate["train nf4"]
-                          + len(methods) * steps(q, 8, answer_tokens) * rate["decode nf4"])
+        budget = (math.ceil(args.eps_max_len * max(len(cloud_tok.encode(f"Input: [{x}], Response: [{y}]"))
+                                                   for x, y in pairs)) + augment.AUGMENT_SLACK) if h else 0
+        rest = (len(methods) * generation_seconds(rate["decode nf4"], q, 8, answer_tokens)
+                + (0.0 if remote else generation_seconds(rate["decode cloud"], candidates, augment.AUGMENT_BATCH,
+                                                         budget)))  # structured: two passes, each about half
+        row["seconds, none kept"] = rest + row["training tokens, none kept"] * rate["train nf4"]
+        row["seconds, all kept"] = rest + row["training tokens, all kept"] * rate["train nf4"]
         rows[u.user_id] = row
     base_pairs = [task.pair(item) for u in others for item in u.profile] + [(q.input, q.gold) for u in others
                                                                             for q in u.queries]
@@ -201,27 +217,28 @@ def plan(args, task: data.Task, targets, others, methods: list[str], synthetic: 
         texts = sorted({task.pair(item)[1] for u in targets + others for item in u.profile})
         budget = max(len(tok.encode(t)) for t in texts) + 16
         shared["rewrite generations"] = len(texts) * (1 + rewrite.SAMPLES)
-        shared["rewrite seconds"] = (steps(len(texts), augment.AUGMENT_BATCH, budget)
-                                     * (1 + rewrite.SAMPLES) * rate["decode full"])
+        shared["rewrite seconds"] = generation_seconds(rate["decode full"], len(texts) * (1 + rewrite.SAMPLES),
+                                                       augment.AUGMENT_BATCH, budget)
     setup = shared["M_base seconds"] + shared.get("rewrite seconds", 0.0)
-    mine = {u.user_id for u in share(targets, shard)}
-    todo = [r["seconds"] for uid, r in rows.items() if uid not in done]
     totals = {key: sum(r[key] for r in rows.values()) for key in next(iter(rows.values()))}
-    longest_shard = max(sum(rows[u.user_id]["seconds"] for u in share(targets, Shard(i, shard.count, None))
-                            if u.user_id not in done) for i in range(shard.count))
+    estimate = {}
+    for case in ("none kept", "all kept"):
+        todo = [r[f"seconds, {case}"] for uid, r in rows.items() if uid not in done]
+        longest = max(sum(rows[u.user_id][f"seconds, {case}"] for u in share(targets, Shard(i, shard.count, None))
+                          if u.user_id not in done) for i in range(shard.count))
+        estimate[case] = {"per user": totals[f"seconds, {case}"] / len(rows), "one process": setup + sum(todo),
+                          f"{shard.count} shard(s)": setup + longest}
     print(f"plan: {task.name}, {len(targets)} target users ({len(done)} done under --out), "
           f"methods {', '.join(methods)}, on {args.device}" + ("; the cloud is remote: its time is not counted"
                                                               if remote and synthetic else ""))
-    for key, value in totals.items():
-        if key != "seconds":
+    for key, value in list(totals.items()) + list(shared.items()):
+        if "seconds" not in key:
             print(f"  {key}: {value}")
-    for key, value in shared.items():
-        print(f"  {key}: {clock(value) if 'seconds' in key else value}")
-    print("  measured: " + ", ".join(f"{k} {v * 1e3:.3g} ms/{'step' if 'decode' in k else 'token'}"
-                                     for k, v in rate.items()))
-    print(f"  estimated per user: {clock(totals['seconds'] / len(rows))} (mean), "
-          f"{clock(max(r['seconds'] for r in rows.values()))} (longest)")
-    print(f"  estimated total: {clock(setup + sum(todo))} in one process; {clock(setup + longest_shard)} "
-          f"with {shard.count} shard(s) (M_base and rewrites once, before the users)")
-    return {"plan": True, "users": rows, "totals": totals, "shared": shared, "rates": rate, "shard_users": sorted(mine),
-            "estimated_seconds": setup + sum(todo), "estimated_seconds_sharded": setup + longest_shard}
+    print("  measured: " + ", ".join(f"{k} {v * 1e3:.3g} ms/token" if isinstance(v, float) else
+                                     f"{k} {v[0]:.3g} s prefill + {v[1] * 1e3:.3g} ms/step" for k, v in rate.items()))
+    print(f"  estimated: M_base {clock(shared['M_base seconds'])}"
+          + (f", history rewrites {clock(shared['rewrite seconds'])}" if "rewrite seconds" in shared else ""))
+    for case, times in estimate.items():
+        print(f"  estimated, {case}: " + ", ".join(f"{k} {clock(v)}" for k, v in times.items()))
+    return {"plan": True, "users": rows, "totals": totals, "shared": shared, "rates": rate, "estimate": estimate,
+            "shard_users": [u.user_id for u in share(targets, shard)]}
