@@ -6,7 +6,8 @@ histories alike, and the share depends only on (i, n) and the data, never on tim
 comes from `--shard I/N`, else from the launcher the process runs under: torchrun's
 RANK / WORLD_SIZE, Slurm's SLURM_PROCID / SLURM_NTASKS (`shard_of`). With `--device cuda`
 each process takes the GPU of its launcher's local rank (LOCAL_RANK, SLURM_LOCALID):
-cuda:LOCAL_RANK (`device_for`). No process talks to another: they share only files.
+cuda:LOCAL_RANK (`device_for`). No process talks to another (no torch.distributed process
+group): they share only files.
 
 Files. All shards write into one --out. A user's directory is written by the one shard that
 owns it; run.json (the options `report` reads) is the same for every shard (the per-process
@@ -64,9 +65,15 @@ def shard_of(spec: str | None, environ=os.environ) -> Shard:
     return Shard(0, 1, local)
 
 
-def device_for(device: str, shard: Shard) -> str:
-    """--device cuda under a launcher -> cuda:LOCAL_RANK (one GPU per process); else as given."""
-    return f"cuda:{shard.local_rank}" if device == "cuda" and shard.local_rank is not None else device
+def device_for(device: str, shard: Shard, visible: int | None = None) -> str:
+    """--device cuda under a launcher -> cuda:LOCAL_RANK, one GPU per process of a machine;
+    cuda:0 when the launcher left this process one GPU to see (Slurm's --gpus-per-task,
+    CUDA_VISIBLE_DEVICES per process). `visible`: torch.cuda.device_count() unless given.
+    Any other --device as given."""
+    if device != "cuda" or shard.local_rank is None:
+        return device
+    visible = torch.cuda.device_count() if visible is None else visible
+    return "cuda:0" if visible == 1 else f"cuda:{shard.local_rank}"
 
 
 def share(targets: list, shard: Shard) -> list:

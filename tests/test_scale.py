@@ -41,7 +41,8 @@ def test_shard_from_the_option_torchrun_and_slurm():
 
 
 def test_device_per_process():
-    assert scale.device_for("cuda", scale.Shard(5, 8, 1)) == "cuda:1"
+    assert scale.device_for("cuda", scale.Shard(5, 8, 1), visible=8) == "cuda:1"
+    assert scale.device_for("cuda", scale.Shard(5, 8, 1), visible=1) == "cuda:0"  # the launcher's one GPU
     assert scale.device_for("cuda", scale.Shard(1, 2, None)) == "cuda"  # --shard without a launcher: as given
     assert scale.device_for("cuda:3", scale.Shard(5, 8, 1)) == "cuda:3"
     assert scale.device_for("cpu", scale.Shard(5, 8, 1)) == "cpu"
