@@ -282,14 +282,8 @@ def run(args, methods=METHODS) -> dict:
     shard = scale.shard_of(args.shard)
     common = argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in scale.PER_PROCESS})  # all shards'
     args = argparse.Namespace(**vars(args) | {"device": scale.device_for(args.device, shard)})
-    print(f"cdcda: {task.name} ({task.title})")
-    for role, name in report.models_used(args).items():
-        print(f"  {role}: {name}")
     users = data.load_users(task.name, args.data)
-    files = {name for u in users for name in u.files}
-    for name in sorted(files):
-        queries = sum(u.files.get(name, 0) for u in users)
-        print(f"  {name}: {sum(name in u.files for u in users)} users, {queries} queries")
+    report.announce(task, args, users)
     targets, others = data.split_users(users, min(args.users, len(users)), args.user_selection, args.seed)
     mine = scale.share(targets, shard)
     print(f"  users: {len(targets)} targets ({args.user_selection}), {len(others)} others train M_base"
@@ -298,9 +292,8 @@ def run(args, methods=METHODS) -> dict:
     labels, training = {m: methods[m].label for m in args.methods}, Training.from_args(args)
     synthetic = any(methods[m].synthetic for m in args.methods)
     if args.plan:
-        done = {r["user_id"] for r in report.finished(out, targets, args.methods)[0]}
         return scale.plan(args, task, targets, others, args.methods, synthetic, training, ANSWER_TOKENS[task.name],
-                          shard, done)
+                          shard, {r["user_id"] for r in report.finished(out, targets, args.methods)[0]})
     fingerprint = {k: v for k, v in vars(common).items() if k not in EVALUATION_ONLY}
     for user in targets:  # before any work: a re-run with other settings would mix two runs' files
         settings = out / "users" / user.user_id / "settings.json"
@@ -312,19 +305,15 @@ def run(args, methods=METHODS) -> dict:
     rewriting = args.history_pairs == "rewrite" and rewrite.needs_rewrites(task)
     judge = (augment.make_judge(args.judge, args.device)
              if rewriting or synthetic and args.synthesis_filter == "cdcda" else None)
-    rewrites = None
     with scale.exclusive(hub.cache_dir() / "locks" / f"{task.name}.lock", "M_base"):  # trained once for all shards
-        if rewriting:  # every method and M_base alike
-            rewrites = rewrite.neutral_rewrites(task, users, args.device_model, judge, options.thresholds(args),
-                                                args.device)
+        rewrites = (rewrite.neutral_rewrites(task, users, args.device_model, judge, options.thresholds(args),
+                                             args.device) if rewriting else None)  # every method and M_base alike
         base = base_model(task, others, args.device_model, replace(training, epochs=args.base_epochs), args.seed,
                           args.device, rewrites)
     device_model, tok = qwen2.load(base, "float32", args.device)
     device_model = nf4.quantize_model(device_model, torch.bfloat16)  # sec. 5.1: NF4 weights, bf16 compute
-    cloud = None
-    if synthetic:
-        cloud = ((None, cloud_client.load_tokenizer(args.cloud_model)) if args.cloud_api
-                 else qwen2.load(args.cloud_model, "float32", args.device))
+    cloud = (None if not synthetic else (None, cloud_client.load_tokenizer(args.cloud_model)) if args.cloud_api
+             else qwen2.load(args.cloud_model, "float32", args.device))
     seconds = []  # of each user trained here, for the ETA
     for i, user in enumerate(mine):
         user_dir = out / "users" / user.user_id

@@ -40,6 +40,16 @@ def models_used(args) -> dict:
                           if args.history_pairs == "rewrite" else "identity (a LaMP-7 tweet paired with itself)")}
 
 
+def announce(task: data.Task, args, users) -> None:
+    """A run's first lines: the task, what fills each role (`models_used`), the data's files."""
+    print(f"cdcda: {task.name} ({task.title})")
+    for role, name in models_used(args).items():
+        print(f"  {role}: {name}")
+    for name in sorted({name for u in users for name in u.files}):
+        queries = sum(u.files.get(name, 0) for u in users)
+        print(f"  {name}: {sum(name in u.files for u in users)} users, {queries} queries")
+
+
 def build(task: data.Task, users, results, args, labels: dict) -> dict:
     """Metrics of every method over all queries of all target users, counts and seconds summed."""
     golds = [q.gold for u in users for q in u.queries]
