@@ -271,7 +271,8 @@ def run_user(user, task, cloud, judge, device_model, tok, args, user_dir: Path, 
 
 
 # ---------------------------------------------------------------- the run
-EVALUATION_ONLY = ("out", "users", "methods", "bertscore_model", "bertscore_layer")  # not in the fingerprint
+# not in the fingerprint: the evaluation-only options, and where a shard runs (--device cuda:N per process)
+UNCHECKED = ("out", "users", "methods", "bertscore_model", "bertscore_layer", "device")
 
 
 def run(args, methods=METHODS) -> dict:
@@ -294,7 +295,7 @@ def run(args, methods=METHODS) -> dict:
     if args.plan:
         return scale.plan(args, task, targets, others, args.methods, synthetic, training, ANSWER_TOKENS[task.name],
                           shard, {r["user_id"] for r in report.finished(out, targets, args.methods)[0]})
-    fingerprint = {k: v for k, v in vars(common).items() if k not in EVALUATION_ONLY}
+    fingerprint = {k: v for k, v in vars(common).items() if k not in UNCHECKED}
     for user in targets:  # before any work: a re-run with other settings would mix two runs' files
         settings = out / "users" / user.user_id / "settings.json"
         if settings.is_file() and json.loads(settings.read_text()) != fingerprint:

@@ -164,3 +164,23 @@ def test_two_shards_equal_one_process_and_a_killed_shard_resumes(tiny_model_dir,
     assert "M_base: training on" not in again and base.stat().st_mtime_ns == mtime  # still the one M_base
     for uid in mine:
         assert predictions(three)[uid] == predictions(one)[uid]
+
+
+def test_plan_counts_by_hand_and_trains_nothing(tiny_model_dir, tmp_path, monkeypatch, tiny_args, one_thread):
+    monkeypatch.setenv("CDCDA_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    plan = cdcda.main(tiny_args(tiny_model_dir, out) + ["--plan"])
+    users = data.split_users(data.load_users("lamp7"), 2)[0]
+    h, q = [len(u.profile) for u in users], [len(u.queries) for u in users]
+    totals = plan["totals"]  # tiny_args: k 3, 1 epoch, free decoding, methods base, direct-ft, cdcda
+    assert totals["history"] == sum(h) and totals["queries"] == sum(q)
+    assert totals["generations"] == totals["candidates"] == 3 * sum(h)
+    assert totals["answer tokens"] == 3 * sum(q) * cdcda.ANSWER_TOKENS["lamp7"]
+    for u in users:  # 2 fine-tuning methods on h pairs; cdcda on up to 3 h candidates more
+        row = plan["users"][u.user_id]
+        assert row["training tokens, all kept"] / row["training tokens, none kept"] == pytest.approx(5 / 2, abs=0.01)
+        assert 0 < row["seconds, none kept"] < row["seconds, all kept"]
+    assert all(rate > 0 if isinstance(rate, float) else rate[0] >= 0 and rate[1] > 0
+               for rate in plan["rates"].values())  # s/token; (prefill s, s/step)
+    assert plan["estimate"]["none kept"]["one process"] < plan["estimate"]["all kept"]["one process"]
+    assert not out.exists() and not (tmp_path / "cache" / "base").exists()  # nothing trained, nothing written
