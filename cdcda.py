@@ -298,7 +298,8 @@ def run(args, methods=METHODS) -> dict:
     fingerprint = {k: v for k, v in vars(common).items() if k not in UNCHECKED}
     for user in targets:  # before any work: a re-run with other settings would mix two runs' files
         settings = out / "users" / user.user_id / "settings.json"
-        if settings.is_file() and json.loads(settings.read_text()) != fingerprint:
+        if settings.is_file() and {k: v for k, v in json.loads(settings.read_text()).items()
+                                   if k not in UNCHECKED} != fingerprint:  # an older run's file held --device
             raise InputError(f"{settings}: written by a run with other settings; use another --out or delete it")
     out.mkdir(parents=True, exist_ok=True)
     hub.write_atomic(out / "run.json", json.dumps(vars(common) | {"labels": labels}, indent=1))  # for `report`
