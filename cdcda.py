@@ -12,7 +12,9 @@ device keeps only N items of the history, and only those are uploaded and traine
 `--synthesis-filter rouge1` swaps step 3 for that paper's ROUGE-1 check.
 M_base (sec. 4, "On-device LM personalization fine-tuning") is trained once per task on the
 users who are not targets, merged and cached. `python cdcda.py report --out DIR` scores a
-finished run again without training (another BERTScore backbone or layer).
+finished run again without training (another BERTScore backbone or layer). Many processes
+(`--shard I/N`, torchrun, Slurm) share the users of one run and its M_base (scale.py);
+`--plan` prints the run's size and estimated time without training.
 """
 import argparse
 import copy
@@ -40,6 +42,7 @@ import options
 import qwen2
 import report
 import rewrite
+import scale
 from errors import InputError
 
 ANSWER_TOKENS = {"lamp1": 8, "lamp2": 12, "lamp3": 4, "lamp4": 32, "lamp5": 48, "lamp7": 48}
@@ -147,6 +150,7 @@ def base_model(task: data.Task, others, device_model: str, training: Training, s
     if not pairs:
         raise InputError(f"{task.name}: no non-target users to train M_base on; lower --users")
     model, tok = qwen2.load(device_model, "float32", device)
+    torch.manual_seed(seed)  # LoRA's initial A: torch seeds itself at random in each process
     lora.add_lora(model, r=training.r, alpha=training.alpha)
     print(f"M_base: training on {len(pairs)} pairs of {len(others)} non-target users")
     lora.finetune(model, tok, [(task.messages(x), y) for x, y in pairs], epochs=training.epochs, lr=training.lr,
@@ -219,7 +223,8 @@ def synthesize(task, pairs, cloud, judge, args, seed: int, user_dir: Path, times
                                                       seed, options.thresholds(args), args.augment_decoding)
         times["augment+select (remote)"] = time.time() - t
     else:
-        chat = cloud_client.api_chat(args.cloud_api, args.cloud_model) if args.cloud_api else None
+        chat = (cloud_client.api_chat(args.cloud_api, args.cloud_model, concurrency=args.cloud_concurrency)
+                if args.cloud_api else None)
         originals, candidates, unparsable, off_label = augment.augment(
             *cloud, pairs, args.k, args.temperature, seed, chat=chat, task=task, max_len_ratio=args.eps_max_len,
             structured=args.augment_decoding == "structured")
@@ -239,6 +244,7 @@ def run_user(user, task, cloud, judge, device_model, tok, args, user_dir: Path, 
              rewrites: dict | None = None) -> dict:
     """All methods for one user; the result dict is also written to user_dir/result.json."""
     seed = args.seed + zlib.crc32(user.user_id.encode()) % 10_000
+    torch.manual_seed(seed)  # LoRA's initial A: the same in any process, whichever users ran before
     times, result = {}, {"user_id": user.user_id, "predictions": {}}
     pairs, counts = upload(task, user, rewrites), {}
     if args.buffer:
@@ -265,64 +271,75 @@ def run_user(user, task, cloud, judge, device_model, tok, args, user_dir: Path, 
 
 
 # ---------------------------------------------------------------- the run
-EVALUATION_ONLY = ("out", "users", "methods", "bertscore_model", "bertscore_layer")  # not in the fingerprint
+# not in the fingerprint: the evaluation-only options, and where a shard runs (--device cuda:N per process)
+UNCHECKED = ("out", "users", "methods", "bertscore_model", "bertscore_layer", "device")
 
 
 def run(args, methods=METHODS) -> dict:
-    """Every target user of args.task through every method in args.methods, then the report."""
+    """Every target user of args.task (this shard's: scale.py) through every method in
+    args.methods, then the report once every target user is done."""
     task = data.get_task(args.task)
     out = Path(args.out or Path("runs") / task.name)
-    print(f"cdcda: {task.name} ({task.title})")
-    for role, name in report.models_used(args).items():
-        print(f"  {role}: {name}")
+    shard = scale.shard_of(args.shard)
+    common = argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in scale.PER_PROCESS})  # all shards'
+    args = argparse.Namespace(**vars(args) | {"device": scale.device_for(args.device, shard)})
     users = data.load_users(task.name, args.data)
-    files = {name for u in users for name in u.files}
-    for name in sorted(files):
-        queries = sum(u.files.get(name, 0) for u in users)
-        print(f"  {name}: {sum(name in u.files for u in users)} users, {queries} queries")
+    report.announce(task, args, users)
     targets, others = data.split_users(users, min(args.users, len(users)), args.user_selection, args.seed)
-    print(f"  users: {len(targets)} targets ({args.user_selection}), {len(others)} others train M_base")
+    mine = scale.share(targets, shard)
+    print(f"  users: {len(targets)} targets ({args.user_selection}), {len(others)} others train M_base"
+          + (f"; shard {shard.index}/{shard.count} runs {len(mine)} of them on {args.device}" if shard.count > 1 else ""))
     options.check_models(args, task, methods)
-    fingerprint = {k: v for k, v in vars(args).items() if k not in EVALUATION_ONLY}
+    labels, training = {m: methods[m].label for m in args.methods}, Training.from_args(args)
+    synthetic = any(methods[m].synthetic for m in args.methods)
+    if args.plan:
+        return scale.plan(args, task, targets, others, args.methods, synthetic, training, ANSWER_TOKENS[task.name],
+                          shard, {r["user_id"] for r in report.finished(out, targets, args.methods)[0]})
+    fingerprint = {k: v for k, v in vars(common).items() if k not in UNCHECKED}
     for user in targets:  # before any work: a re-run with other settings would mix two runs' files
         settings = out / "users" / user.user_id / "settings.json"
-        if settings.is_file() and json.loads(settings.read_text()) != fingerprint:
+        if settings.is_file() and {k: v for k, v in json.loads(settings.read_text()).items()
+                                   if k not in UNCHECKED} != fingerprint:  # an older run's file held --device
             raise InputError(f"{settings}: written by a run with other settings; use another --out or delete it")
-    labels = {m: methods[m].label for m in args.methods}
     out.mkdir(parents=True, exist_ok=True)
-    hub.write_atomic(out / "run.json", json.dumps(vars(args) | {"labels": labels}, indent=1))  # for `report`
-    synthetic = any(methods[m].synthetic for m in args.methods) and not args.cloud  # --cloud: the server's
+    hub.write_atomic(out / "run.json", json.dumps(vars(common) | {"labels": labels}, indent=1))  # for `report`
+    synthetic = synthetic and not args.cloud  # --cloud: the server's
     rewriting = args.history_pairs == "rewrite" and rewrite.needs_rewrites(task)
     judge = (augment.make_judge(args.judge, args.device)
              if rewriting or synthetic and args.synthesis_filter == "cdcda" else None)
-    training, rewrites = Training.from_args(args), None
-    if rewriting:  # every method and M_base alike
-        rewrites = rewrite.neutral_rewrites(task, users, args.device_model, judge, options.thresholds(args),
-                                            args.device)
-    base = base_model(task, others, args.device_model, replace(training, epochs=args.base_epochs), args.seed,
-                      args.device, rewrites)
+    with scale.exclusive(hub.cache_dir() / "locks" / f"{task.name}.lock", "M_base"):  # trained once for all shards
+        rewrites = (rewrite.neutral_rewrites(task, users, args.device_model, judge, options.thresholds(args),
+                                             args.device) if rewriting else None)  # every method and M_base alike
+        base = base_model(task, others, args.device_model, replace(training, epochs=args.base_epochs), args.seed,
+                          args.device, rewrites)
     device_model, tok = qwen2.load(base, "float32", args.device)
     device_model = nf4.quantize_model(device_model, torch.bfloat16)  # sec. 5.1: NF4 weights, bf16 compute
-    cloud = None
-    if synthetic:
-        cloud = ((None, cloud_client.load_tokenizer(args.cloud_model)) if args.cloud_api
-                 else qwen2.load(args.cloud_model, "float32", args.device))
-    results = []
-    for i, user in enumerate(targets):
+    cloud = (None if not synthetic else (None, cloud_client.load_tokenizer(args.cloud_model)) if args.cloud_api
+             else qwen2.load(args.cloud_model, "float32", args.device))
+    seconds = []  # of each user trained here, for the ETA
+    for i, user in enumerate(mine):
         user_dir = out / "users" / user.user_id
         user_dir.mkdir(parents=True, exist_ok=True)
         done = user_dir / "result.json"
         hub.write_atomic(user_dir / "settings.json", json.dumps(fingerprint))
         if done.is_file() and set(args.methods) <= set(json.loads(done.read_text())["predictions"]):
-            print(f"user {i + 1}/{len(targets)} {user.user_id}: done earlier, reusing {done}")
-            results.append(json.loads(done.read_text()))
+            print(f"user {i + 1}/{len(mine)} {user.user_id}: done earlier, reusing {done}")
             continue
-        print(f"user {i + 1}/{len(targets)} {user.user_id}: {len(user.profile)} history items, {len(user.queries)} queries")
+        finished = len(report.finished(out, targets, args.methods)[0])
+        print(f"user {i + 1}/{len(mine)} {user.user_id}: {len(user.profile)} history items, {len(user.queries)} "
+              f"queries ({scale.progress(i, len(mine), len(seconds), sum(seconds), finished, len(targets))})")
+        t = time.time()
         try:
-            results.append(run_user(user, task, cloud, judge, device_model, tok, args, user_dir, methods, rewrites))
+            run_user(user, task, cloud, judge, device_model, tok, args, user_dir, methods, rewrites)
         except cloud_client.CloudUnavailable as e:
             raise InputError(f"{e}\nfinished users are kept under {out / 'users'}; run again to resume") from None
-    return report.write(report.build(task, targets, results, args, labels), out)
+        seconds.append(time.time() - t)
+    results, missing = report.finished(out, targets, args.methods)
+    if missing:  # other shards' users: the last shard to finish writes the table
+        print(f"shard {shard.index}/{shard.count}: its {len(mine)} users are done; {len(missing)} of {len(targets)} "
+              f"are not yet ({', '.join(missing)}); `python cdcda.py report --out {out}` writes the table when they are")
+        return {"shard": f"{shard.index}/{shard.count}", "missing": missing}
+    return report.write(report.build(task, targets, results, common, labels), out)
 
 
 def main(argv=None) -> dict:

@@ -85,7 +85,9 @@ def openai_chat(url: str, model: str, conversations: list[list[dict]], max_token
     server wrote it. Conversation i is sent with seed + i, so the k copies of one augmentation
     prompt differ. A conversation that ends in an assistant message is continued (vLLM's
     `continue_final_message`); `stop` ends a reply before that text. api_key=None reads
-    OPENAI_API_KEY."""
+    OPENAI_API_KEY. Up to `concurrency` requests are in flight at once (a thread pool;
+    --cloud-concurrency), so a batching server (vLLM) has several to decode together; the
+    replies come back in the conversations' order, and the seeds make them independent of it."""
     api_key = os.environ.get("OPENAI_API_KEY") if api_key is None else api_key
     endpoint = chat_url(url)
 

@@ -265,6 +265,8 @@ def plot(path: Path, ks: list[int], series: dict[str, list[float]], task: str) -
 def sweep(args, out: Path, ks=(1, 3, 5)) -> dict:
     """Figure 2: CDCDA-PLM at each k, each in its own directory (its own synthetic data)."""
     reps = {k: cdcda.run(variant(args, methods=["cdcda"], k=k, out=str(out / f"k{k}"))) for k in ks}
+    if any("missing" in r or r.get("plan") for r in reps.values()):  # a shard, or --plan: no figure yet
+        return reps
     first = reps[ks[0]]
     rep = {**first, "labels": {f"k={k}": f"CDCDA-PLM, k = {k}" for k in ks},
            "rows": {f"k={k}": r["rows"]["cdcda"] for k, r in reps.items()},
@@ -328,7 +330,7 @@ def main(argv=None) -> dict:
     reports = {}
     if table1:
         reports["table1"] = rep = cdcda.run(variant(args, out=str(out)), METHODS)
-        if "speculative" in rep["rows"]:
+        if "speculative" in rep.get("rows", {}):  # not a shard's or --plan's answer
             report.write(rep, out, note=acceptance(rep, out), show=False)
     if experiment["ablations"]:
         methods = {m: METHODS[m]._replace(label=label) for m, label in ABLATIONS.items()}

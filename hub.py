@@ -29,9 +29,11 @@ def dtype(name: str) -> torch.dtype:
 @contextmanager
 def atomic(path: Path):
     """Yield a temporary path beside `path` to write (a file or a directory); when the block
-    ends without an error it replaces `path` in one step, so readers never see a part."""
+    ends without an error it replaces `path` in one step, so readers never see a part. The
+    temporary name holds the process id: shards writing the same file (run.json) at once each
+    replace it whole, and never write into each other's temporary file."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     yield tmp
     os.replace(tmp, path)
 

@@ -18,6 +18,7 @@ import hub
 import online
 import qwen2
 import rewrite
+import scale
 import smollm2
 from errors import InputError
 
@@ -84,6 +85,12 @@ def parser(methods) -> argparse.ArgumentParser:
     p.add_argument("--lora-r", type=int, default=16)
     p.add_argument("--lora-alpha", type=float, default=8)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shard", default=None, metavar="I/N", help="run shard I of N of the target users into the "
+                   "shared --out (default: from torchrun's RANK/WORLD_SIZE or Slurm's SLURM_PROCID/SLURM_NTASKS, "
+                   "else all users); scale.py")
+    p.add_argument("--plan", action="store_true", help="print the run's size and its time estimated from a short "
+                   "calibration on --device, and train nothing")
+    p.add_argument("--cloud-concurrency", type=int, default=4, help="--cloud-api: requests in flight at once")
     return p
 
 
@@ -100,7 +107,7 @@ RANGES = {
     "lr": (lambda v: v > 0, "above 0"), "batch_size": (lambda v: v >= 1, "at least 1"),
     "max_length": (lambda v: v >= 64, "at least 64 tokens: the appendix-B template alone takes about 40"),
     "lora_r": (lambda v: v >= 1, "at least 1"), "lora_alpha": (lambda v: v > 0, "above 0"),
-    "seed": (lambda v: v >= 0, "at least 0"),
+    "seed": (lambda v: v >= 0, "at least 0"), "cloud_concurrency": (lambda v: v >= 1, "at least 1"),
     "bertscore_layer": (lambda v: v is None or v >= 0, "at least 0 (0: the embeddings)"),
 }
 
@@ -120,6 +127,10 @@ def check_args(p: argparse.ArgumentParser, args, methods) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} {value}: must be {rule}")
     if args.eps_min_len > args.eps_max_len:
         p.error(f"--eps-min-len {args.eps_min_len} above --eps-max-len {args.eps_max_len}: eq. 4 would keep nothing")
+    try:
+        scale.shard_of(args.shard)
+    except InputError as e:
+        p.error(str(e))
     if not DEVICE.fullmatch(args.device):
         p.error(f"--device {args.device!r}: use cpu, cuda or cuda:N")
     for role in PAPER:

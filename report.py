@@ -5,7 +5,8 @@ of all target users), sums the augmentation counts and the seconds, and names th
 data that actually ran (`models_used`: a stand-in says which of the paper's models it replaces).
 `write` puts it in OUT/results.json and OUT/results.md. Evaluation is apart from training:
 `python cdcda.py report --out DIR [--bertscore-model M] [--bertscore-layer L]` reads the
-run's options (OUT/run.json) and its users' result.json files and scores them again.
+run's options (OUT/run.json) and its users' result.json files and scores them again; it is
+also the merge of a sharded run (scale.py): the table of every user, or the users not yet done.
 """
 import argparse
 import json
@@ -40,6 +41,16 @@ def models_used(args) -> dict:
                           if not rewrite.needs_rewrites(data.get_task(args.task))
                           else "rewrite (a LaMP-7 tweet paired with the device's neutral rewrite of it)"
                           if args.history_pairs == "rewrite" else "identity (a LaMP-7 tweet paired with itself)")}
+
+
+def announce(task: data.Task, args, users) -> None:
+    """A run's first lines: the task, what fills each role (`models_used`), the data's files."""
+    print(f"cdcda: {task.name} ({task.title})")
+    for role, name in models_used(args).items():
+        print(f"  {role}: {name}")
+    for name in sorted({name for u in users for name in u.files}):
+        queries = sum(u.files.get(name, 0) for u in users)
+        print(f"  {name}: {sum(name in u.files for u in users)} users, {queries} queries")
 
 
 def build(task: data.Task, users, results, args, labels: dict) -> dict:
@@ -127,15 +138,22 @@ def main(argv=None) -> dict:
     task = data.get_task(args.task)
     users = data.load_users(task.name, args.data)
     targets = data.split_users(users, min(args.users, len(users)), args.user_selection, args.seed)[0]
+    results, missing = finished(out, targets, args.methods)
+    if missing:
+        raise InputError(f"{out}: {len(missing)} of {len(targets)} users are not finished: {', '.join(missing)}; "
+                         "run the same command again (the same shard, for a sharded run) to finish them")
+    return write(build(task, targets, results, args, args.labels), out)
+
+
+def finished(out: Path, targets, methods) -> tuple[list[dict], list[str]]:
+    """The result.json of every target user done with every method (in the targets' order),
+    and the ids of the users who are not: the merge of a run's shards, whichever wrote them."""
     results, missing = [], []
     for user in targets:
         path = out / "users" / user.user_id / "result.json"
         result = json.loads(path.read_text()) if path.is_file() else {"predictions": {}}
-        if set(args.methods) <= set(result["predictions"]):
+        if set(methods) <= set(result["predictions"]):
             results.append(result)
         else:
             missing.append(user.user_id)
-    if missing:
-        raise InputError(f"{out}: {len(missing)} of {len(targets)} users are not finished ({', '.join(missing[:10])}); "
-                         "run the same command again to finish them")
-    return write(build(task, targets, results, args, args.labels), out)
+    return results, missing

@@ -25,6 +25,7 @@ import qwen2
 
 REWRITE_PROMPT = ("Rewrite the following text as plain, neutral English with the same facts: no slang, no "
                   "hashtags, no emojis, no exclamations. Only output the rewritten text.\nText: {text}")
+SAMPLES = 4  # sampled rewrites per tweet, besides the greedy one
 LABEL = re.compile(r"^\W*(\w+\s+){0,2}\w+\W*:\W*")  # "Rewrite:", "**Text:**": a leading label the model adds
 
 
@@ -43,7 +44,7 @@ def history_pair(task: data.Task, item: dict, rewrites: dict | None = None) -> t
 
 
 def neutral_rewrites(task: data.Task, users, device_model: str, judge, thresholds: dict, device: str,
-                     samples: int = 4) -> dict[str, str]:
+                     samples: int = SAMPLES) -> dict[str, str]:
     """{text: its neutral rewrite, or "" when none passed} for every history item of `users`,
     cached under the model cache (the key covers the model, the prompt, the judge, the texts)."""
     texts = sorted({task.pair(item)[1] for u in users for item in u.profile})

@@ -57,3 +57,38 @@ def test_chat_url():
     assert cloud.chat_url("http://h:8000/v1/") == "http://h:8000/v1/chat/completions"
     assert cloud.chat_url("http://h:8000") == "http://h:8000/v1/chat/completions"
     assert cloud.chat_url("http://h/v1/chat/completions") == "http://h/v1/chat/completions"
+
+
+@pytest.mark.parametrize("concurrency", [1, 3])
+def test_openai_chat_keeps_at_most_concurrency_requests_in_flight_and_the_order(concurrency):
+    """A stub that holds each request 100 ms and counts how many are open at once: never more
+    than `concurrency`, exactly that many at some point, and replies come back in order."""
+    lock, open_now, most = threading.Lock(), [0], [0]
+
+    class Slow(BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            with lock:
+                open_now[0] += 1
+                most[0] = max(most[0], open_now[0])
+            time.sleep(0.1)
+            with lock:
+                open_now[0] -= 1
+            raw = json.dumps({"choices": [{"message": {"content": body["messages"][-1]["content"] + "!"}}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(raw)))
+            self.end_headers()
+            self.wfile.write(raw)
+
+        def log_message(self, *a):
+            pass
+    stub = ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    threading.Thread(target=stub.serve_forever, daemon=True).start()
+    try:
+        conversations = [[{"role": "user", "content": str(i)}] for i in range(9)]
+        replies = cloud.openai_chat(f"http://127.0.0.1:{stub.server_address[1]}", "m", conversations, 8, 0.7, 0,
+                                    api_key="", concurrency=concurrency)
+        assert replies == [f"{i}!" for i in range(9)] and most[0] == concurrency
+    finally:
+        stub.shutdown()
+        stub.server_close()
