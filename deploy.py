@@ -285,20 +285,22 @@ def deploy(model: nn.Module, group_size: int = GROUP_SIZE, device=None) -> qwen2
     return from_portable(model.config, portable_state(model, group_size), device)
 
 
-def stored_bytes(state: dict) -> dict:
-    """Bytes of a portable state, by kind: int4 codes, their scales and zeros, int8 embedding /
-    head (with row scales), the rest (norms, biases)."""
+def stored_bytes(model: nn.Module) -> dict:
+    """Bytes a deployed model's file holds, by kind, from its buffers' shapes (the packed
+    kernel layout has the codes' size only on CPU): int4 codes (N K / 2), their scales and
+    zeros (2 bytes each per group), the int8 embedding / head with row scales (a tied head
+    once), the rest (norms, biases)."""
     parts = {"int4 codes": 0, "int4 scales+zeros": 0, "int8 embedding/head": 0, "rest": 0}
-    for key, t in state.items():
-        size = t.numel() * t.element_size()
-        if key.startswith(("model.embed_tokens.", "lm_head.")):
-            parts["int8 embedding/head"] += size
-        elif key.endswith((".scale", ".zero")):
-            parts["int4 scales+zeros"] += size
-        elif t.dtype == torch.uint8:
-            parts["int4 codes"] += size
-        else:
-            parts["rest"] += size
+    seen = set()
+    for module in model.modules():
+        if isinstance(module, Int4Linear):
+            parts["int4 codes"] += module.out_features * module.in_features // 2
+            parts["int4 scales+zeros"] += module.scales_and_zeros.numel() * 2
+            parts["rest"] += 0 if module.bias is None else module.bias.numel() * 2
+        elif isinstance(module, (Int8Embedding, Int8Linear)) and id(module.weight) not in seen:
+            seen.add(id(module.weight))
+            parts["int8 embedding/head"] += module.weight.numel() + module.scale.numel() * 2
+    parts["rest"] += sum(p.numel() * p.element_size() for p in model.parameters())  # the norms
     return parts
 
 
