@@ -31,6 +31,7 @@ import torch
 import augment
 import cloud as cloud_client
 import data
+import deploy
 import generate
 import hub
 import lora
@@ -189,6 +190,14 @@ class Run:
         lora.save_adapter(model, self.user_dir / f"{method}.adapter.safetensors")
         return self.answer(model, method)
 
+    def deployed(self, method: str) -> list[str]:
+        """--deploy: `method`'s saved adapter on M_base, deployed (`deploy.py`: merged, int4), saved, answering."""
+        model = lora.add_lora(copy.deepcopy(self.device_model), r=self.args.lora_r, alpha=self.args.lora_alpha)
+        lora.load_adapter(model, self.user_dir / f"{method}.adapter.safetensors")
+        model = deploy.deploy(model)
+        deploy.save(model, self.tokenizer, self.user_dir / f"{method}.deployed")
+        return self.answer(model, f"{method}-deployed")
+
 
 class Method(NamedTuple):
     label: str  # the row's name in the report
@@ -200,6 +209,8 @@ METHODS = {
     "base": Method("M_device (M_base, non-personalized)", lambda run: run.answer(run.device_model, "base"), False),
     "direct-ft": Method("Direct-FT", lambda run: run.personalized("direct-ft", run.pairs), False),
     "cdcda": Method("CDCDA-PLM", lambda run: run.personalized("cdcda", download(run.pairs, run.kept)), True),
+    "direct-ft-deployed": Method("Direct-FT, deployed (int4)", lambda run: run.deployed("direct-ft"), False),
+    "cdcda-deployed": Method("CDCDA-PLM, deployed (int4)", lambda run: run.deployed("cdcda"), False),
 }
 
 
@@ -265,7 +276,7 @@ def run_user(user, task, cloud, judge, device_model, tok, args, user_dir: Path, 
 
 
 # ---------------------------------------------------------------- the run
-EVALUATION_ONLY = ("out", "users", "methods", "bertscore_model", "bertscore_layer")  # not in the fingerprint
+EVALUATION_ONLY = ("out", "users", "methods", "deploy", "bertscore_model", "bertscore_layer")  # not in the fingerprint
 
 
 def run(args, methods=METHODS) -> dict:

@@ -16,23 +16,25 @@ module is that step in PyTorch:
        q_i = clamp(round((w_i - z) / s) + 8, 0, 15)   w'_i = (q_i - 8) s + z
 
    so w_min maps to code 0 and w_max to code 15, and |w'_i - w_i| <= s / 2 up to the bf16
-   rounding of s and z; a constant group gets s = 0, code 8 and w' = z = w. Stored: 4 bits per weight plus 2 x 16 bits per 32 weights = 5 bits
-   (0.625 bytes) per weight. MLC-LLM's q4f16_1 is the same group size with an fp16 scale and
-   no zero point (symmetric, w' = (q - 7) s, 4.5 bits per weight); the zero point costs 0.5
-   bit per weight and uses all 16 codes on a skewed group.
+   rounding of s and z; a constant group gets s = 0, code 8 and w' = z = w. Stored: 4 bits
+   per weight plus 2 x 16 bits per 32 weights = 5 bits (0.625 bytes) per weight. MLC-LLM's
+   q4f16_1 is the same group size with an fp16 scale and no zero point (symmetric,
+   w' = (q - 7) s, 4.5 bits per weight); the zero point costs 0.5 bit per weight and uses all
+   16 codes on a skewed group.
 3. embedding and head, int8 per row (symmetric): s_v = bf16(max_i |E_vi| / 127),
    q_vi = clamp(round(E_vi / s_v), -127, 127), E'_vi = q_vi s_v. A tied head is the same
-   tensor (stored once); it runs through torch's int8 weight-only kernel. Norms and biases
-   stay bf16; compute is bf16.
+   tensor (stored once); it runs through torch's int8 weight-only kernel on CPU (dequantized
+   before the matmul on CUDA). Norms and biases stay bf16; compute is bf16.
 
 Kernels: on CPU `aten._weight_int4pack_mm_for_cpu(x (M, K) bf16, packed, 32, scales_and_zeros
 (K/32, N, 2) bf16)` with the weight from `aten._convert_weight_to_int4pack_for_cpu(codes int32
 (N, K), inner_k_tiles)`; on CUDA `aten._weight_int4pack_mm` with the weight from
 `aten._convert_weight_to_int4pack(codes as uint8 (N, K/2), inner_k_tiles)`. Both compute
-x @ ((q - 8) s + z)^T. The packed layouts are private to torch and differ by device and CPU
-instruction set, so the file stores the portable form: codes two to a byte (even column in
-the high nibble) `weight` (N, K/2) uint8, `scale` and `zero` (N, K/32) bf16; and the codes are
-read back from a packed layer through the kernel itself (`Int4Linear.codes`).
+x @ ((q - 8) s + z)^T; the CPU kernel needs N a multiple of 16. The packed layouts are private
+to torch (the CPU's is not the plain nibble order, and the CUDA one differs), so the file
+stores the portable form: codes two to a byte (even column in the high nibble) `weight`
+(N, K/2) uint8, `scale` and `zero` (N, K/32) bf16; the codes are read back from a packed
+layer through the kernel itself (`Int4Linear.codes`).
 """
 import json
 from pathlib import Path

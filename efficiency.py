@@ -36,6 +36,7 @@ from safetensors.torch import save_file
 
 import deploy
 import generate
+import hub
 import lora
 import nf4
 import options
@@ -106,7 +107,7 @@ def build(source: str, form: str, args):
 @torch.inference_mode()
 def speed(model, prompt: list[int], new_tokens: int, runs: int, device="cpu", hf: bool = False) -> dict:
     """Median time to first token (prefill + one sampled token) and decoding tokens/s after it,
-    at batch size 1, greedy, no early stop; one warm-up run first. `hf`: a transformers model,
+    at batch size 1, greedy, no early stop; one full warm-up run first. `hf`: a transformers model,
     through its own `generate`."""
     ids = torch.tensor([prompt], device=device)
 
@@ -115,7 +116,7 @@ def speed(model, prompt: list[int], new_tokens: int, runs: int, device="cpu", hf
             model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
         else:
             generate.generate(model, ids, n, temperature=0, eos_token_id=None)
-    run(2)  # warm-up
+    run(new_tokens)  # warm-up, every shape once (bf16 kernels are made per shape on first use)
     ttft, decode = [], []
     for _ in range(runs):
         t = time.perf_counter()
@@ -197,9 +198,9 @@ def rows_to_run(args) -> dict:
     """{row key: (source, form, label)} for this run."""
     if args.paper_shapes:
         big, small = "Qwen2.5-3B-Instruct", "Qwen2.5-0.5B-Instruct"
-        rows = {"cloud": (big, "bf16", "Cloud-based LLM"), "device": (small, "nf4+lora", "On-device LM, NF4 + LoRA"),
-                "deployed": (small, "deployed", "On-device LM, deployed"), "device-bf16": (small, "bf16", "anchor"),
-                "device-fp32": (small, "fp32", "anchor"), "bnb-nf4": (small, "bnb-nf4", "anchor")}
+        rows = {"cloud": (big, "bf16", "Cloud-based LLM"), "deployed": (small, "deployed", "On-device LM, deployed"),
+                "device-bf16": (small, "bf16", "anchor"), "bnb-nf4": (small, "bnb-nf4", "anchor"),
+                "device": (small, "nf4+lora", "On-device LM, NF4 + LoRA"), "device-fp32": (small, "fp32", "anchor")}
     else:
         rows = {"cloud": (args.cloud_model, "fp32", "Cloud-based LLM"),
                 "device": (args.device_model, "nf4+lora", "On-device LM, NF4 + LoRA"),
@@ -220,12 +221,15 @@ def ratios(rows: dict) -> list[str]:
     return lines
 
 
-def efficiency(args, prompt_tokens: int = 128, isolate: bool = True) -> dict:
-    """Table 3 on this machine: every row of `rows_to_run`, each in a fresh process when
-    `isolate` (a row whose anchor library is missing is left out, and the report says so)."""
+def efficiency(args, prompt_tokens: int = 128, isolate: bool = True, partial: Path | None = None) -> dict:
+    """Table 3 on this machine: the rows of `rows_to_run` (those in args.rows, if given), each in
+    a fresh process when `isolate` (a row whose anchor library is missing is left out, and the
+    report says so). Each finished row is printed and, with `partial`, written there at once."""
     rows, models, skipped = {}, {}, []
     ctx = multiprocessing.get_context("spawn")
     for key, (source, form, label) in rows_to_run(args).items():
+        if args.rows and key not in args.rows:
+            continue
         print(f"efficiency: {label} ...", file=sys.stderr, flush=True)
         try:
             if isolate:
@@ -237,6 +241,9 @@ def efficiency(args, prompt_tokens: int = 128, isolate: bool = True) -> dict:
             skipped.append(f"{label}: skipped ({e})")
             continue
         models[key] = label
+        print(f"efficiency: {key}: {json.dumps(rows[key])}", file=sys.stderr, flush=True)
+        if partial:
+            hub.write_atomic(partial, json.dumps({"models": models, "rows": rows}, indent=1))
     models["setup"] = (f"{prompt_tokens}-token prompt, {args.new_tokens} new tokens, batch 1, greedy, median of "
                        f"{args.runs} runs, {next(iter(rows.values()))['threads']} torch threads on {args.device}"
                        + (", random weights of the paper's shapes" if args.paper_shapes else ""))
@@ -256,17 +263,25 @@ def main(argv=None) -> dict:
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--runs", type=int, default=5, help="timed runs; the median is reported")
     p.add_argument("--new-tokens", type=int, default=None, help="tokens decoded per run (default 32; 16 with --paper-shapes)")
-    p.add_argument("--out", default="runs", help="writes OUT/efficiency.json and .md")
+    p.add_argument("--rows", default=None, help="comma-separated subset of the rows (cloud, device, deployed; "
+                   "with --paper-shapes also device-bf16, device-fp32, bnb-nf4); default all")
+    p.add_argument("--out", default="runs", help="writes OUT/efficiency.json and .md (-paper-shapes with "
+                   "--paper-shapes); OUT/NAME.partial.json as rows finish")
     args = p.parse_args(argv)
     if not options.DEVICE.fullmatch(args.device):
         p.error(f"--device {args.device!r}: use cpu, cuda or cuda:N")
     args.new_tokens = args.new_tokens or (16 if args.paper_shapes else 32)
     if args.runs < 1 or args.lora_r < 1 or args.new_tokens < 2:
         p.error("--runs and --lora-r must be at least 1, --new-tokens at least 2")
-    rep = efficiency(args)
+    args.rows = args.rows and [r.strip() for r in args.rows.split(",") if r.strip()]
+    unknown = set(args.rows or ()) - set(rows_to_run(args))
+    if unknown or args.rows == []:
+        p.error(f"--rows: unknown {sorted(unknown)}; choose from {', '.join(rows_to_run(args))}")
+    name = "efficiency-paper-shapes" if args.paper_shapes else "efficiency"
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    rep = efficiency(args, partial=Path(args.out) / f"{name}.partial.json")
     note = "".join(f"\n{line}" for line in rep["ratios"] + rep["skipped"]) + "\n"
-    return report.write(rep, Path(args.out), "efficiency-paper-shapes" if args.paper_shapes else "efficiency",
-                        title="Table 3: inference efficiency on this machine", note=note)
+    return report.write(rep, Path(args.out), name, title="Table 3: inference efficiency on this machine", note=note)
 
 
 if __name__ == "__main__":
