@@ -33,6 +33,7 @@ import torch
 import augment
 import cloud as cloud_client
 import data
+import deploy
 import generate
 import hub
 import lora
@@ -193,6 +194,14 @@ class Run:
         lora.save_adapter(model, self.user_dir / f"{method}.adapter.safetensors")
         return self.answer(model, method)
 
+    def deployed(self, method: str) -> list[str]:
+        """--deploy: `method`'s saved adapter on M_base, deployed (`deploy.py`: merged, int4), saved, answering."""
+        model = lora.add_lora(copy.deepcopy(self.device_model), r=self.args.lora_r, alpha=self.args.lora_alpha)
+        lora.load_adapter(model, self.user_dir / f"{method}.adapter.safetensors")
+        model = deploy.deploy(model)
+        deploy.save(model, self.tokenizer, self.user_dir / f"{method}.deployed")
+        return self.answer(model, f"{method}-deployed")
+
 
 class Method(NamedTuple):
     label: str  # the row's name in the report
@@ -204,6 +213,8 @@ METHODS = {
     "base": Method("M_device (M_base, non-personalized)", lambda run: run.answer(run.device_model, "base"), False),
     "direct-ft": Method("Direct-FT", lambda run: run.personalized("direct-ft", run.pairs), False),
     "cdcda": Method("CDCDA-PLM", lambda run: run.personalized("cdcda", download(run.pairs, run.kept)), True),
+    "direct-ft-deployed": Method("Direct-FT, deployed (int4)", lambda run: run.deployed("direct-ft"), False),
+    "cdcda-deployed": Method("CDCDA-PLM, deployed (int4)", lambda run: run.deployed("cdcda"), False),
 }
 
 
@@ -271,8 +282,8 @@ def run_user(user, task, cloud, judge, device_model, tok, args, user_dir: Path, 
 
 
 # ---------------------------------------------------------------- the run
-# not in the fingerprint: the evaluation-only options, and where a shard runs (--device cuda:N per process)
-UNCHECKED = ("out", "users", "methods", "bertscore_model", "bertscore_layer", "device")
+# not in the fingerprint: the evaluation-only options (--deploy adds rows), and where a shard runs (--device cuda:N)
+UNCHECKED = ("out", "users", "methods", "deploy", "bertscore_model", "bertscore_layer", "device")
 
 
 def run(args, methods=METHODS) -> dict:

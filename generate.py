@@ -56,7 +56,7 @@ def generate(model: Qwen2, input_ids, max_new_tokens: int, temperature: float = 
     eos = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
     B, T = input_ids.shape
     device = input_ids.device
-    cache = KVCache(model.config, B, T + max_new_tokens, model.model.embed_tokens.weight.dtype, device)
+    cache = KVCache(model.config, B, T + max_new_tokens, model.model.norm.weight.dtype, device)  # the compute dtype
     if attention_mask is not None and bool(attention_mask.all()):
         attention_mask = None  # no padding: plain causal attention is faster
     if attention_mask is not None:
@@ -193,7 +193,7 @@ def speculative_generate(target, draft, input_ids: torch.Tensor, max_new_tokens:
     eos = set([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id or [])
     ids = input_ids[0].tolist()
     max_len = len(ids) + max_new_tokens + gamma + 1
-    cache_t, cache_d = (KVCache(m.config, 1, max_len, m.model.embed_tokens.weight.dtype, input_ids.device)
+    cache_t, cache_d = (KVCache(m.config, 1, max_len, m.model.norm.weight.dtype, input_ids.device)
                         for m in (target, draft))
 
     def forward(model, cache, tokens):  # tokens after the cached prefix -> (len(tokens), V) logits

@@ -50,6 +50,8 @@ def parser(methods) -> argparse.ArgumentParser:
     p.add_argument("--data", default=None, help="directory with DIR/<task>/*.json (real LaMP); default: embedded demo")
     p.add_argument("--out", default=None, help="output directory (default runs/<task>)")
     p.add_argument("--methods", default="base,direct-ft,cdcda", help=f"comma-separated subset of {','.join(methods)}")
+    p.add_argument("--deploy", action="store_true", help="also answer with each fine-tuned method's model "
+                   "deployed (deploy.py: LoRA merged, int4 groups of 32): adds METHOD-deployed after METHOD")
     p.add_argument("--paper", action="store_true", help="the paper's models (needs them downloaded): " +
                    ", ".join(PAPER.values()))
     p.add_argument("--cloud-model", default=None, help=f"cloud LM (default {EMBEDDED['cloud_model']})")
@@ -145,6 +147,12 @@ def check_args(p: argparse.ArgumentParser, args, methods) -> argparse.Namespace:
     unknown = [m for m in args.methods if m not in methods]
     if unknown or not args.methods:
         p.error(f"--methods: unknown {unknown}; choose from {', '.join(methods)}")
+    if args.deploy:
+        args.methods = list(dict.fromkeys(x for m in args.methods for x in (m, f"{m}-deployed")
+                                          if x in methods))
+    for i, m in enumerate(args.methods):  # a deployed model is made from its method's adapter
+        if m.endswith("-deployed") and m.removesuffix("-deployed") not in args.methods[:i]:
+            p.error(f"--methods: {m} needs {m.removesuffix('-deployed')} before it (its adapter)")
     if args.cloud and args.cloud_api:
         p.error("--cloud and --cloud-api: give one (--cloud: the server filters too)")
     if args.cloud and args.synthesis_filter != "cdcda":

@@ -77,7 +77,9 @@ def build(task: data.Task, users, results, args, labels: dict) -> dict:
 
 def reading(rep: dict) -> str:
     """One line saying what the table shows, from its own numbers: the rows ordered by the gold
-    NLL and by the task's first metric."""
+    NLL and by the task's first metric (none for efficiency.py's table, which prints its ratios)."""
+    if rep["task"] == "efficiency":
+        return ""
     first = next(iter(next(iter(rep["rows"].values()))))  # rouge1, accuracy or mae
     lower = first == "mae"
     orders = [("gold NLL", True, "gold_nll"), (first, lower, first)]

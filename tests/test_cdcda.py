@@ -11,6 +11,7 @@ import torch
 import augment
 import cdcda
 import data
+import deploy
 import options
 import qwen2
 from errors import InputError
@@ -182,3 +183,27 @@ def test_the_defaults_pair_rewrites_and_decode_the_pair_shape(tiny_model_dir, tm
         assert pairs and all(x != y and sorted(x.split()) == sorted(y.split()) for x, y in pairs)
         assert history[f"cdcda {user.user_id}"][:len(pairs)] == pairs
     assert len(list((tmp_path / "cache" / "rewrites").glob("lamp7-*.json"))) == 1
+
+
+def test_deploy_answers_with_the_deployed_model_and_reports_both(tiny_model_dir, tmp_path, monkeypatch, fake_cloud,
+                                                                 tiny_args):
+    monkeypatch.setenv("CDCDA_CACHE", str(tmp_path / "cache"))
+    argv = tiny_args(tiny_model_dir, tmp_path / "run") + ["--methods", "cdcda", "--deploy"]
+    rep = cdcda.main(argv)
+    assert list(rep["rows"]) == ["cdcda", "cdcda-deployed"]
+    fine, deployed = rep["rows"]["cdcda"], rep["rows"]["cdcda-deployed"]
+    assert deployed["gold_nll"] > 0 and "rouge1" in deployed
+    assert deployed["gold_nll"] != fine["gold_nll"]  # a different (quantized) model answered
+    assert abs(deployed["gold_nll"] - fine["gold_nll"]) < 0.1 * fine["gold_nll"]  # ... one close to its source
+    user_dir = next((tmp_path / "run" / "users").iterdir())
+    model, _ = deploy.load(user_dir / "cdcda.deployed")
+    assert isinstance(model.model.layers[0].mlp.up_proj, deploy.Int4Linear)
+    assert "| CDCDA-PLM, deployed (int4) |" in (tmp_path / "run" / "results.md").read_text()
+
+
+def test_deployed_methods_need_their_adapter_first(capsys):
+    args = options.parse(["--deploy"], cdcda.METHODS)
+    assert args.methods == ["base", "direct-ft", "direct-ft-deployed", "cdcda", "cdcda-deployed"]
+    with pytest.raises(SystemExit):
+        options.parse(["--methods", "cdcda-deployed,cdcda"], cdcda.METHODS)
+    assert "cdcda-deployed needs cdcda before it" in capsys.readouterr().err
