@@ -307,10 +307,11 @@ def generate_ids(model: T5, input_ids, max_new_tokens: int, temperature: float =
     for _ in range(max_new_tokens):
         hidden = model.decode(tokens, cross, attention_mask, cache)
         next_token = generate.sample(model.lm_head(hidden[:, -1]), temperature, top_p, generator)  # (B,)
-        next_token = torch.where(done, eos[0], next_token)
-        done |= torch.isin(next_token, eos_ids)
+        if eos:
+            next_token = torch.where(done, eos[0], next_token)
+            done |= torch.isin(next_token, eos_ids)
         out.append(next_token)
-        if bool(done.all()):
+        if eos and bool(done.all()):
             break
         tokens = next_token[:, None]
     return torch.stack(out, 1) if out else input_ids.new_zeros(B, 0)
