@@ -19,12 +19,14 @@ The pipeline's glue for a seq2seq device model is here, so the decoder-only file
 are: `family` picks t5 or qwen2 from a model's config.json; `T5.blocks` and `T5.lora_targets`
 tell `nf4.quantize_model` / `lora.add_lora` what to wrap; `T5.response_loss` is eq. 6 for
 seq2seq (CE on the decoder's target tokens, the prompt is the encoder's input); `T5.chat` is what
-`generate.chat` runs for it. The prompt is the appendix-B text as plain text (`Tokenizer`).
+`generate.chat` runs for it. The prompt is the appendix-B text as plain text (`Tokenizer`); LaMP-7's
+history rewrites (`rewrite.py`) are then written by the T5 itself, from the same prompt as plain text.
+Dropout (T5's 0.1 in training) is not implemented: fine-tuning here is LoRA, as for the decoder.
 """
 import json
 import math
 import sys
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -69,16 +71,8 @@ class Config:
             raise InputError(f"feed_forward_proj {self.feed_forward_proj!r}: only T5 v1.1's 'gated-gelu' is supported")
         self.num_decoder_layers = self.num_decoder_layers or self.num_layers
 
-    @classmethod
-    def from_json(cls, directory) -> "Config":
-        data = hub.load_config(Path(directory))
-        try:
-            return cls(**{k: v for k, v in data.items() if k in {f.name for f in fields(cls)}})
-        except TypeError as e:
-            raise InputError(f"{directory}: bad config.json ({e})") from None
-
-    def to_dict(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+    from_json = classmethod(qwen2.Config.from_json.__func__)  # config.json -> Config, unknown keys ignored
+    to_dict = qwen2.Config.to_dict
 
 
 class LayerNorm(nn.Module):
@@ -283,10 +277,8 @@ class T5(nn.Module):
         keep = target != IGNORE
         return F.cross_entropy(self.lm_head(hidden[keep]).float(), target[keep])
 
-    def chat(self, tokenizer, conversations, max_new_tokens=64, temperature=0.7, seed=0, batch_size=8,
-             desc=None, reply_prefix="", stop=""):
-        return chat(self, tokenizer, conversations, max_new_tokens, temperature, seed, batch_size, desc,
-                    reply_prefix, stop)
+    def chat(self, *args, **kwargs):  # what generate.chat runs for this model
+        return chat(self, *args, **kwargs)
 
 
 @torch.inference_mode()
