@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import cdcda
 import data
 import experiments
 import generate
@@ -220,3 +221,6 @@ def test_pipeline_end_to_end_on_a_tiny_t5(tmp_path, monkeypatch, tiny_model_dir,
     adapters = list((tmp_path / "run" / "lamp7" / "users").glob("*/cdcda.adapter.safetensors"))
     assert adapters
     assert json.loads(next((tmp_path / "cache" / "base").glob("lamp7-*/config.json")).read_text())["model_type"] == "t5"
+    argv[argv.index("--out") + 1] = str(tmp_path / "plain")  # cdcda.py's own rows, on the cached M_base
+    rep = cdcda.main(argv + ["--methods", "base,direct-ft"])
+    assert set(rep["rows"]) == {"base", "direct-ft"} and all(r["gold_nll"] > 0 for r in rep["rows"].values())
