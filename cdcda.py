@@ -44,6 +44,7 @@ import qwen2
 import report
 import rewrite
 import scale
+import t5
 from errors import InputError
 
 ANSWER_TOKENS = {"lamp1": 8, "lamp2": 12, "lamp3": 4, "lamp4": 32, "lamp5": 48, "lamp7": 48}
@@ -150,14 +151,15 @@ def base_model(task: data.Task, others, device_model: str, training: Training, s
         return directory
     if not pairs:
         raise InputError(f"{task.name}: no non-target users to train M_base on; lower --users")
-    model, tok = qwen2.load(device_model, "float32", device)
+    family = t5.family(device_model)  # qwen2 (decoder-only) or t5 (encoder-decoder, Table 4)
+    model, tok = family.load(device_model, "float32", device)
     torch.manual_seed(seed)  # LoRA's initial A: torch seeds itself at random in each process
     lora.add_lora(model, r=training.r, alpha=training.alpha)
     print(f"M_base: training on {len(pairs)} pairs of {len(others)} non-target users")
     lora.finetune(model, tok, [(task.messages(x), y) for x, y in pairs], epochs=training.epochs, lr=training.lr,
                   batch_size=training.batch_size, max_length=training.max_length, seed=seed, desc="M_base")
     with hub.atomic(directory) as tmp:
-        qwen2.save_pretrained(lora.merge(model), tok, tmp)
+        family.save_pretrained(lora.merge(model), tok, tmp)
     return directory
 
 
@@ -323,7 +325,7 @@ def run(args, methods=METHODS) -> dict:
                                              args.device) if rewriting else None)  # every method and M_base alike
         base = base_model(task, others, args.device_model, replace(training, epochs=args.base_epochs), args.seed,
                           args.device, rewrites)
-    device_model, tok = qwen2.load(base, "float32", args.device)
+    device_model, tok = t5.family(base).load(base, "float32", args.device)
     device_model = nf4.quantize_model(device_model, torch.bfloat16)  # sec. 5.1: NF4 weights, bf16 compute
     cloud = (None if not synthetic else (None, cloud_client.load_tokenizer(args.cloud_model)) if args.cloud_api
              else qwen2.load(args.cloud_model, "float32", args.device))

@@ -4,6 +4,8 @@
     python experiments.py --task lamp7 --ablations     Table 2: RS, -DS, -LDA, -FT (`ABLATIONS`)
     python experiments.py --task lamp7 --sweep-k       Figure 2: CDCDA-PLM at k = 1, 3, 5, and its plot
     python experiments.py --task lamp7 --compare-buffers --data data/stream
+    python experiments.py --table4 lamp2,lamp7 --device-model google/flan-t5-base
+                                                       Table 4: an encoder-decoder device model, +BM25 and CDCDA-PLM
                                                        Qin et al.'s online buffer against the whole history
 Every other option is cdcda.py's (one parser: cdcda's options plus these).
 
@@ -46,6 +48,7 @@ import torch
 
 import baselines
 import cdcda
+import data
 import encoder
 import generate
 import hub
@@ -278,6 +281,34 @@ def sweep(args, out: Path, ks=(1, 3, 5)) -> dict:
     return report.write(rep, out, "sweep-k", note="![Figure 2](sweep-k.png)\n")
 
 
+# ---------------------------------------------------------------- Table 4
+TABLE4 = {"device+bm25": "+BM25", "cdcda": "CDCDA-PLM"}  # the device model's two columns
+PAPER_TABLE4 = {  # task: (metric, as the paper names it, FlanT5-base +BM25, FlanT5-base CDCDA-PLM, Qwen2.5-0.5B
+    # CDCDA-PLM), the paper's numbers as it prints them
+    "lamp1": ("accuracy", "Acc", "0.6", "0.570", "0.530"), "lamp2": ("accuracy", "Acc", "0.3499", "0.283", "0.391"),
+    "lamp3": ("mae", "MAE", "0.4632", "0.484", "0.400"), "lamp4": ("rouge1", "R-1", "0.0834", "0.115", "0.120"),
+    "lamp5": ("rouge1", "R-1", "0.2867", "0.406", "0.382"), "lamp7": ("rouge1", "R-1", "0.2933", "0.362", "0.383")}
+
+
+def table4(args, tasks: list[str], root: Path) -> dict:
+    """Table 4 (sec. 5.6): the device model (FlanT5-base in the paper; `t5.family` picks T5 from
+    its config) with BM25 RAG and with CDCDA-PLM, one run per task in root/<task>; the table,
+    tasks as rows, beside the paper's numbers, in root/table4.md. A task not run shows "-"."""
+    reports = {t: cdcda.run(variant(args, task=t, methods=list(TABLE4), out=str(root / t)), METHODS) for t in tasks}
+    name = args.device_model
+    lines = [f"Table 4 with `{name}` as the device model (paper: FlanT5-base; Qwen2.5-0.5B for comparison)", "",
+             f"| task | ours {name} +BM25 | ours CDCDA-PLM | paper FlanT5-base +BM25 | paper FlanT5-base CDCDA-PLM "
+             "| paper Qwen2.5-0.5B CDCDA-PLM |", "| --- | --- | --- | --- | --- | --- |"]
+    for task, (metric, short, *paper) in PAPER_TABLE4.items():
+        ours = [f"{reports[task]['rows'][m][metric]:.3f}" if task in reports else "-" for m in TABLE4]
+        lines.append(f"| LaMP-{task[4:]} ({short}) | " + " | ".join(ours + paper) + " |")
+    text = "\n".join(lines) + "\n"
+    root.mkdir(parents=True, exist_ok=True)
+    hub.write_atomic(root / "table4.md", text)
+    print(text)
+    return reports
+
+
 # ---------------------------------------------------------------- the command
 def acceptance(rep: dict, out: Path) -> str:
     """The speculative row's acceptance rate (accepted / drafted tokens, all target users), put
@@ -307,8 +338,11 @@ def main(argv=None) -> dict:
                    help="--compare-buffers' capacities (items)")
     p.add_argument("--buffer-rows", default="all", metavar="ROW,ROW", help="--compare-buffers' rows (default all: "
                    "base, direct-ft, cdcda, then scores-N, random-N, each also +aug)")
+    p.add_argument("--table4", nargs="?", const=",".join(PAPER_TABLE4), metavar="TASKS", help="Table 4: the "
+                   "--device-model (a T5 such as google/flan-t5-base, or a decoder) +BM25 and CDCDA-PLM on TASKS "
+                   "(default all six), in OUT/<task> (OUT default runs/table4), the table in OUT/table4.md")
     args = p.parse_args(argv)
-    table1 = args.methods is not None or not (args.ablations or args.sweep_k or args.compare_buffers)
+    table1 = args.methods is not None or not (args.ablations or args.sweep_k or args.compare_buffers or args.table4)
     args.methods = ",".join(TABLE1) if args.methods in (None, "all") else args.methods
     args = options.check_args(p, args, METHODS)
     if args.compare_buffers and args.buffer:
@@ -324,7 +358,7 @@ def main(argv=None) -> dict:
             p.error(f"--buffer-rows: no row {', '.join(unknown)}; the rows are {','.join(buffers)}")
         buffers = {r: buffers[r] for r in rows}
     experiment = {k: getattr(args, k) for k in ("ablations", "sweep_k", "compare_buffers", "buffer_sizes",
-                                                 "buffer_rows")}
+                                                 "buffer_rows", "table4")}
     for k in experiment:
         delattr(args, k)  # not pipeline settings: left out of the runs' settings fingerprints
     reports = {}
@@ -339,6 +373,9 @@ def main(argv=None) -> dict:
         reports["buffers"] = cdcda.run(variant(args, methods=list(buffers), out=str(out / "buffers")), buffers)
     if experiment["sweep_k"]:
         reports["sweep_k"] = sweep(args, out / "sweep-k")
+    if experiment["table4"]:
+        tasks = [data.get_task(t).name for t in experiment["table4"].split(",")]
+        reports["table4"] = table4(args, tasks, Path(args.out or "runs/table4"))
     return reports
 
 

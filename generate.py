@@ -113,6 +113,8 @@ def chat(model: Qwen2, tokenizer: Tokenizer, conversations: list[list[dict]], ma
     assistant's turn and kept in the reply: it steers a small model into a format. `stop` ends
     a reply before the first occurrence of that text (OpenAI's `stop`).
     """
+    if hasattr(model, "chat"):  # an encoder-decoder (t5.T5) decodes its own way
+        return model.chat(tokenizer, conversations, max_new_tokens, temperature, seed, batch_size, desc, reply_prefix, stop)
     device = model.model.embed_tokens.weight.device
     prefixes = [reply_prefix] * len(conversations) if isinstance(reply_prefix, str) else list(reply_prefix)
     prompts = [tokenizer.encode(tokenizer.apply_chat_template(c) + p) for c, p in zip(conversations, prefixes)]

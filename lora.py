@@ -74,12 +74,14 @@ class LoRALinear(nn.Module):
         return (weight.float() + delta).to(weight.dtype)
 
 
-def add_lora(model: nn.Module, r: int = 16, alpha: float = 8, dropout: float = 0.0, targets=TARGETS) -> nn.Module:
-    """Wrap the `targets` linear layers of every decoder block (`model.model.layers`) in
-    `LoRALinear` and freeze every other parameter. Returns `model` (changed in place)."""
+def add_lora(model: nn.Module, r: int = 16, alpha: float = 8, dropout: float = 0.0, targets=None) -> nn.Module:
+    """Wrap the `targets` linear layers (default: the model's `lora_targets`, else TARGETS) of
+    every block (`nf4.blocks(model)`) in `LoRALinear` and freeze every other parameter. Returns
+    `model` (changed in place)."""
+    targets = targets or getattr(model, "lora_targets", TARGETS)
     model.requires_grad_(False)
     found = set()
-    for block in model.model.layers:
+    for block in nf4.blocks(model):
         for parent in list(block.modules()):
             for name, child in list(parent.named_children()):
                 if isinstance(child, LoRALinear):
@@ -89,7 +91,7 @@ def add_lora(model: nn.Module, r: int = 16, alpha: float = 8, dropout: float = 0
                     found.add(name)
     missing = set(targets) - found
     if missing:
-        raise ValueError(f"add_lora: targets {sorted(missing)} match no layer of model.model.layers")
+        raise ValueError(f"add_lora: targets {sorted(missing)} match no layer of nf4.blocks(model)")
     return model
 
 
@@ -209,9 +211,9 @@ def encode_example(tokenizer, messages: list[dict], response: str, max_length: i
     stay), and the response gets the rest (cut at its end, losing its <|im_end|>, only when it
     alone is longer than half of max_length).
     """
-    end = tokenizer.encode("<|im_end|>")
+    end = tokenizer.encode(tokenizer.end_of_turn)  # <|im_end|> (ChatML), </s> (T5)
     if len(end) != 1:
-        raise ValueError(f"tokenizer encodes '<|im_end|>' as {end}, not as one special token")
+        raise ValueError(f"tokenizer encodes {tokenizer.end_of_turn!r} as {end}, not as one special token")
     answer = tokenizer.encode(response) + end
     messages = fit_messages(tokenizer, messages, max(max_length - len(answer), max_length // 2))
     prompt = tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
@@ -298,7 +300,10 @@ def right_pad(batch: list[tuple[list[int], int]], pad_token_id: int, device="cpu
 
 def response_loss(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy over the labelled positions: position t predicts
-    labels[t + 1]. Only those positions go through the output head (fp32 logits)."""
+    labels[t + 1]. Only those positions go through the output head (fp32 logits). An
+    encoder-decoder (t5.T5) computes its own (prompt to the encoder, response to the decoder)."""
+    if hasattr(model, "response_loss"):
+        return model.response_loss(ids, labels)
     hidden = model.model(ids)  # (B, T, H)
     target = labels[:, 1:]  # (B, T-1)
     keep = target != IGNORE

@@ -165,12 +165,18 @@ class _DequantizedMatmul(torch.autograd.Function):
         return grad_x, None
 
 
+def blocks(model: nn.Module) -> list[nn.Module]:
+    """The blocks whose linear layers are quantized and adapted: `model.model.layers`, or what a
+    model lists itself (an encoder-decoder's `t5.T5.blocks()`)."""
+    return model.blocks() if hasattr(model, "blocks") else model.model.layers
+
+
 def quantize_model(model: nn.Module, compute_dtype=torch.bfloat16, double_quant: bool = False) -> nn.Module:
-    """Swap every `nn.Linear` of the decoder blocks (`model.model.layers`) for an `NF4Linear`
+    """Swap every `nn.Linear` of the decoder blocks (`blocks(model)`) for an `NF4Linear`
     and cast the remaining parameters (embedding / tied head, norms) to `compute_dtype`.
     Buffers such as rotary frequencies keep their dtype. Returns `model` (changed in place)."""
     swapped = 0
-    for block in model.model.layers:
+    for block in blocks(model):
         for parent in list(block.modules()):
             for name, child in list(parent.named_children()):
                 if isinstance(child, nn.Linear):

@@ -20,6 +20,7 @@ import qwen2
 import rewrite
 import scale
 import smollm2
+import t5
 from errors import InputError
 
 PAPER = {"cloud_model": "Qwen/Qwen2.5-3B-Instruct", "device_model": "Qwen/Qwen2.5-0.5B-Instruct",
@@ -187,3 +188,8 @@ def check_models(args, task: data.Task, methods) -> None:
                 raise InputError(f"{directory / 'tokenizer.json'}: missing")
         except InputError as e:
             raise InputError(f"{option} {source}: {e}") from None
+    decoder_only = {"speculative", "rkd-ft"} | {m for m in args.methods if m.startswith(("scores-", "random-"))
+                                                 or m.endswith("-deployed")}
+    if t5.family(args.device_model) is t5 and (args.buffer or decoder_only & set(args.methods)):
+        raise InputError(f"--device-model {args.device_model} is a T5: --buffer, buffers, speculative, rkd-ft, "
+                         "--deploy need a decoder")

@@ -256,6 +256,7 @@ class Qwen2(nn.Module):
 
 class Tokenizer:
     """A `tokenizers.Tokenizer` plus the special tokens and chat template of `tokenizer_config.json`."""
+    end_of_turn = "<|im_end|>"  # what ends a training response (lora.encode_example)
     def __init__(self, tokenizer: tokenizers.Tokenizer, config: dict):
         self.tokenizer, self.config = tokenizer, config
         self.chat_template = config.get("chat_template") or CHATML

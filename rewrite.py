@@ -21,7 +21,7 @@ import augment
 import data
 import generate
 import hub
-import qwen2
+import t5
 
 REWRITE_PROMPT = ("Rewrite the following text as plain, neutral English with the same facts: no slang, no "
                   "hashtags, no emojis, no exclamations. Only output the rewritten text.\nText: {text}")
@@ -53,7 +53,7 @@ def neutral_rewrites(task: data.Task, users, device_model: str, judge, threshold
     path = hub.cache_dir() / "rewrites" / f"{task.name}-{key}.json"
     if path.is_file():
         return json.loads(path.read_text())
-    model, tok = qwen2.load(device_model, "float32", device)
+    model, tok = t5.family(device_model).load(device_model, "float32", device)  # T5: plain-text prompt
     prompts = [[{"role": "user", "content": REWRITE_PROMPT.format(text=t)}] for t in texts]
     budget = max(len(tok.encode(t)) for t in texts) + 16
     outs = (generate.chat(model, tok, prompts, budget, temperature=0.0, batch_size=augment.AUGMENT_BATCH,

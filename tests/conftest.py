@@ -336,3 +336,42 @@ def hub_checkpoints():
     corpus=(), seed=0), .roberta(dir, num_hidden_layers=2, id2label=None, seed=0), and
     .put(cache, repo_id, dir) to lay a directory into a Hugging Face cache."""
     return types.SimpleNamespace(qwen2=tiny_qwen2, roberta=tiny_roberta, put=put_in_hub_cache)
+
+
+# ---------------------------------------------------------------- a tiny FlanT5 (Table 4's device model)
+def tiny_t5(directory, tied: bool = False, seed: int = 0, corpus=(), num_decoder_layers: int = 2):
+    """A random transformers T5ForConditionalGeneration shaped like FlanT5 in all but size
+    (gated-GELU, untied head unless `tied`), written hub-style (config.json, model.safetensors
+    with HF's keys, tokenizer.json: byte-level BPE with T5's <pad> </s> <unk> = 0, 1, 2).
+    Weights are perturbed so norms and the position bias are not at their init. Returns it."""
+    transformers = pytest.importorskip("transformers")
+    tok = byte_level_tokenizer(["<pad>", "</s>", "<unk>"], vocab_size=400, corpus=corpus)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tok.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>", "pad_token": "<pad>",
+                                                                 "unk_token": "<unk>"}))
+    torch.manual_seed(seed)
+    config = transformers.T5Config(vocab_size=tok.get_vocab_size(), d_model=32, d_kv=8, d_ff=48, num_layers=2,
+                                   num_decoder_layers=num_decoder_layers, num_heads=4,
+                                   relative_attention_num_buckets=8, relative_attention_max_distance=20,
+                                   feed_forward_proj="gated-gelu", dropout_rate=0.0, tie_word_embeddings=tied,
+                                   decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    model = transformers.T5ForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        if not tied:  # transformers 5 builds T5 with a tied head whatever the config says; FlanT5's is its own
+            model.lm_head.weight = torch.nn.Parameter(torch.randn(config.vocab_size, 32) * 0.2)
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    state = {k: v.clone().contiguous() for k, v in model.state_dict().items()
+             if k not in ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
+             and not (tied and k == "lm_head.weight")}
+    save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    (directory / "config.json").write_text(json.dumps(config.to_dict() | {"tie_word_embeddings": tied}))
+    return model
+
+
+@pytest.fixture(scope="session")
+def t5_checkpoint():
+    """tiny_t5(directory, tied=False, seed=0, corpus=(), num_decoder_layers=2) -> the transformers model."""
+    return tiny_t5

@@ -1,0 +1,393 @@
+"""The encoder-decoder device model of Table 4 (sec. 5.6): T5 v1.1 / FlanT5 in plain PyTorch.
+
+    memory = Encoder(shared(input_ids))                    # (B, S, d), bidirectional, once
+    h      = Decoder(shared(decoder_ids), memory)          # (B, T, d), causal self + cross attention
+    logits = lm_head(h)                                    # (B, T, V); tied head: h * d_model^-0.5 first
+
+Each block is pre-norm with residuals: x = x + Attn(LN(x)); [decoder: x = x + CrossAttn(LN(x), memory)];
+x = x + FF(LN(x)). The T5 ways (Raffel et al. 2020, sec. 2.1; v1.1's changes):
+- LN is RMS-style: x / sqrt(mean(x^2) + eps) * weight, no mean subtracted, no bias (fp32 variance).
+- No absolute positions: a learned scalar per head and relative-position bucket is added to the
+  attention scores; the first block of each stack owns the table, every block reuses its bias.
+  Buckets: half exact offsets, half logarithmic up to max_distance; the encoder's are
+  bidirectional (sign kept), the decoder's causal. Scores are q k^T + bias, NOT scaled by 1/sqrt(d).
+- FF is gated-GELU: wo(gelu_tanh(wi_0 x) * wi_1 x).
+- The LM head is its own matrix (tie_word_embeddings false, FlanT5); a tied head rescales first.
+Module names are the Hugging Face safetensors keys (`encoder.block.0.layer.0.SelfAttention.q`).
+
+The pipeline's glue for a seq2seq device model is here, so the decoder-only files stay as they
+are: `family` picks t5 or qwen2 from a model's config.json; `T5.blocks` and `T5.lora_targets`
+tell `nf4.quantize_model` / `lora.add_lora` what to wrap; `T5.response_loss` is eq. 6 for
+seq2seq (CE on the decoder's target tokens, the prompt is the encoder's input); `T5.chat` is what
+`generate.chat` runs for it. The prompt is the appendix-B text as plain text (`Tokenizer`); LaMP-7's
+history rewrites (`rewrite.py`) are then written by the T5 itself, from the same prompt as plain text.
+Dropout (T5's 0.1 in training) is not implemented: fine-tuning here is LoRA, as for the decoder.
+"""
+import json
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from torch import nn
+from tqdm import tqdm
+
+import generate
+import hub
+import qwen2
+from errors import InputError
+
+IGNORE = -100  # = lora.IGNORE: a label that carries no loss
+
+
+@dataclass
+class Config:
+    """The model's `config.json`; field names are its keys (unknown keys are ignored)."""
+    vocab_size: int
+    d_model: int
+    d_kv: int
+    d_ff: int
+    num_layers: int
+    num_heads: int
+    num_decoder_layers: int | None = None   # None: = num_layers
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
+    layer_norm_epsilon: float = 1e-6
+    feed_forward_proj: str = "gated-gelu"
+    tie_word_embeddings: bool = True        # HF's default; FlanT5's config.json says false
+    decoder_start_token_id: int = 0
+    pad_token_id: int = 0
+    eos_token_id: int = 1
+    model_type: str = "t5"
+
+    def __post_init__(self):
+        if self.model_type != "t5":
+            raise InputError(f"model_type {self.model_type!r}: t5.py loads only 't5'")
+        if self.feed_forward_proj not in ("gated-gelu", "gated-gelu_new"):
+            raise InputError(f"feed_forward_proj {self.feed_forward_proj!r}: only T5 v1.1's 'gated-gelu' is supported")
+        self.num_decoder_layers = self.num_decoder_layers or self.num_layers
+
+    from_json = classmethod(qwen2.Config.from_json.__func__)  # config.json -> Config, unknown keys ignored
+    to_dict = qwen2.Config.to_dict
+
+
+class LayerNorm(nn.Module):
+    """weight * x / sqrt(mean(x^2) + eps): no mean, no bias; variance in fp32, as HF's T5LayerNorm."""
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x):
+        x = x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(self.weight.dtype)
+
+
+def position_bucket(relative, bidirectional: bool, num_buckets: int, max_distance: int):
+    """Relative position (key - query) -> bucket id. Bidirectional: half the buckets for keys
+    after the query. Of the rest, offsets below half go to their own bucket, larger ones
+    logarithmically up to max_distance (and beyond it to the last bucket)."""
+    bucket = torch.zeros_like(relative)
+    if bidirectional:
+        num_buckets //= 2
+        bucket += (relative > 0).long() * num_buckets
+        distance = relative.abs()
+    else:
+        distance = (-relative).clamp(min=0)  # causal: only the past
+    exact = num_buckets // 2
+    log = exact + (torch.log(distance.float() / exact) / math.log(max_distance / exact)
+                   * (num_buckets - exact)).long()
+    return bucket + torch.where(distance < exact, distance, log.clamp(max=num_buckets - 1))
+
+
+class Attention(nn.Module):
+    """softmax(q k^T + bias) v over n_heads heads of d_kv (no 1/sqrt(d) scaling: T5's init absorbs it)."""
+    def __init__(self, c: Config, relative_bias: bool):
+        super().__init__()
+        inner = c.num_heads * c.d_kv
+        self.n_heads, self.d_kv = c.num_heads, c.d_kv
+        self.q, self.k, self.v = (nn.Linear(c.d_model, inner, bias=False) for _ in range(3))
+        self.o = nn.Linear(inner, c.d_model, bias=False)
+        if relative_bias:
+            self.relative_attention_bias = nn.Embedding(c.relative_attention_num_buckets, c.num_heads)
+
+    def heads(self, x):  # (B, T, inner) -> (B, n_heads, T, d_kv)
+        return x.view(x.shape[0], x.shape[1], self.n_heads, self.d_kv).transpose(1, 2)
+
+    def kv(self, x):  # (B, S, d) -> k, v (B, n_heads, S, d_kv)
+        return self.heads(self.k(x)), self.heads(self.v(x))
+
+    def forward(self, x, k, v, bias):
+        """x (B, T, d) queries, k, v (B, H, S, d_kv), bias (B or 1, H, T, S) additive -> (B, T, d)."""
+        y = F.scaled_dot_product_attention(self.heads(self.q(x)), k, v, attn_mask=bias.to(x.dtype), scale=1.0)
+        return self.o(y.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1))
+
+
+class SelfAttentionLayer(nn.Module):
+    def __init__(self, c: Config, relative_bias: bool):
+        super().__init__()
+        self.SelfAttention, self.layer_norm = Attention(c, relative_bias), LayerNorm(c.d_model, c.layer_norm_epsilon)
+
+    def forward(self, x, bias, cache=None, index=0):
+        h = self.layer_norm(x)
+        k, v = self.SelfAttention.kv(h)
+        if cache is not None:
+            k, v = cache.update(index, k, v)  # (B, H, past + T, d_kv)
+        return x + self.SelfAttention(h, k, v, bias)
+
+
+class CrossAttentionLayer(nn.Module):
+    def __init__(self, c: Config):
+        super().__init__()
+        self.EncDecAttention, self.layer_norm = Attention(c, False), LayerNorm(c.d_model, c.layer_norm_epsilon)
+
+    def forward(self, x, k, v, bias):
+        return x + self.EncDecAttention(self.layer_norm(x), k, v, bias)
+
+
+class FeedForward(nn.Module):
+    """Gated GELU (Shazeer 2020): wo(gelu_tanh(wi_0 x) * wi_1 x)."""
+    def __init__(self, c: Config):
+        super().__init__()
+        self.wi_0 = nn.Linear(c.d_model, c.d_ff, bias=False)
+        self.wi_1 = nn.Linear(c.d_model, c.d_ff, bias=False)
+        self.wo = nn.Linear(c.d_ff, c.d_model, bias=False)
+
+    def forward(self, x):
+        return self.wo(F.gelu(self.wi_0(x), approximate="tanh") * self.wi_1(x))
+
+
+class FeedForwardLayer(nn.Module):
+    def __init__(self, c: Config):
+        super().__init__()
+        self.DenseReluDense, self.layer_norm = FeedForward(c), LayerNorm(c.d_model, c.layer_norm_epsilon)
+
+    def forward(self, x):
+        return x + self.DenseReluDense(self.layer_norm(x))
+
+
+class Block(nn.Module):
+    """layer = [self-attention, (cross-attention,) feed-forward], HF's order and names."""
+    def __init__(self, c: Config, first: bool, decoder: bool):
+        super().__init__()
+        middle = [CrossAttentionLayer(c)] if decoder else []
+        self.layer = nn.ModuleList([SelfAttentionLayer(c, first), *middle, FeedForwardLayer(c)])
+
+
+class Stack(nn.Module):
+    """The encoder or the decoder: blocks and a final norm (the embedding is the model's `shared`)."""
+    def __init__(self, c: Config, decoder: bool):
+        super().__init__()
+        n = c.num_decoder_layers if decoder else c.num_layers
+        self.block = nn.ModuleList(Block(c, i == 0, decoder) for i in range(n))
+        self.final_layer_norm = LayerNorm(c.d_model, c.layer_norm_epsilon)
+        self.decoder, self.config = decoder, c
+
+    def position_bias(self, past: int, T: int, S: int, device):
+        """(1, H, T, S): the first block's learned bias for query positions past..past+T-1, keys 0..S-1."""
+        c = self.config
+        relative = torch.arange(S, device=device)[None] - torch.arange(past, past + T, device=device)[:, None]
+        bucket = position_bucket(relative, not self.decoder, c.relative_attention_num_buckets,
+                                 c.relative_attention_max_distance)  # (T, S)
+        return self.block[0].layer[0].SelfAttention.relative_attention_bias(bucket).permute(2, 0, 1)[None]
+
+
+def padding_bias(attention_mask, dtype):
+    """(B, S) 1 = token -> (B, 1, 1, S) additive: 0 for a token, the dtype's minimum for padding."""
+    return (1.0 - attention_mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
+
+
+class T5(nn.Module):
+    """Seq2seq LM: `model(input_ids, decoder_input_ids, attention_mask) -> logits (B, T, V)`."""
+    lora_targets = ("q", "k", "v", "o", "wi_0", "wi_1", "wo")  # every linear layer of the blocks
+
+    def __init__(self, config: Config):
+        super().__init__()
+        self.config, self.name_or_path = config, ""
+        self.shared = nn.Embedding(config.vocab_size, config.d_model)
+        self.encoder, self.decoder = Stack(config, False), Stack(config, True)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.shared.weight
+
+    def blocks(self) -> list[nn.Module]:
+        """The blocks whose linear layers NF4 and LoRA wrap (nf4.blocks)."""
+        return [*self.encoder.block, *self.decoder.block]
+
+    def encode(self, input_ids, attention_mask=None):
+        """ids (B, S) -> memory (B, S, d); attention_mask (B, S) 1 = token, 0 = padding."""
+        x = self.shared(input_ids)
+        S = x.shape[1]
+        bias = self.encoder.position_bias(0, S, S, x.device)  # (1, H, S, S)
+        if attention_mask is not None:
+            bias = bias + padding_bias(attention_mask, bias.dtype)
+        for block in self.encoder.block:
+            x = block.layer[1](block.layer[0](x, bias))
+        return self.encoder.final_layer_norm(x)
+
+    def cross_kv(self, memory) -> list:
+        """Each decoder block's cross-attention keys and values of the memory, computed once."""
+        return [block.layer[1].EncDecAttention.kv(memory) for block in self.decoder.block]
+
+    def decode(self, decoder_input_ids, cross: list, attention_mask=None, cache=None):
+        """decoder ids (B, T) after `cache.seq_len` cached positions -> hidden (B, T, d), scaled
+        by d_model^-0.5 when the head is tied (T5's rule). Cross attention skips padding."""
+        x = self.shared(decoder_input_ids)
+        T, past = x.shape[1], cache.seq_len if cache is not None else 0
+        bias = self.decoder.position_bias(past, T, past + T, x.device)  # (1, H, T, past + T)
+        future = torch.arange(past + T, device=x.device)[None] > torch.arange(past, past + T, device=x.device)[:, None]
+        bias = bias.masked_fill(future, torch.finfo(bias.dtype).min)
+        cross_bias = torch.zeros((), device=x.device) if attention_mask is None else padding_bias(attention_mask, x.dtype)
+        cross_bias = cross_bias.expand(x.shape[0], 1, T, cross[0][0].shape[2])
+        for i, block in enumerate(self.decoder.block):
+            x = block.layer[0](x, bias, cache, i)
+            x = block.layer[2](block.layer[1](x, *cross[i], cross_bias))
+        if cache is not None:
+            cache.seq_len += T
+        x = self.decoder.final_layer_norm(x)
+        return x * self.config.d_model ** -0.5 if self.config.tie_word_embeddings else x
+
+    def forward(self, input_ids, decoder_input_ids, attention_mask=None):
+        memory = self.encode(input_ids, attention_mask)
+        return self.lm_head(self.decode(decoder_input_ids, self.cross_kv(memory), attention_mask))
+
+    def response_loss(self, ids, labels):
+        """Eq. 6 for seq2seq, on `lora.encode_example`'s rows (prompt + response, labels on the
+        response): the prompt goes to the encoder, the decoder is teacher-forced on the response
+        (its input shifted right behind decoder_start), mean CE over the response tokens."""
+        rows = []
+        for tokens, target in zip(ids.tolist(), labels.tolist()):
+            n = next(i for i, t in enumerate(target) if t != IGNORE)
+            answer = [t for t in target[n:] if t != IGNORE]
+            rows.append((tokens[:n], answer))
+        pad, device = self.config.pad_token_id, ids.device
+        enc, mask = generate.left_pad([p for p, _ in rows], pad, device)
+        T = max(len(a) for _, a in rows)
+        dec = torch.full((len(rows), T), pad, dtype=torch.long)
+        target = torch.full((len(rows), T), IGNORE, dtype=torch.long)
+        for row, (_, a) in enumerate(rows):
+            dec[row, :len(a)] = torch.tensor([self.config.decoder_start_token_id] + a[:-1])
+            target[row, :len(a)] = torch.tensor(a)
+        target = target.to(device)
+        hidden = self.decode(dec.to(device), self.cross_kv(self.encode(enc, mask)), mask)  # (B, T, d)
+        keep = target != IGNORE
+        return F.cross_entropy(self.lm_head(hidden[keep]).float(), target[keep])
+
+    def chat(self, *args, **kwargs):  # what generate.chat runs for this model
+        return chat(self, *args, **kwargs)
+
+
+@torch.inference_mode()
+def generate_ids(model: T5, input_ids, max_new_tokens: int, temperature: float = 0.7, top_p: float = 1.0,
+                 eos_token_id=..., attention_mask=None, generator=None):
+    """The encoder once, then the decoder token by token from decoder_start_token_id with a
+    `qwen2.KVCache` of its self-attention (cross keys and values are computed once).
+    Returns the new ids (B, n), n <= max_new_tokens; a finished row is filled with its eos id."""
+    c = model.config
+    eos_token_id = c.eos_token_id if eos_token_id is ... else eos_token_id
+    eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    B, device = input_ids.shape[0], input_ids.device
+    cross = model.cross_kv(model.encode(input_ids, attention_mask))
+    shape = SimpleNamespace(num_hidden_layers=c.num_decoder_layers, num_key_value_heads=c.num_heads, head_dim=c.d_kv)
+    cache = qwen2.KVCache(shape, B, max_new_tokens, model.shared.weight.dtype, device)
+    tokens = torch.full((B, 1), c.decoder_start_token_id, dtype=torch.long, device=device)
+    eos_ids, done, out = torch.tensor(eos, device=device), torch.zeros(B, dtype=torch.bool, device=device), []
+    for _ in range(max_new_tokens):
+        hidden = model.decode(tokens, cross, attention_mask, cache)
+        next_token = generate.sample(model.lm_head(hidden[:, -1]), temperature, top_p, generator)  # (B,)
+        if eos:
+            next_token = torch.where(done, eos[0], next_token)
+            done |= torch.isin(next_token, eos_ids)
+        out.append(next_token)
+        if eos and bool(done.all()):
+            break
+        tokens = next_token[:, None]
+    return torch.stack(out, 1) if out else input_ids.new_zeros(B, 0)
+
+
+def chat(model: T5, tokenizer, conversations, max_new_tokens=64, temperature=0.7, seed=0, batch_size=8,
+         desc=None, reply_prefix="", stop="") -> list[str]:
+    """`generate.chat` for T5: each conversation's plain-text prompt to the encoder, the reply
+    decoded up to eos (or `stop`'s text), batched by prompt length, one seeded generator."""
+    if reply_prefix:
+        raise ValueError("t5.chat: a reply prefix is not supported for an encoder-decoder model")
+    device = model.shared.weight.device
+    prompts = [tokenizer.encode(tokenizer.apply_chat_template(c)) for c in conversations]
+    ends = generate.end_ids(tokenizer, stop)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    generator = torch.Generator(device).manual_seed(seed)
+    replies = [""] * len(prompts)
+    with tqdm(total=len(prompts), desc=desc, unit="conv") as bar:
+        for start in range(0, len(order), batch_size):
+            rows = order[start:start + batch_size]
+            ids, mask = generate.left_pad([prompts[i] for i in rows], tokenizer.pad_token_id, device)
+            out = generate_ids(model, ids, max_new_tokens, temperature, eos_token_id=ends, attention_mask=mask,
+                               generator=generator)
+            for i, new in zip(rows, out.tolist()):
+                replies[i] = generate.reply_text(tokenizer, new, stop)[0].strip()
+            bar.update(len(rows))
+    return replies
+
+
+class Tokenizer(qwen2.Tokenizer):
+    """T5's SentencePiece tokenizer (tokenizer.json through `tokenizers`); no chat template: a
+    prompt is its messages' texts, one after the other, ended by </s> (as T5's tokenizer ends
+    every input); a training response ends with </s> too (`end_of_turn`)."""
+    def __init__(self, tokenizer, config: dict):
+        super().__init__(tokenizer, {"eos_token": "</s>", "pad_token": "<pad>", **config})
+        self.end_of_turn = self._special["eos_token"]
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        return "".join(m["content"] for m in messages) + self.end_of_turn
+
+    def save(self, directory):
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.tokenizer.save(str(directory / "tokenizer.json"))
+        (directory / "tokenizer_config.json").write_text(json.dumps(self.config, indent=2, ensure_ascii=False))
+
+
+TIED_COPIES = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight",  # = shared.weight
+               "decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight")  # unused, old files
+
+
+def load(source: str, dtype: str = "float32", device: str = "cpu"):
+    """(model, tokenizer) from a hub-style directory or a hub repo id (google/flan-t5-base)."""
+    directory = hub.snapshot(str(source))
+    config = Config.from_json(directory)
+    state = {k: v for k, v in hub.load_state_dict(directory).items() if k not in TIED_COPIES}
+    if config.tie_word_embeddings:
+        state["lm_head.weight"] = state["shared.weight"]
+    with torch.device("meta"):
+        model = T5(config)
+    hub.check_state_dict(model, state, str(directory))
+    state = {k: v.to(device=device, dtype=hub.dtype(dtype), copy=True) for k, v in state.items()}
+    model.load_state_dict(state, strict=True, assign=True)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.shared.weight
+    model.name_or_path = str(source)
+    return model.eval(), Tokenizer.from_dir(directory)
+
+
+def save_pretrained(model: T5, tokenizer: Tokenizer, directory):
+    """Write a hub-style directory (config.json, model.safetensors, tokenizer files) that `load` reads."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        del state["lm_head.weight"]  # stored once, as shared.weight
+    (directory / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2))
+    save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    tokenizer.save(directory)
+
+
+def family(source):
+    """The module that loads `source` (`.load`, `.save_pretrained`): this one when its
+    config.json says model_type "t5", else qwen2 (Qwen2, Llama, the embedded default)."""
+    if source == qwen2.EMBEDDED:
+        return qwen2
+    return sys.modules[__name__] if hub.load_config(hub.snapshot(str(source))).get("model_type") == "t5" else qwen2

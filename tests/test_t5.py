@@ -1,0 +1,242 @@
+"""t5.py: the FlanT5 forward held against transformers' T5ForConditionalGeneration, its
+generation, LoRA (against peft) and NF4 on it, eq. 6 for seq2seq, and the pipeline end to end
+on a tiny random T5 (Table 4's device model)."""
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import cdcda
+import data
+import experiments
+import generate
+import lora
+import nf4
+import options
+import qwen2
+import t5
+from errors import InputError
+
+
+def test_position_buckets_by_hand():
+    rel = torch.tensor([0, -1, 1, -2, -5, -7, -100, 3])
+    # bidirectional, 8 buckets -> 4 per side, 2 exact; log bins 2 + floor(log(d/2) / log(20/2) * 2)
+    assert t5.position_bucket(rel, True, 8, 20).tolist() == [0, 1, 5, 2, 2, 3, 3, 4 + 2 + 0]
+    # causal: the future is bucket 0; 8 buckets, 4 exact; -10: 4 + floor(log(2.5) / log(5) * 4) = 6
+    rel = torch.tensor([1, 0, -1, -3, -4, -10, -30])
+    assert t5.position_bucket(rel, False, 8, 20).tolist() == [0, 0, 1, 3, 4, 6, 7]
+
+
+def test_position_buckets_equal_transformers():
+    transformers = pytest.importorskip("transformers")
+    bucket = transformers.models.t5.modeling_t5.T5Attention._relative_position_bucket
+    rel = torch.arange(-200, 200)[None] - torch.arange(0, 50)[:, None]
+    for bidirectional in (True, False):
+        ours = t5.position_bucket(rel, bidirectional, 32, 128)
+        assert torch.equal(ours, bucket(rel, bidirectional=bidirectional, num_buckets=32, max_distance=128))
+
+
+def test_layer_norm_by_hand():
+    norm = t5.LayerNorm(2, eps=0.0)
+    norm.weight.data = torch.tensor([1.0, 2.0])
+    out = norm(torch.tensor([[3.0, 4.0]]))  # rms = sqrt((9 + 16) / 2); no mean subtracted
+    assert torch.allclose(out, torch.tensor([[3.0, 8.0]]) / math.sqrt(12.5))
+
+
+def batch(vocab, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (3, 30), generator=g)  # 30 > max_distance 20: the log buckets count
+    mask = torch.ones_like(ids)
+    mask[1, :7] = 0  # left padding
+    mask[2, 21:] = 0  # right padding
+    return ids, mask, torch.randint(3, vocab, (3, 25), generator=g)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_logits_equal_transformers(tmp_path, t5_checkpoint, tied):
+    ref = t5_checkpoint(tmp_path, tied=tied, num_decoder_layers=3)
+    model, tok = t5.load(tmp_path)
+    assert model.config.tie_word_embeddings == tied and (model.lm_head.weight is model.shared.weight) == tied
+    ids, mask, dec = batch(model.config.vocab_size)
+    with torch.no_grad():
+        ours = model(ids, dec, mask)
+        theirs = ref(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
+        assert theirs.abs().max() > 1.0
+        assert torch.allclose(ours, theirs, atol=1e-5, rtol=0)
+        row = model(ids[1:2, 7:], dec[1:2])  # the padded row alone, without its padding
+    assert torch.allclose(row, ours[1:2], atol=1e-5, rtol=0)
+
+
+def test_save_and_load_round_trip(tmp_path, t5_checkpoint):
+    t5_checkpoint(tmp_path / "a")
+    model, tok = t5.load(tmp_path / "a")
+    t5.save_pretrained(model, tok, tmp_path / "b")
+    again, tok2 = t5.load(tmp_path / "b")
+    assert again.state_dict().keys() == model.state_dict().keys()
+    assert all(torch.equal(again.state_dict()[k], v) for k, v in model.state_dict().items())
+    assert tok2.encode("the cat sat") == tok.encode("the cat sat")
+    assert t5.family(tmp_path / "b") is t5 and t5.family(qwen2.EMBEDDED) is qwen2
+
+
+def test_cached_decoding_equals_the_full_forward(tmp_path, t5_checkpoint):
+    t5_checkpoint(tmp_path)
+    model, _ = t5.load(tmp_path)
+    ids, mask, dec = batch(model.config.vocab_size)
+    with torch.no_grad():
+        full = model(ids, dec, mask)
+        cross = model.cross_kv(model.encode(ids, mask))
+        cache = qwen2.KVCache(type("C", (), dict(num_hidden_layers=2, num_key_value_heads=4, head_dim=8)), 3, 25)
+        steps = [model.lm_head(model.decode(dec[:, i:i + 1], cross, mask, cache)) for i in range(25)]
+    assert torch.allclose(torch.cat(steps, 1), full, atol=1e-5, rtol=0)
+
+
+def test_greedy_generation_equals_transformers(tmp_path, t5_checkpoint):
+    ref = t5_checkpoint(tmp_path)
+    model, _ = t5.load(tmp_path)
+    ids, mask, _ = batch(model.config.vocab_size, seed=3)
+    theirs = ref.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False)[:, 1:]
+    ours = t5.generate_ids(model, ids, 12, temperature=0, attention_mask=mask)
+    def upto_eos(row):  # a finished row: HF pads it with <pad>, we repeat </s>
+        return row[:row.index(1) + 1] if 1 in row else row
+    assert [upto_eos(r) for r in ours.tolist()] == [upto_eos(r) for r in theirs.tolist()]
+    assert len(set(ours[0].tolist())) > 1
+
+
+def test_sampled_generation_is_seeded_and_varies(tmp_path, t5_checkpoint):
+    t5_checkpoint(tmp_path)
+    model, _ = t5.load(tmp_path)
+    ids, mask, _ = batch(model.config.vocab_size)
+
+    def draw(seed):
+        return t5.generate_ids(model, ids, 10, temperature=1.0, attention_mask=mask, eos_token_id=[],
+                               generator=torch.Generator().manual_seed(seed))
+    assert torch.equal(draw(0), draw(0)) and not torch.equal(draw(0), draw(1))
+
+
+def test_plain_text_prompt_and_chat(tmp_path, t5_checkpoint):
+    t5_checkpoint(tmp_path)
+    model, tok = t5.load(tmp_path)
+    task = data.get_task("lamp7")
+    messages = task.messages(task.pair_input.format(text="the cat sat"))
+    text = tok.apply_chat_template(messages)
+    assert text == task.system + task.pair_input.format(text="the cat sat") + task.user_end + "</s>"
+    assert tok.encode(text)[-1] == 1 and tok.eos_token_ids == [1] and tok.pad_token_id == 0
+    replies = generate.chat(model, tok, [messages] * 3, max_new_tokens=6, temperature=0.0)
+    ids, mask = generate.left_pad([tok.encode(text)], 0)
+    expected = t5.generate_ids(model, ids, 6, temperature=0.0, eos_token_id=[1], attention_mask=mask)
+    assert replies == [generate.reply_text(tok, expected[0].tolist())[0].strip()] * 3
+
+
+def test_response_loss_equals_transformers_labels_loss(tmp_path, t5_checkpoint):
+    ref = t5_checkpoint(tmp_path)
+    model, tok = t5.load(tmp_path)
+    examples = [([{"role": "user", "content": "the cat sat on the mat"}], "a dog ran"),
+                ([{"role": "user", "content": "hello"}], "rain again this weekend ugh")]
+    encoded = [lora.encode_example(tok, m, r, 64) for m, r in examples]
+    assert all(ids[n - 1] == 1 and ids[-1] == 1 for ids, n in encoded)  # prompt and response end in </s>
+    ids, labels = lora.right_pad(encoded, tok.pad_token_id)
+    ours = lora.response_loss(model, ids, labels)
+    enc, mask = generate.left_pad([i[:n] for i, n in encoded], 0)
+    answers = [i[n:] for i, n in encoded]
+    hf_labels = torch.full((2, max(map(len, answers))), -100)
+    for row, a in enumerate(answers):
+        hf_labels[row, :len(a)] = torch.tensor(a)
+    with torch.no_grad():
+        theirs = ref(input_ids=enc, attention_mask=mask, labels=hf_labels).loss
+    assert torch.allclose(ours, theirs, atol=1e-5)
+
+
+def randomize_b(model, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, lora.LoRALinear):
+            m.lora_B.data = torch.randn(m.lora_B.shape, generator=g) * 0.1
+
+
+def test_lora_equals_peft_on_every_linear_layer(tmp_path, t5_checkpoint):
+    peft = pytest.importorskip("peft")
+    ref = t5_checkpoint(tmp_path)
+    model, _ = t5.load(tmp_path)
+    lora.add_lora(model, r=4, alpha=8)
+    assert lora.lora_settings(model)["targets"] == sorted(t5.T5.lora_targets)
+    assert sum(isinstance(m, lora.LoRALinear) for m in model.modules()) == 2 * 7 + 2 * 11  # encoder, decoder
+    reference = peft.get_peft_model(ref, peft.LoraConfig(r=4, lora_alpha=8, target_modules=list(t5.T5.lora_targets)))
+    randomize_b(model)
+    for name, m in model.named_modules():
+        if isinstance(m, lora.LoRALinear):
+            theirs = reference.get_submodule("base_model.model." + name)
+            theirs.lora_A["default"].weight.data.copy_(m.lora_A)
+            theirs.lora_B["default"].weight.data.copy_(m.lora_B)
+    ids, mask, dec = batch(model.config.vocab_size)
+    with torch.no_grad():
+        ours = model(ids, dec, mask)
+        theirs = reference(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
+    assert torch.allclose(ours, theirs, atol=1e-5, rtol=0)
+    keys = set(lora.merge(model).state_dict())
+    assert keys == set(t5.load(tmp_path)[0].state_dict())  # merged: the checkpoint's own keys
+
+
+def test_nf4_quantizes_block_linears_and_finetuning_lowers_the_loss(tmp_path, t5_checkpoint):
+    t5_checkpoint(tmp_path)
+    model, tok = t5.load(tmp_path)
+    ids, mask, dec = batch(model.config.vocab_size)
+    dequantized = t5.load(tmp_path)[0]  # the fp32 model with each block weight replaced by its NF4 values
+    for block in dequantized.blocks():
+        for m in block.modules():
+            if isinstance(m, torch.nn.Linear):
+                m.weight.data = nf4.NF4Linear(m, torch.float32).dequantized()
+    with torch.no_grad():
+        ref, expected = model(ids, dec, mask), dequantized(ids, dec, mask)
+    nf4.quantize_model(model)
+    kinds = {n: type(m).__name__ for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, nf4.NF4Linear))}
+    assert kinds.pop("lm_head") == "Linear" and set(kinds.values()) == {"NF4Linear"} and len(kinds) == 2 * 7 + 2 * 11
+    assert model.shared.weight.dtype == torch.bfloat16
+    with torch.no_grad():
+        logits = model(ids, dec, mask)
+    assert F.cosine_similarity(logits.float().flatten(), expected.flatten(), dim=0) > 0.999  # bf16 compute only
+    assert F.cosine_similarity(logits.float().flatten(), ref.flatten(), dim=0) > 0.9  # 4-bit weights of a tiny model
+    lora.add_lora(model)
+    examples = [([{"role": "user", "content": "the cat sat"}], "a dog ran fast")] * 4
+    losses = lora.finetune(model, tok, examples, epochs=4, lr=1e-2, batch_size=2, max_length=32)
+    assert losses[-1] < losses[0] / 2
+    assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if "lora_" in n)
+
+
+def test_pipeline_end_to_end_on_a_tiny_t5(tmp_path, monkeypatch, tiny_model_dir, t5_checkpoint, fake_cloud,
+                                          tiny_args):
+    monkeypatch.setenv("CDCDA_CACHE", str(tmp_path / "cache"))
+    task = data.get_task("lamp7")
+    corpus = [task.system, task.instruction] + [item["text"] for u in data.load_users("lamp7") for item in u.profile]
+    t5_checkpoint(tmp_path / "flan", corpus=corpus)
+    argv = tiny_args(tiny_model_dir, tmp_path / "run")
+    argv[argv.index("--device-model") + 1] = str(tmp_path / "flan")
+    argv[argv.index("--max-length") + 1] = "160"
+    rep = experiments.main(argv + ["--table4", "lamp7"])["table4"]
+    assert set(rep["lamp7"]["rows"]) == {"device+bm25", "cdcda"}
+    for row in rep["lamp7"]["rows"].values():
+        assert 0 <= row["rouge1"] <= 1
+    assert rep["lamp7"]["rows"]["cdcda"]["gold_nll"] > 0
+    text = (tmp_path / "run" / "table4.md").read_text()
+    assert "LaMP-7 (R-1)" in text and "| LaMP-2 (Acc) | - | - |" in text
+    user = json.loads((tmp_path / "run" / "lamp7" / "run.json").read_text())
+    assert user["device_model"] == str(tmp_path / "flan")
+    adapters = list((tmp_path / "run" / "lamp7" / "users").glob("*/cdcda.adapter.safetensors"))
+    assert adapters
+    assert json.loads(next((tmp_path / "cache" / "base").glob("lamp7-*/config.json")).read_text())["model_type"] == "t5"
+    argv[argv.index("--out") + 1] = str(tmp_path / "plain")  # cdcda.py's own rows, on the cached M_base
+    rep = cdcda.main(argv + ["--methods", "base,direct-ft"])
+    assert set(rep["rows"]) == {"base", "direct-ft"} and all(r["gold_nll"] > 0 for r in rep["rows"].values())
+
+
+@pytest.mark.parametrize("extra", [["--buffer", "16"], ["--methods", "base,rkd-ft"], ["--methods", "scores-16"],
+                                   ["--methods", "base,direct-ft", "--deploy"]])
+def test_a_t5_device_refuses_the_decoder_only_rows_before_any_work(tmp_path, t5_checkpoint, extra):
+    t5_checkpoint(tmp_path)
+    argv = ["--task", "lamp2", "--device-model", str(tmp_path), "--methods", "base"] + extra
+    methods = {**experiments.METHODS, **experiments.buffer_methods()}
+    args = options.parse(argv, methods)
+    with pytest.raises(InputError, match="is a T5"):
+        options.check_models(args, data.get_task("lamp2"), methods)
+    options.check_models(options.parse(argv[:6], methods), data.get_task("lamp2"), methods)  # base alone: fine
