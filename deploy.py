@@ -6,8 +6,9 @@ every matmul, which batch-1 decoding pays at each token. The paper's Table 3 com
 which merges the adapter and serves a group-quantized model (q4f16_1) with fused kernels. This
 module is that step in PyTorch:
 
-1. merge: W = dequantize(NF4 base) + (alpha / r) B A  (`lora.LoRALinear.merged_weight`, in the
-   base's compute dtype, bf16), for every linear layer of the decoder blocks.
+1. merge: W = dequantize(NF4 base) + (alpha / r) B A  (`lora.LoRALinear.merged_weight`, in fp32,
+   not the base's bf16, which rounds away much of a small delta: RESULTS.md), for every
+   linear layer of the decoder blocks.
 2. block linears, int4 in groups of 32 along the input dimension, asymmetric min-max with a
    bf16 scale and a bf16 zero point per group (the scheme of torch's int4 kernels, as gpt-fast
    and torchao use them). For a group w_1..w_32 of one output row:
@@ -200,9 +201,10 @@ class Int8Linear(nn.Module):
 
 # ---------------------------------------------------------------- the model
 def dense_weight(layer: nn.Module) -> torch.Tensor:
-    """The (out, in) weight a block linear computes with: LoRA merged (eq. 5), NF4 dequantized."""
+    """The (out, in) weight a block linear computes with: LoRA merged (eq. 5) in fp32 (merged in
+    bf16, the user's delta would be partly rounded away before quantization), NF4 dequantized."""
     if isinstance(layer, lora.LoRALinear):
-        return layer.merged_weight()
+        return layer.merged_weight(torch.float32)
     if isinstance(layer, nf4.NF4Linear):
         return layer.dequantized()
     return layer.weight

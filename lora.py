@@ -64,14 +64,15 @@ class LoRALinear(nn.Module):
         h = F.linear(self.dropout(x).to(self.lora_A.dtype), self.lora_A)  # (..., r)
         return y + (F.linear(h, self.lora_B) * self.scaling).to(y.dtype)
 
-    def merged_weight(self) -> torch.Tensor:
-        """W + (alpha / r) B A, (out, in), in the base's dtype (the compute dtype for NF4)."""
+    def merged_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """W + (alpha / r) B A, (out, in), in `dtype` (default the base's: the compute dtype for
+        NF4). A bf16 result rounds away much of a small delta (8 bits of mantissa)."""
         if isinstance(self.base, nf4.NF4Linear):
             weight = self.base.dequantized()
         else:
             weight = self.base.weight
         delta = (self.lora_B @ self.lora_A) * self.scaling  # (out, in) fp32
-        return (weight.float() + delta).to(weight.dtype)
+        return (weight.float() + delta).to(dtype or weight.dtype)
 
 
 def add_lora(model: nn.Module, r: int = 16, alpha: float = 8, dropout: float = 0.0, targets=None) -> nn.Module:

@@ -237,3 +237,13 @@ def test_cuda_kernels_match_the_reference_and_the_cpu():
     on_cpu = deploy.deploy(model)(ids).float()
     on_gpu = deploy.deploy(model, device="cuda")(ids.cuda()).float().cpu()
     torch.testing.assert_close(on_gpu, on_cpu, rtol=0, atol=0.05 * on_cpu.abs().max().item())
+
+
+def test_the_merge_keeps_a_small_delta_that_bf16_would_round_away():
+    torch.manual_seed(0)
+    layer = lora.LoRALinear(nf4.NF4Linear(torch.nn.Linear(64, 32, bias=False), torch.bfloat16), r=4, alpha=4)
+    with torch.no_grad():
+        layer.lora_B.fill_(1e-3)  # a delta of about 1e-4 next to weights of about 0.1: below bf16's step
+    want = layer.base.dequantized().float() + (layer.lora_B @ layer.lora_A) * layer.scaling
+    assert torch.equal(deploy.dense_weight(layer), want)
+    assert not torch.allclose(layer.merged_weight().float(), want, rtol=0, atol=1e-6)  # the bf16 merge loses it
