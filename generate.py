@@ -113,10 +113,11 @@ def chat(model: Qwen2, tokenizer: Tokenizer, conversations: list[list[dict]], ma
     assistant's turn and kept in the reply: it steers a small model into a format. `stop` ends
     a reply before the first occurrence of that text (OpenAI's `stop`).
     """
-    if hasattr(model, "chat"):  # an encoder-decoder (t5.T5) decodes its own way
-        return model.chat(tokenizer, conversations, max_new_tokens, temperature, seed, batch_size, desc, reply_prefix, stop)
-    device = model.model.embed_tokens.weight.device
+    new_tokens = getattr(model, "new_tokens", None)  # an encoder-decoder (t5.T5) decodes its own way
     prefixes = [reply_prefix] * len(conversations) if isinstance(reply_prefix, str) else list(reply_prefix)
+    if new_tokens and any(prefixes):
+        raise ValueError("generate.chat: a reply prefix needs a decoder-only model")
+    device = next(model.parameters()).device
     prompts = [tokenizer.encode(tokenizer.apply_chat_template(c) + p) for c, p in zip(conversations, prefixes)]
     ends = end_ids(tokenizer, stop)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
@@ -126,9 +127,10 @@ def chat(model: Qwen2, tokenizer: Tokenizer, conversations: list[list[dict]], ma
         for start in range(0, len(order), batch_size):
             rows = order[start:start + batch_size]
             ids, mask = left_pad([prompts[i] for i in rows], tokenizer.pad_token_id, device)
-            out = generate(model, ids, max_new_tokens, temperature, eos_token_id=ends, attention_mask=mask,
-                           generator=generator)
-            for i, new in zip(rows, out[:, ids.shape[1]:].tolist()):
+            kwargs = dict(eos_token_id=ends, attention_mask=mask, generator=generator)
+            out = (new_tokens(ids, max_new_tokens, temperature, **kwargs) if new_tokens
+                   else generate(model, ids, max_new_tokens, temperature, **kwargs)[:, ids.shape[1]:])
+            for i, new in zip(rows, out.tolist()):
                 replies[i] = (prefixes[i] + reply_text(tokenizer, new, stop)[0]).strip()
             bar.update(len(rows))
     return replies

@@ -18,8 +18,8 @@ Module names are the Hugging Face safetensors keys (`encoder.block.0.layer.0.Sel
 The pipeline's glue for a seq2seq device model is here, so the decoder-only files stay as they
 are: `family` picks t5 or qwen2 from a model's config.json; `T5.blocks` and `T5.lora_targets`
 tell `nf4.quantize_model` / `lora.add_lora` what to wrap; `T5.response_loss` is eq. 6 for
-seq2seq (CE on the decoder's target tokens, the prompt is the encoder's input); `T5.chat` is what
-`generate.chat` runs for it. The prompt is the appendix-B text as plain text (`Tokenizer`); LaMP-7's
+seq2seq (CE on the decoder's target tokens, the prompt is the encoder's input); `T5.new_tokens` is what
+`generate.chat` decodes with for it. The prompt is the appendix-B text as plain text (`Tokenizer`); LaMP-7's
 history rewrites (`rewrite.py`) are then written by the T5 itself, from the same prompt as plain text.
 Dropout (T5's 0.1 in training) is not implemented: fine-tuning here is LoRA, as for the decoder.
 """
@@ -34,7 +34,6 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
-from tqdm import tqdm
 
 import generate
 import hub
@@ -277,8 +276,8 @@ class T5(nn.Module):
         keep = target != IGNORE
         return F.cross_entropy(self.lm_head(hidden[keep]).float(), target[keep])
 
-    def chat(self, *args, **kwargs):  # what generate.chat runs for this model
-        return chat(self, *args, **kwargs)
+    def new_tokens(self, *args, **kwargs):  # what generate.chat decodes with for this model
+        return generate_ids(self, *args, **kwargs)
 
 
 @torch.inference_mode()
@@ -307,30 +306,6 @@ def generate_ids(model: T5, input_ids, max_new_tokens: int, temperature: float =
             break
         tokens = next_token[:, None]
     return torch.stack(out, 1) if out else input_ids.new_zeros(B, 0)
-
-
-def chat(model: T5, tokenizer, conversations, max_new_tokens=64, temperature=0.7, seed=0, batch_size=8,
-         desc=None, reply_prefix="", stop="") -> list[str]:
-    """`generate.chat` for T5: each conversation's plain-text prompt to the encoder, the reply
-    decoded up to eos (or `stop`'s text), batched by prompt length, one seeded generator."""
-    if reply_prefix:
-        raise ValueError("t5.chat: a reply prefix is not supported for an encoder-decoder model")
-    device = model.shared.weight.device
-    prompts = [tokenizer.encode(tokenizer.apply_chat_template(c)) for c in conversations]
-    ends = generate.end_ids(tokenizer, stop)
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    generator = torch.Generator(device).manual_seed(seed)
-    replies = [""] * len(prompts)
-    with tqdm(total=len(prompts), desc=desc, unit="conv") as bar:
-        for start in range(0, len(order), batch_size):
-            rows = order[start:start + batch_size]
-            ids, mask = generate.left_pad([prompts[i] for i in rows], tokenizer.pad_token_id, device)
-            out = generate_ids(model, ids, max_new_tokens, temperature, eos_token_id=ends, attention_mask=mask,
-                               generator=generator)
-            for i, new in zip(rows, out.tolist()):
-                replies[i] = generate.reply_text(tokenizer, new, stop)[0].strip()
-            bar.update(len(rows))
-    return replies
 
 
 class Tokenizer(qwen2.Tokenizer):

@@ -127,6 +127,8 @@ def test_plain_text_prompt_and_chat(tmp_path, t5_checkpoint):
     ids, mask = generate.left_pad([tok.encode(text)], 0)
     expected = t5.generate_ids(model, ids, 6, temperature=0.0, eos_token_id=[1], attention_mask=mask)
     assert replies == [generate.reply_text(tok, expected[0].tolist())[0].strip()] * 3
+    with pytest.raises(ValueError, match="reply prefix"):  # the cloud's priming is for a decoder
+        generate.chat(model, tok, [messages], max_new_tokens=2, reply_prefix="Input: [")
 
 
 def test_response_loss_equals_transformers_labels_loss(tmp_path, t5_checkpoint):
