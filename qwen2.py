@@ -334,13 +334,14 @@ def load(source: str = EMBEDDED, dtype: str = "float32", device: str = "cpu"):
     return model.eval(), Tokenizer.from_dir(directory)
 
 
-def save_pretrained(model: Qwen2, tokenizer: Tokenizer, directory):
-    """Write a hub-style directory (config.json, model.safetensors, tokenizer files) that `load` reads."""
+def save_pretrained(model: nn.Module, tokenizer: Tokenizer, directory):
+    """Write a hub-style directory (config.json, model.safetensors, tokenizer files) that `load`
+    reads; also t5.py's (a model with `config.to_dict()` and, when tied, `lm_head.weight`)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:
-        del state["lm_head.weight"]  # stored once, as model.embed_tokens.weight
+        del state["lm_head.weight"]  # stored once, as the input embedding
     (directory / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2))
     save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
     tokenizer.save(directory)

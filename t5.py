@@ -32,7 +32,6 @@ from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch import nn
 
 import generate
@@ -348,16 +347,7 @@ def load(source: str, dtype: str = "float32", device: str = "cpu"):
     return model.eval(), Tokenizer.from_dir(directory)
 
 
-def save_pretrained(model: T5, tokenizer: Tokenizer, directory):
-    """Write a hub-style directory (config.json, model.safetensors, tokenizer files) that `load` reads."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    if model.config.tie_word_embeddings:
-        del state["lm_head.weight"]  # stored once, as shared.weight
-    (directory / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2))
-    save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
-    tokenizer.save(directory)
+save_pretrained = qwen2.save_pretrained  # the same files: config, weights (a tied head once), tokenizer
 
 
 def family(source):
