@@ -34,6 +34,7 @@ import augment
 import cloud as cloud_client
 import data
 import deploy
+import gridtune
 import generate
 import hub
 import lora
@@ -88,11 +89,14 @@ def personalize(device_model, tokenizer, task: data.Task, pairs, training: Train
     """Step 5 (eq. 5, 6): a fresh LoRA (r=16, alpha=8, all linear layers) on a copy of the NF4
     M_base, trained with cross-entropy on the responses. Returns (model, loss per epoch)."""
     model = lora.add_lora(copy.deepcopy(device_model), r=training.r, alpha=training.alpha)
-    prefix = task.instruction
-    examples = [(task.messages(prefix + x), y) for x, y in pairs]
-    losses = lora.finetune(model, tokenizer, examples, epochs=training.epochs, lr=training.lr,
+    losses = lora.finetune(model, tokenizer, training_examples(task, pairs), epochs=training.epochs, lr=training.lr,
                            batch_size=training.batch_size, max_length=training.max_length, seed=seed, desc=desc)
     return model.eval(), losses
+
+
+def training_examples(task: data.Task, pairs) -> list[tuple[list[dict], str]]:
+    """(messages, response) for each (x, y) pair: x in the appendix-B prompt, as step 5 trains."""
+    return [(task.messages(task.instruction + x), y) for x, y in pairs]
 
 
 def answer(model, tokenizer, task: data.Task, queries, temperature: float, seed: int, max_length: int,
@@ -196,13 +200,22 @@ class Run:
         lora.save_adapter(model, self.user_dir / f"{method}.adapter.safetensors")
         return self.answer(model, method)
 
-    def deployed(self, method: str) -> list[str]:
-        """--deploy: `method`'s saved adapter on M_base, deployed (`deploy.py`: merged, int4), saved, answering."""
-        model = lora.add_lora(copy.deepcopy(self.device_model), r=self.args.lora_r, alpha=self.args.lora_alpha)
+    def deployed(self, method: str, pairs) -> list[str]:
+        """--deploy: `method`'s saved adapter on M_base, deployed (deploy.py: merged, int4), saved,
+        answering. The int4 codes are GPTQ's on the inputs of the pairs the adapter was trained
+        on (or each weight's nearest: --deploy-rounding nearest), then the grids are tuned on the
+        same inputs toward the adapter's predictions (gridtune.py; off with --deploy-tune-epochs 0)."""
+        args = self.args
+        model = lora.add_lora(copy.deepcopy(self.device_model), r=args.lora_r, alpha=args.lora_alpha).eval()
         lora.load_adapter(model, self.user_dir / f"{method}.adapter.safetensors")
-        model = deploy.deploy(model)
-        deploy.save(model, self.tokenizer, self.user_dir / f"{method}.deployed")
-        return self.answer(model, f"{method}-deployed")
+        calibration = [lora.encode_example(self.tokenizer, messages, y, args.max_length)[0]
+                       for messages, y in training_examples(self.task, pairs)]
+        state = deploy.portable_state(model, calibration=calibration if args.deploy_rounding == "gptq" else None)
+        if args.deploy_tune_epochs:
+            state = gridtune.tune(model, state, calibration, args.deploy_tune_epochs, seed=self.seed)
+        deployed = deploy.from_portable(model.config, state, model.model.norm.weight.device)
+        deploy.save(deployed, self.tokenizer, self.user_dir / f"{method}.deployed")
+        return self.answer(deployed, f"{method}-deployed")
 
 
 class Method(NamedTuple):
@@ -215,8 +228,9 @@ METHODS = {
     "base": Method("M_device (M_base, non-personalized)", lambda run: run.answer(run.device_model, "base"), False),
     "direct-ft": Method("Direct-FT", lambda run: run.personalized("direct-ft", run.pairs), False),
     "cdcda": Method("CDCDA-PLM", lambda run: run.personalized("cdcda", download(run.pairs, run.kept)), True),
-    "direct-ft-deployed": Method("Direct-FT, deployed (int4)", lambda run: run.deployed("direct-ft"), False),
-    "cdcda-deployed": Method("CDCDA-PLM, deployed (int4)", lambda run: run.deployed("cdcda"), False),
+    "direct-ft-deployed": Method("Direct-FT, deployed (int4)", lambda run: run.deployed("direct-ft", run.pairs), False),
+    "cdcda-deployed": Method("CDCDA-PLM, deployed (int4)", lambda run: run.deployed("cdcda", download(run.pairs, run.kept)),
+                             True),
 }
 
 
@@ -285,7 +299,7 @@ def run_user(user, task, cloud, judge, device_model, tok, args, user_dir: Path, 
 
 # ---------------------------------------------------------------- the run
 # not in the fingerprint: the evaluation-only options (--deploy adds rows), and where a shard runs (--device cuda:N)
-UNCHECKED = ("out", "users", "methods", "deploy", "bertscore_model", "bertscore_layer", "device")
+UNCHECKED = ("out", "users", "methods", "deploy", "deploy_rounding", "deploy_tune_epochs", "bertscore_model", "bertscore_layer", "device")
 
 
 def run(args, methods=METHODS) -> dict:

@@ -14,6 +14,7 @@ import augment
 import data
 import encoder
 import filters
+import gridtune
 import hub
 import online
 import qwen2
@@ -53,6 +54,12 @@ def parser(methods) -> argparse.ArgumentParser:
     p.add_argument("--methods", default="base,direct-ft,cdcda", help=f"comma-separated subset of {','.join(methods)}")
     p.add_argument("--deploy", action="store_true", help="also answer with each fine-tuned method's model "
                    "deployed (deploy.py: LoRA merged, int4 groups of 32): adds METHOD-deployed after METHOD")
+    p.add_argument("--deploy-rounding", choices=("gptq", "nearest"), default="gptq",
+                   help="how the deployed int4 codes are chosen: GPTQ on the inputs of the pairs the adapter "
+                   "was trained on (gptq.py), or each weight's nearest code")
+    p.add_argument("--deploy-tune-epochs", type=int, default=gridtune.EPOCHS,
+                   help="epochs of tuning the deployed int4 grids toward the personalized model on those inputs "
+                   "(gridtune.py); 0: off")
     p.add_argument("--paper", action="store_true", help="the paper's models (needs them downloaded): " +
                    ", ".join(PAPER.values()))
     p.add_argument("--cloud-model", default=None, help=f"cloud LM (default {EMBEDDED['cloud_model']})")
@@ -112,6 +119,7 @@ RANGES = {
     "lora_r": (lambda v: v >= 1, "at least 1"), "lora_alpha": (lambda v: v > 0, "above 0"),
     "seed": (lambda v: v >= 0, "at least 0"), "cloud_concurrency": (lambda v: v >= 1, "at least 1"),
     "bertscore_layer": (lambda v: v is None or v >= 0, "at least 0 (0: the embeddings)"),
+    "deploy_tune_epochs": (lambda v: v >= 0, "at least 0 (0: no tuning)"),
 }
 
 

@@ -12,6 +12,7 @@ import augment
 import cdcda
 import data
 import deploy
+import gridtune
 import options
 import qwen2
 from errors import InputError
@@ -149,7 +150,8 @@ def test_gold_nll_is_the_cross_entropy_of_the_gold_tokens(tiny_model_dir):
     (["--eps-min-len", "3"], "--eps-min-len"), (["--lr", "nan"], "--lr"), (["--lr", "0"], "--lr"),
     (["--device", "gpu"], "--device"), (["--k", "0"], "--k"), (["--users", "0"], "--users"),
     (["--lora-r", "0"], "--lora-r"), (["--lora-alpha", "-8"], "--lora-alpha"), (["--eps-scf", "3"], "--eps-scf"),
-    (["--bertscore-layer", "-1"], "--bertscore-layer"), (["--seed", "-1"], "--seed")])
+    (["--bertscore-layer", "-1"], "--bertscore-layer"), (["--seed", "-1"], "--seed"),
+    (["--deploy-tune-epochs", "-1"], "--deploy-tune-epochs")])
 def test_every_bad_option_ends_in_one_line_naming_it(bad, option, capsys):
     with pytest.raises(SystemExit):
         options.parse(bad, cdcda.METHODS)
@@ -188,8 +190,17 @@ def test_the_defaults_pair_rewrites_and_decode_the_pair_shape(tiny_model_dir, tm
 def test_deploy_answers_with_the_deployed_model_and_reports_both(tiny_model_dir, tmp_path, monkeypatch, fake_cloud,
                                                                  tiny_args):
     monkeypatch.setenv("CDCDA_CACHE", str(tmp_path / "cache"))
+    calibrations, tuned, real_state, real_tune = [], [], deploy.portable_state, gridtune.tune
+    monkeypatch.setattr(deploy, "portable_state", lambda model, *a, **kw: "calibration" in kw
+                        and calibrations.append(kw["calibration"]) or real_state(model, *a, **kw))
+    monkeypatch.setattr(gridtune, "tune", lambda model, state, calibration, *a, **kw: tuned.append(calibration)
+                        or real_tune(model, state, calibration, *a, **kw))
     argv = tiny_args(tiny_model_dir, tmp_path / "run") + ["--methods", "cdcda", "--deploy"]
     rep = cdcda.main(argv)
+    counts = [json.loads((d / "result.json").read_text())["counts"] for d in (tmp_path / "run" / "users").iterdir()]
+    assert sorted(map(len, calibrations)) == sorted(c["generated"] // 3 + c["kept"] for c in counts)  # GPTQ on
+    # the inputs CDCDA-PLM trained on: the user's pairs (k = 3 candidates each) and the kept ones
+    assert tuned == calibrations  # and the grids tuned on the same
     assert list(rep["rows"]) == ["cdcda", "cdcda-deployed"]
     fine, deployed = rep["rows"]["cdcda"], rep["rows"]["cdcda-deployed"]
     assert deployed["gold_nll"] > 0 and "rouge1" in deployed

@@ -13,8 +13,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 LAYERS = [  # bottom first; a module may import from its own layer or any layer below
-    ["errors", "hub", "data", "nf4", "smollm2"],  # leaves
-    ["qwen2", "generate", "t5", "encoder", "lora", "metrics", "deploy"],  # models and maths
+    ["errors", "hub", "data", "nf4", "gptq", "smollm2"],  # leaves
+    ["qwen2", "generate", "t5", "encoder", "lora", "metrics", "deploy", "gridtune"],  # models and maths
     ["filters", "online", "baselines", "cloud", "augment", "rewrite"],  # the paper's pieces
     ["scale", "options", "report", "cdcda"],  # the method: shards and plan, its options, its report, the pipeline
     ["experiments", "server", "efficiency"] + sorted(f"bench/{p.stem}" for p in (ROOT / "bench").glob("*.py")),

@@ -1,0 +1,97 @@
+"""GPTQ rounding (Frantar et al., 2023): choose a layer's 4-bit codes so that its outputs, not
+its weights, stay close to the full-precision layer's on the data it will see.
+
+Rounding each weight to its nearest code (RTN) makes every error as small as it can be on its
+own, but a layer computes y = W x, and the errors of correlated inputs add up. With calibration
+inputs X (T, K) the output error of one row w (K,) quantized to w' is
+
+    (w - w') H (w - w')^T,    H = X^T X / T    (K, K)
+
+GPTQ rounds the columns one at a time and moves the columns not yet rounded to cancel what the
+rounding just did (optimal brain surgeon). With the errors e_Q of the columns Q already rounded
+fixed, the best change of the rest F is e_F = -H_FF^-1 H_FQ e_Q, that is
+
+    w_F <- w_F + H_FF^-1 H_Fq e_q     after rounding column q (e_q = w_q - w'_q).
+
+The same updates come from one triangular factor: with U upper triangular, U^T U = H^-1 (the
+columns in rounding order), rounding column i subtracts (e_i / U_ii) U_{i, i+1:} from the
+columns after it. Applied in blocks of 128 columns (each block's updates reach the later
+columns in one matmul), this is the paper's Algorithm 1.
+
+Choices here, as in the common recipes:
+- H gets 1% of its mean diagonal added to the diagonal (a few thousand calibration tokens
+  leave H singular), and a column no input ever used (H_ii = 0) is set to 0;
+- columns are rounded in decreasing H_ii ("act order": the inputs with the most energy
+  first, while the most columns are left to absorb their error);
+- the group grid (scale and zero point) is the caller's, fixed before rounding from the
+  unmodified weights, so every code lands on the grid the kernel computes with.
+
+The caller's grid is w' = (q - 8) s + z with q in 0..15 (deploy.py); `round_to_grid` gives the
+code for a weight.
+"""
+import torch
+from torch import nn
+
+DAMP = 0.01
+BLOCK = 128
+
+
+def round_to_grid(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """Nearest code 0..15 of w on the grid (q - 8) s + z (a zero scale gives code 8)."""
+    step = torch.where(scale == 0, 1.0, scale)
+    return (torch.round((w - zero) / step) + 8).clamp(0, 15)
+
+
+def input_hessians(layers: list[nn.Module], run) -> list[torch.Tensor]:
+    """H = X^T X / T (fp32) of what each layer's forward receives while `run()` calls the model."""
+    sums, counts = [0] * len(layers), [0] * len(layers)
+
+    def hook(i):
+        def accumulate(module, inputs, output):
+            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float().cpu()  # (T, K)
+            sums[i] = sums[i] + x.T @ x
+            counts[i] += x.shape[0]
+        return accumulate
+
+    handles = [layer.register_forward_hook(hook(i)) for i, layer in enumerate(layers)]
+    try:
+        with torch.inference_mode():
+            run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    if not all(counts):
+        raise ValueError("gptq.input_hessians: a layer saw no input (empty calibration data?)")
+    return [h / n for h, n in zip(sums, counts)]
+
+
+def quantize(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+             damp: float = DAMP, block: int = BLOCK) -> torch.Tensor:
+    """Codes (N, K) uint8 in 0..15 for `weight` (N, K) on the grid (q - 8) s + z, with scale and
+    zero (N, K/g) per group of g columns, chosen by GPTQ against `hessian` (K, K) (module
+    docstring). Computed in fp32 on the weight's device."""
+    N, K = weight.shape
+    g = K // scale.shape[1]
+    W = weight.detach().float().clone()
+    H = hessian.to(W.device, torch.float32).clone()
+    s = scale.float().to(W.device).repeat_interleave(g, 1)  # (N, K): each column's grid
+    z = zero.float().to(W.device).repeat_interleave(g, 1)
+    dead = torch.diagonal(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    H += damp * torch.diagonal(H).mean() * torch.eye(K, device=W.device)
+    order = torch.argsort(torch.diagonal(H), descending=True, stable=True)
+    W, H, s, z = W[:, order], H[order][:, order], s[:, order], z[:, order]
+    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    codes = torch.empty_like(W)
+    for start in range(0, K, block):
+        end = min(start + block, K)
+        errors = torch.empty(N, end - start, device=W.device)
+        for i in range(start, end):
+            q = round_to_grid(W[:, i], s[:, i], z[:, i])
+            codes[:, i] = q
+            e = (W[:, i] - ((q - 8) * s[:, i] + z[:, i])) / U[i, i]
+            W[:, i + 1:end] -= e[:, None] * U[i, i + 1:end]
+            errors[:, i - start] = e
+        W[:, end:] -= errors @ U[start:end, end:]
+    return codes[:, torch.argsort(order)].to(torch.uint8)
