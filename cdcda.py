@@ -202,9 +202,9 @@ class Run:
 
     def deployed(self, method: str, pairs) -> list[str]:
         """--deploy: `method`'s saved adapter on M_base, deployed (deploy.py: merged, int4), saved,
-        answering. The int4 codes are GPTQ's on the inputs of the pairs the adapter was trained
-        on (or each weight's nearest: --deploy-rounding nearest), then the grids are tuned on the
-        same inputs toward the adapter's predictions (gridtune.py; off with --deploy-tune-epochs 0)."""
+        answering. The int4 codes are each weight's nearest (or GPTQ's on the inputs of the pairs
+        the adapter was trained on: --deploy-rounding gptq), then the grids are tuned on those
+        inputs toward the adapter's predictions (gridtune.py; off with --deploy-tune-epochs 0)."""
         args = self.args
         model = lora.add_lora(copy.deepcopy(self.device_model), r=args.lora_r, alpha=args.lora_alpha).eval()
         lora.load_adapter(model, self.user_dir / f"{method}.adapter.safetensors")

@@ -54,9 +54,9 @@ def parser(methods) -> argparse.ArgumentParser:
     p.add_argument("--methods", default="base,direct-ft,cdcda", help=f"comma-separated subset of {','.join(methods)}")
     p.add_argument("--deploy", action="store_true", help="also answer with each fine-tuned method's model "
                    "deployed (deploy.py: LoRA merged, int4 groups of 32): adds METHOD-deployed after METHOD")
-    p.add_argument("--deploy-rounding", choices=("gptq", "nearest"), default="gptq",
-                   help="how the deployed int4 codes are chosen: GPTQ on the inputs of the pairs the adapter "
-                   "was trained on (gptq.py), or each weight's nearest code")
+    p.add_argument("--deploy-rounding", choices=("nearest", "gptq"), default="nearest",
+                   help="how the deployed int4 codes are chosen: each weight's nearest code, or GPTQ on the "
+                   "inputs of the pairs the adapter was trained on (gptq.py; better untuned, worse tuned: RESULTS.md)")
     p.add_argument("--deploy-tune-epochs", type=int, default=gridtune.EPOCHS,
                    help="epochs of tuning the deployed int4 grids toward the personalized model on those inputs "
                    "(gridtune.py); 0: off")

@@ -187,20 +187,21 @@ def test_the_defaults_pair_rewrites_and_decode_the_pair_shape(tiny_model_dir, tm
     assert len(list((tmp_path / "cache" / "rewrites").glob("lamp7-*.json"))) == 1
 
 
+@pytest.mark.parametrize("rounding", ["nearest", "gptq"])
 def test_deploy_answers_with_the_deployed_model_and_reports_both(tiny_model_dir, tmp_path, monkeypatch, fake_cloud,
-                                                                 tiny_args):
+                                                                 tiny_args, rounding):
     monkeypatch.setenv("CDCDA_CACHE", str(tmp_path / "cache"))
     calibrations, tuned, real_state, real_tune = [], [], deploy.portable_state, gridtune.tune
     monkeypatch.setattr(deploy, "portable_state", lambda model, *a, **kw: "calibration" in kw
                         and calibrations.append(kw["calibration"]) or real_state(model, *a, **kw))
     monkeypatch.setattr(gridtune, "tune", lambda model, state, calibration, *a, **kw: tuned.append(calibration)
                         or real_tune(model, state, calibration, *a, **kw))
-    argv = tiny_args(tiny_model_dir, tmp_path / "run") + ["--methods", "cdcda", "--deploy"]
+    argv = tiny_args(tiny_model_dir, tmp_path / "run") + ["--methods", "cdcda", "--deploy", "--deploy-rounding", rounding]
     rep = cdcda.main(argv)
     counts = [json.loads((d / "result.json").read_text())["counts"] for d in (tmp_path / "run" / "users").iterdir()]
-    assert sorted(map(len, calibrations)) == sorted(c["generated"] // 3 + c["kept"] for c in counts)  # GPTQ on
-    # the inputs CDCDA-PLM trained on: the user's pairs (k = 3 candidates each) and the kept ones
-    assert tuned == calibrations  # and the grids tuned on the same
+    assert sorted(map(len, tuned)) == sorted(c["generated"] // 3 + c["kept"] for c in counts)  # the grids tuned
+    # on the inputs CDCDA-PLM trained on: the user's pairs (k = 3 candidates each) and the kept ones
+    assert calibrations == (tuned if rounding == "gptq" else [None] * len(tuned))  # GPTQ on the same
     assert list(rep["rows"]) == ["cdcda", "cdcda-deployed"]
     fine, deployed = rep["rows"]["cdcda"], rep["rows"]["cdcda-deployed"]
     assert deployed["gold_nll"] > 0 and "rouge1" in deployed
