@@ -10,7 +10,8 @@ Rows (each built and timed in a fresh process, so that one's memory cannot count
 - device, NF4 + LoRA: NF4 block linears with bf16 compute and an fp32 LoRA adapter (r = 16) on
   every block linear; embedding (tied head) and norms bf16. What the device trains.
 - device, deployed: that model after `deploy.deploy` (LoRA merged, int4 groups of 32 on torch's
-  fused kernel, int8 embedding and head). What the device serves (MLC-LLM's role in the paper).
+  fused kernel, int8 embedding and head; nearest codes, untuned: gridtune.py changes only the
+  values of the scales and zero points). What the device serves (MLC-LLM's role in the paper).
 - anchors with --paper-shapes, all Qwen2.5-0.5B-Instruct's shapes: the model in bf16 and fp32,
   and bitsandbytes' NF4 through transformers (bf16 compute), the library a user would pick for
   4-bit PyTorch inference (skipped, and said so, when they are not installed).
