@@ -34,8 +34,8 @@ import augment
 import cloud as cloud_client
 import data
 import deploy
-import gridtune
 import generate
+import gridtune
 import hub
 import lora
 import nf4
@@ -89,8 +89,9 @@ def personalize(device_model, tokenizer, task: data.Task, pairs, training: Train
     """Step 5 (eq. 5, 6): a fresh LoRA (r=16, alpha=8, all linear layers) on a copy of the NF4
     M_base, trained with cross-entropy on the responses. Returns (model, loss per epoch)."""
     model = lora.add_lora(copy.deepcopy(device_model), r=training.r, alpha=training.alpha)
-    losses = lora.finetune(model, tokenizer, training_examples(task, pairs), epochs=training.epochs, lr=training.lr,
-                           batch_size=training.batch_size, max_length=training.max_length, seed=seed, desc=desc)
+    losses = lora.finetune(model, tokenizer, training_examples(task, pairs), epochs=training.epochs,
+                           lr=training.lr, batch_size=training.batch_size, max_length=training.max_length, seed=seed,
+                           desc=desc)
     return model.eval(), losses
 
 
@@ -228,9 +229,10 @@ METHODS = {
     "base": Method("M_device (M_base, non-personalized)", lambda run: run.answer(run.device_model, "base"), False),
     "direct-ft": Method("Direct-FT", lambda run: run.personalized("direct-ft", run.pairs), False),
     "cdcda": Method("CDCDA-PLM", lambda run: run.personalized("cdcda", download(run.pairs, run.kept)), True),
-    "direct-ft-deployed": Method("Direct-FT, deployed (int4)", lambda run: run.deployed("direct-ft", run.pairs), False),
-    "cdcda-deployed": Method("CDCDA-PLM, deployed (int4)", lambda run: run.deployed("cdcda", download(run.pairs, run.kept)),
-                             True),
+    "direct-ft-deployed": Method("Direct-FT, deployed (int4)", lambda run: run.deployed("direct-ft", run.pairs),
+                                 False),
+    "cdcda-deployed": Method("CDCDA-PLM, deployed (int4)",
+                             lambda run: run.deployed("cdcda", download(run.pairs, run.kept)), True),
 }
 
 
@@ -299,7 +301,8 @@ def run_user(user, task, cloud, judge, device_model, tok, args, user_dir: Path, 
 
 # ---------------------------------------------------------------- the run
 # not in the fingerprint: the evaluation-only options (--deploy adds rows), and where a shard runs (--device cuda:N)
-UNCHECKED = ("out", "users", "methods", "deploy", "deploy_rounding", "deploy_tune_epochs", "bertscore_model", "bertscore_layer", "device")
+UNCHECKED = ("out", "users", "methods", "deploy", "deploy_rounding", "deploy_tune_epochs", "bertscore_model",
+             "bertscore_layer", "device")
 
 
 def run(args, methods=METHODS) -> dict:

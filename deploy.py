@@ -20,7 +20,8 @@ module is that step in PyTorch:
    rounding of s and z; a constant group gets s = 0, code 8 and w' = z = w. That is nearest
    rounding; given calibration inputs (the pipeline uses the pairs the adapter was trained on),
    GPTQ (gptq.py) picks the codes on the same grid instead, trading a larger weight error for a
-   smaller error in the layer's outputs on those inputs. Stored: 4 bits
+   smaller error in the layer's outputs on those inputs; the pipeline then tunes the scales and
+   zero points (gridtune.py), which this module leaves to its caller. Stored: 4 bits
    per weight plus 2 x 16 bits per 32 weights = 5 bits (0.625 bytes) per weight. MLC-LLM's
    q4f16_1 is the same group size with an fp16 scale and no zero point (symmetric,
    w' = (q - 7) s, 4.5 bits per weight); the zero point costs 0.5 bit per weight and uses all

@@ -83,7 +83,7 @@ def student(config: qwen2.Config, state: dict, device) -> qwen2.Qwen2:
 def tune(teacher: nn.Module, state: dict, calibration, epochs: int = EPOCHS, lr: float = LR, seed: int = 0) -> dict:
     """The portable state (deploy.portable_state) with every block linear's scale and zero
     tuned as the module docstring says, on `calibration` (token id sequences); the codes and
-    everything else as they were. Returns a new dict, with the mean KL of each epoch printed."""
+    everything else as they were. Returns a new dict; the progress bar shows each epoch's mean KL."""
     device = teacher.model.norm.weight.device
     model = student(teacher.config, state, device)
     grids = [m for m in model.modules() if isinstance(m, GridLinear)]

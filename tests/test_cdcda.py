@@ -196,7 +196,8 @@ def test_deploy_answers_with_the_deployed_model_and_reports_both(tiny_model_dir,
                         and calibrations.append(kw["calibration"]) or real_state(model, *a, **kw))
     monkeypatch.setattr(gridtune, "tune", lambda model, state, calibration, *a, **kw: tuned.append(calibration)
                         or real_tune(model, state, calibration, *a, **kw))
-    argv = tiny_args(tiny_model_dir, tmp_path / "run") + ["--methods", "cdcda", "--deploy", "--deploy-rounding", rounding]
+    argv = tiny_args(tiny_model_dir, tmp_path / "run") + ["--methods", "cdcda", "--deploy",
+                                                          "--deploy-rounding", rounding]
     rep = cdcda.main(argv)
     counts = [json.loads((d / "result.json").read_text())["counts"] for d in (tmp_path / "run" / "users").iterdir()]
     assert sorted(map(len, tuned)) == sorted(c["generated"] // 3 + c["kept"] for c in counts)  # the grids tuned
