@@ -84,6 +84,8 @@ def tune(teacher: nn.Module, state: dict, calibration, epochs: int = EPOCHS, lr:
     """The portable state (deploy.portable_state) with every block linear's scale and zero
     tuned as the module docstring says, on `calibration` (token id sequences); the codes and
     everything else as they were. Returns a new dict; the progress bar shows each epoch's mean KL."""
+    if not calibration:
+        raise ValueError("gridtune.tune: no calibration sequences to tune on")
     device = teacher.model.norm.weight.device
     model = student(teacher.config, state, device)
     grids = [m for m in model.modules() if isinstance(m, GridLinear)]

@@ -58,6 +58,8 @@ def test_tuning_moves_only_the_grids_and_brings_the_model_closer():
     held_out = torch.randint(0, 96, (4, 24)).tolist()
     state = deploy.portable_state(model, calibration=calibration)
     tuned = gridtune.tune(model, state, calibration, epochs=3)
+    with pytest.raises(ValueError, match="no calibration"):
+        gridtune.tune(model, state, [])
     assert tuned.keys() == state.keys()
     moved = {k for k in state if not torch.equal(state[k], tuned[k])}
     assert moved and all(k.endswith((".scale", ".zero")) for k in moved)
