@@ -3,12 +3,16 @@
 The cloud LM gets the paper's prompt (eq. 1) for each of the user's (x, y) pairs and writes
 k samples at T = 0.7 (`augment`); `parse_pair` reads the "Input: ..., Response: ..." pair out
 of each generation; `select` keeps the candidates that pass SCF, TDF and LSF (eq. 2-4,
-`filters.select`) with the judge `make_judge` builds. The pipeline (cdcda.py) runs these in
-process or through an OpenAI-compatible server (`cloud.api_chat`); server.py serves them.
+`filters.select`) with the judge `make_judge` builds. `synthesize` is the two steps together,
+as the pipeline (cdcda.py) runs them in process and the cloud service (server/) runs them for
+a device; the cloud LM is in process or behind an OpenAI-compatible server (`cloud.api_chat`).
 """
 import functools
 import math
 import re
+import time
+from dataclasses import dataclass
+from typing import Callable, NamedTuple
 
 import data
 import filters
@@ -20,6 +24,33 @@ AUGMENT_PROMPT = ("Generate an Input and Response pairs semantically similar to 
 REPLY_PREFIX = "Input: ["  # the start of the cloud's reply (see `augment`)
 AUGMENT_SLACK = 32  # tokens beyond ceil(eps_max_len * longest): the closing "].", tokenization at the edges
 AUGMENT_BATCH = 32  # generations per batch: batched decoding reads the weights once per step for all rows
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """Steps 2 and 3's settings, named as cdcda.py's options (sec. 5.1: k = 5, T = 0.7)."""
+    k: int = 5
+    temperature: float = 0.7
+    augment_decoding: str = "structured"  # or "free" (`augment`)
+    thresholds: filters.Thresholds = filters.Thresholds()
+
+
+class CloudLM(NamedTuple):
+    """The cloud LM of step 2: `chat(model, tokenizer, conversations, ...)` is `generate.chat`
+    in process (None), or `cloud.api_chat`'s over an OpenAI-compatible server (`model` None)."""
+    model: object
+    tokenizer: object
+    chat: Callable | None = None
+
+
+@dataclass
+class Candidates:
+    """Step 2's output: candidates[i] = (x_syn, y_syn) was generated from originals[i] = (x, y);
+    `unparsable` generations held no pair, `off_label` ones a response outside the task's labels."""
+    originals: list
+    candidates: list
+    unparsable: int
+    off_label: int
 
 
 _INPUT = re.compile(r"\**\binput\s*\**\s*:\s*\**", re.I)  # "Input:", "**Input:**", "input :"
@@ -72,32 +103,30 @@ def parse_pair(text: str) -> tuple[str, str] | None:
     return (x, y) if x and y else None
 
 
-def augment(cloud, cloud_tok, pairs, k: int, temperature: float, seed: int, chat=None,
-            task: data.Task | None = None, max_len_ratio: float = filters.EPS_MAX_LEN, structured: bool = False):
+def augment(cloud: CloudLM, pairs, settings: Augmentation, seed: int, task: data.Task | None = None) -> Candidates:
     """Step 2 (eq. 1): k samples per pair from the cloud LM with the paper's prompt.
 
     The cloud's reply is started with REPLY_PREFIX ("Input: ["): the 135M stand-in answers
-    the bare prompt mostly in prose, which parses as nothing. `structured` (--augment-decoding
-    structured) decodes the whole shape instead of hoping for it: the input is sampled up to
-    its "]", then "], Response: [" is written for the model and the response sampled up to its
-    "]" (same prompt, model and temperature; only the scaffolding is forced), so the filters
-    judge content, not format. `chat` replaces `generate.chat` (`cloud.api_chat` for
-    --cloud-api: the same priming and stops over the API). Generation stops at
-    ceil(max_len_ratio * longest) + AUGMENT_SLACK tokens, `longest` the tokens of the longest
+    the bare prompt mostly in prose, which parses as nothing. --augment-decoding structured
+    decodes the whole shape instead of hoping for it: the input is sampled up to its "]",
+    then "], Response: [" is written for the model and the response sampled up to its "]"
+    (same prompt, model and temperature; only the scaffolding is forced), so the filters
+    judge content, not format. `cloud.chat` is `generate.chat` or, for --cloud-api,
+    `cloud.api_chat`'s (the same priming and stops over the API). Generation stops at
+    ceil(eps_max_len * longest) + AUGMENT_SLACK tokens, `longest` the tokens of the longest
     example's "Input: [x], Response: [y]" (structured: of the longest x, then of the longest
-    y): a candidate as long as eq. 4's upper bound (`max_len_ratio`, --eps-max-len) allows is
-    never cut off.
-    Returns (originals, candidates, n_unparsable, n_off_label): candidates[i] was generated
-    from originals[i]; generations without a parsable pair are dropped and counted in
-    n_unparsable, parsed ones whose response `task.valid_output` rejects (a lamp2 tag or lamp3
-    score outside the task's labels) are dropped and counted in n_off_label (0 without `task`)."""
+    y): a candidate as long as eq. 4's upper bound (--eps-max-len) allows is never cut off.
+    Generations without a parsable pair are dropped and counted as unparsable, parsed ones
+    whose response `task.valid_output` rejects (a lamp2 tag or lamp3 score outside the task's
+    labels) are dropped and counted as off_label (none without `task`)."""
+    k = settings.k
     prompts = [[{"role": "user", "content": AUGMENT_PROMPT.format(x=x, y=y)}] for x, y in pairs for _ in range(k)]
 
-    def budget(texts):  # tokens for a text up to eq. 4's upper bound times the longest of `texts`
-        return math.ceil(max_len_ratio * max(len(cloud_tok.encode(t)) for t in texts)) + AUGMENT_SLACK
-    reply = functools.partial(chat or generate.chat, cloud, cloud_tok, temperature=temperature,
-                              batch_size=AUGMENT_BATCH)
-    if structured:
+    def budget(texts):
+        return generation_budget(cloud.tokenizer, texts, settings.thresholds.eps_max_len)
+    reply = functools.partial(cloud.chat or generate.chat, cloud.model, cloud.tokenizer,
+                              temperature=settings.temperature, batch_size=AUGMENT_BATCH)
+    if settings.augment_decoding == "structured":
         inputs = reply(prompts, budget([x for x, _ in pairs]), seed=seed, desc="augment (cloud): inputs",
                        reply_prefix=REPLY_PREFIX, stop="]")
         texts = [text + "]" for text in reply(prompts, budget([y for _, y in pairs]), seed=seed + 1,
@@ -116,12 +145,34 @@ def augment(cloud, cloud_tok, pairs, k: int, temperature: float, seed: int, chat
         else:
             originals.append(pairs[i // k])
             candidates.append(pair)
-    return originals, candidates, unparsable, off_label
+    return Candidates(originals, candidates, unparsable, off_label)
 
 
-def select(originals, candidates, judge, thresholds: dict) -> filters.Selection:
+def generation_budget(tokenizer, texts: list[str], eps_max_len: float) -> int:
+    """New tokens for a text up to eq. 4's upper bound times the longest of `texts`, and slack."""
+    return math.ceil(eps_max_len * max(len(tokenizer.encode(t)) for t in texts)) + AUGMENT_SLACK
+
+
+def select(originals, candidates, judge, thresholds: filters.Thresholds) -> filters.Selection:
     """Step 3 (eq. 2-4): keep the candidates that pass SCF, TDF and LSF."""
-    return filters.select(originals, candidates, judge, **thresholds)
+    return filters.select(originals, candidates, judge, thresholds)
+
+
+def synthesize(cloud: CloudLM, pairs, settings: Augmentation, seed: int, task: data.Task, select,
+               times: dict | None = None):
+    """Steps 2 and 3 for one upload D_u -> (one record per parsed candidate, with its filter
+    scores and verdict; the counts: generated, unparsable, off_label and `filters.select`'s).
+    `select(originals, candidates) -> filters.Selection` is step 3 (the caller binds the judge
+    and the thresholds: `functools.partial(augment.select, judge=..., thresholds=...)`).
+    `times` gets the seconds of each step."""
+    times = {} if times is None else times
+    t = time.time()
+    out = augment(cloud, pairs, settings, seed, task)
+    t, times["augment"] = time.time(), time.time() - t
+    sel = select(out.originals, out.candidates)
+    times["select"] = time.time() - t
+    return sel.records, {**sel.counts, "generated": len(pairs) * settings.k, "unparsable": out.unparsable,
+                         "off_label": out.off_label}
 
 
 def judge_source(spec: str) -> tuple[str, str]:

@@ -25,7 +25,7 @@ in [0.5, 2.0]. They sit in the gaps that `bench/bench_filters.py` measures with
 all-MiniLM-L6-v2 on hand-written LaMP-style paraphrases, near-copies and unrelated texts;
 its figures and the reasoning are in RESULTS.md.
 """
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import encoder
 import metrics
@@ -35,6 +35,16 @@ EPS_SCF_EMBEDDING = 0.6
 EPS_TDF = 0.75
 EPS_MIN_LEN = 0.5
 EPS_MAX_LEN = 2.0
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """The thresholds of eq. 2-4, named as cdcda.py's options; eps_scf None: the judge's own
+    `default_eps_scf` (NLI and the embedding proxy need different ones)."""
+    eps_scf: float | None = None
+    eps_tdf: float = EPS_TDF
+    eps_min_len: float = EPS_MIN_LEN
+    eps_max_len: float = EPS_MAX_LEN
 
 
 class NLIJudge:
@@ -123,21 +133,20 @@ class Selection:
 
 
 def select(originals: list[tuple[str, str]], candidates: list[tuple[str, str]], judge,
-           eps_scf: float | None = None, eps_tdf: float = EPS_TDF,
-           eps_min_len: float = EPS_MIN_LEN, eps_max_len: float = EPS_MAX_LEN) -> Selection:
+           thresholds: Thresholds = Thresholds()) -> Selection:
     """Apply SCF, TDF and LSF to every candidate (paper sec. 4, "Synthetic data selection").
 
     originals[i] = (x, y) is the profile pair candidates[i] = (x_syn, y_syn) was generated
-    from (repeat an original for each of its k samples). eps_scf=None takes the judge's
-    `default_eps_scf`. All three filters are evaluated for every candidate (so the counts say
-    what each filter alone would reject); the judge runs once over the whole batch, both
-    directions together. Each record:
+    from (repeat an original for each of its k samples); `thresholds.eps_scf` None takes the
+    judge's `default_eps_scf`. All three filters are evaluated for every candidate (so the
+    counts say what each filter alone would reject); the judge runs once over the whole
+    batch, both directions together. Each record:
       {"input", "output", "syn_input", "syn_output", "scf_forward", "scf_backward",
        "rouge_l", "length_ratio", "scf", "tdf", "lsf", "kept"}
     """
     if len(originals) != len(candidates):
         raise ValueError(f"select: {len(originals)} originals but {len(candidates)} candidates")
-    eps_scf = judge.default_eps_scf if eps_scf is None else eps_scf
+    t = replace(thresholds, eps_scf=judge.default_eps_scf) if thresholds.eps_scf is None else thresholds
     xs = [x for x, _ in originals]
     xs_syn = [x_syn for x_syn, _ in candidates]
     forwards, backwards = entailment_both_ways(judge, xs, xs_syn)
@@ -145,9 +154,9 @@ def select(originals: list[tuple[str, str]], candidates: list[tuple[str, str]], 
     counts = {"candidates": len(candidates), "kept": 0, "rejected": 0, "rejected_scf": 0, "rejected_tdf": 0,
               "rejected_lsf": 0}
     for (x, y), (x_syn, y_syn), forward, backward in zip(originals, candidates, forwards, backwards):
-        scf = semantic_consistency(forward, backward, eps_scf)  # eq. 2
-        tdf, rouge = token_diversity(x, x_syn, eps_tdf)  # eq. 3
-        lsf, ratio = length_ratio(x, x_syn, eps_min_len, eps_max_len)  # eq. 4
+        scf = semantic_consistency(forward, backward, t.eps_scf)  # eq. 2
+        tdf, rouge = token_diversity(x, x_syn, t.eps_tdf)  # eq. 3
+        lsf, ratio = length_ratio(x, x_syn, t.eps_min_len, t.eps_max_len)  # eq. 4
         ok = scf and tdf and lsf
         records.append({"input": x, "output": y, "syn_input": x_syn, "syn_output": y_syn,
                         "scf_forward": forward, "scf_backward": backward, "rouge_l": rouge,
@@ -159,6 +168,4 @@ def select(originals: list[tuple[str, str]], candidates: list[tuple[str, str]], 
             kept.append((x_syn, y_syn))
     counts["kept"] = len(kept)
     counts["rejected"] = len(candidates) - len(kept)
-    thresholds = {"judge": judge.name, "eps_scf": eps_scf, "eps_tdf": eps_tdf,
-                  "eps_min_len": eps_min_len, "eps_max_len": eps_max_len}
-    return Selection(kept, records, counts, thresholds)
+    return Selection(kept, records, counts, {"judge": judge.name, **asdict(t)})

@@ -3,8 +3,11 @@
 Both model families (the decoder in `qwen2.py`, the encoders in `encoder.py`) load the same
 way: a directory laid out like a hub snapshot (`config.json`, `model.safetensors` or shards
 listed in `model.safetensors.index.json`, `tokenizer.json`), found here, then read with
-`load_state_dict` and checked key by key with `check_state_dict`.
+`load_state_dict` and checked key by key with `check_state_dict`. What is made once and cached
+(converted models, M_base, history rewrites) is written atomically (`atomic`), under a lock
+that processes sharing the cache take in turn (`exclusive`).
 """
+import fcntl
 import json
 import os
 import re
@@ -41,6 +44,31 @@ def atomic(path: Path):
 def write_atomic(path: Path, text: str) -> None:
     with atomic(path) as tmp:
         tmp.write_text(text)
+
+
+@contextmanager
+def exclusive(path: Path, what: str):
+    """Hold an exclusive lock on the file `path` for the block (fcntl.flock); wait if another
+    process holds it.
+
+    Why flock: the kernel attaches the lock to the open file, and closes every file of a
+    process that ends, however it ends (exit, exception, SIGKILL, out of memory), so a crashed
+    holder never leaves a stale lock behind: the next waiter gets it, finds no cached model,
+    and trains it itself. A lock made by creating a file (O_EXCL) or writing a pid into it
+    would outlive a killed holder and need a timeout or a human. Across machines the file must
+    be on a file system whose flock is shared between hosts (NFS v4; Lustre mounted -o flock).
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"{what}: another process holds {path}; waiting for it")
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 # "name" or "owner/name": letters, digits, "-", "_", "." (not first); "--" and ".." are the Hub's separators

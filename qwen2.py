@@ -58,6 +58,7 @@ class Config:
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
     model_type: str = "qwen2"
+    MODEL_TYPES = ("qwen2", "llama")  # what this file loads (a class attribute, not a config key)
     qkv_bias: bool = field(init=False)      # derived: Qwen2 always, Llama if attention_bias
     o_bias: bool = field(init=False)        # derived: Llama if attention_bias, Qwen2 never
 
@@ -81,9 +82,12 @@ class Config:
 
     @classmethod
     def from_json(cls, path) -> "Config":
-        """Read `config.json` (or the `config.json` of a directory)."""
+        """Read `config.json` (or the `config.json` of a directory) of a model of MODEL_TYPES."""
         path = Path(path)
         data = hub.load_config(path if path.is_dir() else path.parent)
+        if data.get("model_type", cls.MODEL_TYPES[0]) not in cls.MODEL_TYPES:
+            raise InputError(f"{path}: model_type {data['model_type']!r}, not one of {', '.join(cls.MODEL_TYPES)} "
+                             f"({cls.__module__}.py)")
         known = {f.name for f in fields(cls) if f.init}
         try:
             return cls(**{k: v for k, v in data.items() if k in known})

@@ -6,7 +6,7 @@ data that actually ran (`models_used`: a stand-in says which of the paper's mode
 `write` puts it in OUT/results.json and OUT/results.md. Evaluation is apart from training:
 `python cdcda.py report --out DIR [--bertscore-model M] [--bertscore-layer L]` reads the
 run's options (OUT/run.json) and its users' result.json files and scores them again; it is
-also the merge of a sharded run (scale.py): the table of every user, or the users not yet done.
+also the merge of a sharded run (runner.py): the table of every user, or the users not yet done.
 """
 import argparse
 import json
@@ -16,52 +16,53 @@ import data
 import encoder
 import hub
 import metrics
+import options
 import rewrite
+import runner
 from errors import InputError
-from options import PAPER, PAPER_ALIASES
+from options import PAPER, PAPER_ALIASES, Settings
 
 
-def models_used(args) -> dict:
-    """Which model, data and setting filled each role, as printed at the start and in the report."""
+def models_used(settings: Settings) -> dict:
+    """Which model, data and setting filled each role, as printed at the start and in the report
+    (an extra adds its own: `Settings.roles`)."""
     def is_papers(role):
-        name = getattr(args, role)
+        name = getattr(settings.models, role)
         return PAPER_ALIASES.get(name, name) == PAPER[role]
-    roles = {role: getattr(args, role) + ("" if is_papers(role) else f"  (stand-in for the paper's {PAPER[role]})")
-             for role in PAPER}
+    roles = {role: getattr(settings.models, role) + ("" if is_papers(role) else
+                                                     f"  (stand-in for the paper's {PAPER[role]})") for role in PAPER}
     return roles | {
-        "data": str(args.data or "embedded demo (data/demo/, written for cdcda)"),
-        "cloud": (f"{args.cloud} (`server.py`: augmentation and filters there)" if args.cloud
-                  else f"{args.cloud_api} (augmentation there, filters here)" if args.cloud_api else "in process"),
-        "history": (f"{args.buffer}-item online buffer, {args.buffer_policy} (Qin et al.)" if args.buffer
-                    else "the whole history"),
-        "synthesis filter": (f"ROUGE-1 > {args.eps_rouge1} (Qin et al.)" if args.synthesis_filter == "rouge1"
-                             else "SCF, TDF, LSF"),
-        "augmentation decoding": args.augment_decoding,
+        "data": str(settings.data or "embedded demo (data/demo/, written for cdcda)"),
+        "cloud": "in process", "history": "the whole history", "synthesis filter": "SCF, TDF, LSF",
+        "augmentation decoding": settings.augmentation.augment_decoding,
         "history pairs": ("the task's own (its history items hold their inputs)"
-                          if not rewrite.needs_rewrites(data.get_task(args.task))
+                          if not rewrite.needs_rewrites(data.get_task(settings.task))
                           else "rewrite (a LaMP-7 tweet paired with the device's neutral rewrite of it)"
-                          if args.history_pairs == "rewrite" else "identity (a LaMP-7 tweet paired with itself)")}
+                          if settings.history_pairs == "rewrite" else "identity (a LaMP-7 tweet paired with itself)")
+    } | settings.roles
 
 
-def announce(task: data.Task, args, users) -> None:
+def announce(task: data.Task, settings: Settings, users) -> None:
     """A run's first lines: the task, what fills each role (`models_used`), the data's files."""
     print(f"cdcda: {task.name} ({task.title})")
-    for role, name in models_used(args).items():
+    for role, name in models_used(settings).items():
         print(f"  {role}: {name}")
     for name in sorted({name for u in users for name in u.files}):
         queries = sum(u.files.get(name, 0) for u in users)
         print(f"  {name}: {sum(name in u.files for u in users)} users, {queries} queries")
 
 
-def build(task: data.Task, users, results, args, labels: dict) -> dict:
-    """Metrics of every method over all queries of all target users, counts and seconds summed."""
+def build(task: data.Task, users, results, settings: Settings, labels: dict, device: str) -> dict:
+    """Metrics of every method over all queries of all target users, counts and seconds summed
+    (BERTScore's backbone on `device`)."""
     golds = [q.gold for u in users for q in u.queries]
-    bert = (encoder.load(args.bertscore_model, "float32", args.device) if task.metric == "generation" else None)
+    models = settings.models
+    bert = encoder.load(models.bertscore_model, "float32", device) if task.metric == "generation" else None
     rows = {}
     for method in labels:
         preds = [p for r in results for p in r["predictions"][method]]
         rows[method] = metrics.evaluate(task.name, preds, golds, bertscore_model=bert,
-                                        bertscore_layer=args.bertscore_layer)
+                                        bertscore_layer=models.bertscore_layer)
         if all(method in r.get("gold_nll", {}) for r in results):  # the rows the device model answers
             nll = [x for r in results for x in r["gold_nll"][method]]
             rows[method]["gold_nll"] = sum(nll) / len(nll)
@@ -71,8 +72,8 @@ def build(task: data.Task, users, results, args, labels: dict) -> dict:
             for key, value in part.items():
                 total[key] = total.get(key, 0) + value
     return {"task": task.name, "users": [u.user_id for u in users], "queries": len(golds),
-            "models": models_used(args), "labels": labels, "rows": rows, "counts": counts, "seconds": times,
-            "settings": {k: v for k, v in vars(args).items() if k != "out"}}
+            "models": models_used(settings), "labels": labels, "rows": rows, "counts": counts, "seconds": times,
+            "settings": {k: v for k, v in options.flat(settings).items() if k != "out"}}
 
 
 def reading(rep: dict) -> str:
@@ -129,33 +130,23 @@ def main(argv=None) -> dict:
     p.add_argument("--out", required=True, help="the run's output directory (holds run.json and users/)")
     p.add_argument("--bertscore-model", default=None, help="BERTScore backbone (default: the run's)")
     p.add_argument("--bertscore-layer", type=int, default=None, help="its layer (default: the run's)")
+    p.add_argument("--device", default="cpu", help="where BERTScore runs: cpu, cuda or cuda:N (not the run's)")
     given = p.parse_args(argv)
+    if problem := options.device_problem(given.device):
+        p.error(problem)
     out = Path(given.out)
     if not (out / "run.json").is_file():
         raise InputError(f"{out / 'run.json'}: missing; --out must be the directory of a cdcda.py run")
-    args = argparse.Namespace(**json.loads((out / "run.json").read_text()))
+    saved = json.loads((out / "run.json").read_text())
     for name in ("bertscore_model", "bertscore_layer"):
         if getattr(given, name) is not None:
-            setattr(args, name, getattr(given, name))
-    task = data.get_task(args.task)
-    users = data.load_users(task.name, args.data)
-    targets = data.split_users(users, min(args.users, len(users)), args.user_selection, args.seed)[0]
-    results, missing = finished(out, targets, args.methods)
+            saved[name] = getattr(given, name)
+    settings = options.build(Settings, saved | {"methods": tuple(saved["methods"])})
+    task = data.get_task(settings.task)
+    users = data.load_users(task.name, settings.data)
+    targets = data.split_users(users, min(settings.users, len(users)), settings.user_selection, settings.seed)[0]
+    results, missing = runner.finished(out, targets, settings.methods)
     if missing:
         raise InputError(f"{out}: {len(missing)} of {len(targets)} users are not finished: {', '.join(missing)}; "
                          "run the same command again (the same shard, for a sharded run) to finish them")
-    return write(build(task, targets, results, args, args.labels), out)
-
-
-def finished(out: Path, targets, methods) -> tuple[list[dict], list[str]]:
-    """The result.json of every target user done with every method (in the targets' order),
-    and the ids of the users who are not: the merge of a run's shards, whichever wrote them."""
-    results, missing = [], []
-    for user in targets:
-        path = out / "users" / user.user_id / "result.json"
-        result = json.loads(path.read_text()) if path.is_file() else {"predictions": {}}
-        if set(methods) <= set(result["predictions"]):
-            results.append(result)
-        else:
-            missing.append(user.user_id)
-    return results, missing
+    return write(build(task, targets, results, settings, saved["labels"], given.device), out)

@@ -16,12 +16,15 @@ pair. Tasks whose history items hold an input (every task but LaMP-7) are left a
 import hashlib
 import json
 import re
+from dataclasses import asdict, replace
+from pathlib import Path
 
 import augment
 import data
+import filters
 import generate
 import hub
-import t5
+import qwen2
 
 REWRITE_PROMPT = ("Rewrite the following text as plain, neutral English with the same facts: no slang, no "
                   "hashtags, no emojis, no exclamations. Only output the rewritten text.\nText: {text}")
@@ -43,17 +46,34 @@ def history_pair(task: data.Task, item: dict, rewrites: dict | None = None) -> t
     return (task.instruction + rewrites[y], y) if rewrites.get(y) else None
 
 
-def neutral_rewrites(task: data.Task, users, device_model: str, judge, thresholds: dict, device: str,
-                     samples: int = SAMPLES) -> dict[str, str]:
+def neutral_rewrites(task: data.Task, users, device_model: str, judge, thresholds: filters.Thresholds,
+                     device: str, family=qwen2, samples: int = SAMPLES) -> dict[str, str]:
     """{text: its neutral rewrite, or "" when none passed} for every history item of `users`,
-    cached under the model cache (the key covers the model, the prompt, the judge, the texts)."""
+    cached under the model cache (the key covers the model, the prompt, the judge, the texts).
+    `family` loads the device model (`qwen2`; Table 4's T5 takes the prompt as plain text).
+    Processes that share the cache write it once: the first takes its lock, the others wait."""
+    texts, path = texts_and_cache(task, users, device_model, judge.name, thresholds, samples)
+    with hub.exclusive(hub.cache_dir() / "locks" / f"rewrites-{path.stem}.lock", "history rewrites"):
+        if not path.is_file():
+            model, tok = family.load(device_model, "float32", device)
+            rewrites = rewrite_all(model, tok, texts, judge, thresholds, samples)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            hub.write_atomic(path, json.dumps(rewrites, indent=1))
+    return json.loads(path.read_text())
+
+
+def texts_and_cache(task: data.Task, users, device_model: str, judge_name: str, thresholds: filters.Thresholds,
+                    samples: int = SAMPLES) -> tuple[list[str], Path]:
+    """The texts to rewrite, and where their rewrites are cached (the key covers the model, the
+    prompt, the judge, the thresholds and the texts)."""
     texts = sorted({task.pair(item)[1] for u in users for item in u.profile})
-    key = hashlib.sha256(json.dumps([device_model, REWRITE_PROMPT, samples, judge.name, thresholds,
+    key = hashlib.sha256(json.dumps([device_model, REWRITE_PROMPT, samples, judge_name, asdict(thresholds),
                                      texts]).encode()).hexdigest()[:16]
-    path = hub.cache_dir() / "rewrites" / f"{task.name}-{key}.json"
-    if path.is_file():
-        return json.loads(path.read_text())
-    model, tok = t5.family(device_model).load(device_model, "float32", device)  # T5: plain-text prompt
+    return texts, hub.cache_dir() / "rewrites" / f"{task.name}-{key}.json"
+
+
+def rewrite_all(model, tok, texts: list[str], judge, thresholds: filters.Thresholds, samples: int) -> dict:
+    """{text: the rewrite the judge scores closest in meaning among those that pass, or ""}."""
     prompts = [[{"role": "user", "content": REWRITE_PROMPT.format(text=t)}] for t in texts]
     budget = max(len(tok.encode(t)) for t in texts) + 16
     outs = (generate.chat(model, tok, prompts, budget, temperature=0.0, batch_size=augment.AUGMENT_BATCH,
@@ -63,13 +83,11 @@ def neutral_rewrites(task: data.Task, users, device_model: str, judge, threshold
     outs = [LABEL.sub("", o.split("\n")[0]).strip().strip('"') for o in outs]
     sources = texts * (samples + 1)
     sel = augment.select([(t, t) for t in sources], [(o, t) for o, t in zip(outs, sources)], judge,
-                         thresholds | {"eps_tdf": 1.0 - 1e-6})  # TDF here only rejects exact copies
+                         replace(thresholds, eps_tdf=1.0 - 1e-6))  # TDF here only rejects exact copies
     rewrites, best = {t: "" for t in texts}, {}
     for r in sel.records:
         score = min(r["scf_forward"], r["scf_backward"])
         if r["kept"] and score > best.get(r["output"], -2.0):
             rewrites[r["output"]], best[r["output"]] = r["syn_input"], score
     print(f"history rewrites: {len(best)} of {len(texts)} texts have one")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    hub.write_atomic(path, json.dumps(rewrites, indent=1))
     return rewrites

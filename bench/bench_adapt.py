@@ -3,7 +3,7 @@
     .venv/bin/python bench/bench_adapt.py [--steps 3] [--batch-size 4] [--skip-memory]
 
 1. LoRA training tokens/s (r=16, alpha=8 on q,k,v,o,gate,up,down; AdamW) on SmolLM2-135M-
-   Instruct: our fp32 path (`lora.finetune`), peft on transformers loading the very same
+   Instruct: our fp32 path (`train.finetune`), peft on transformers loading the very same
    converted checkpoint, their ratio, and our NF4 + bf16 path. Same batches for all (ChatML
    examples of about 128 tokens, loss on the last quarter), timed after one warm-up batch.
 2. Stored size and peak memory of the on-device model in fp32, bf16, NF4 and NF4 with double
@@ -30,6 +30,7 @@ import lora  # noqa: E402
 import nf4  # noqa: E402
 import qwen2  # noqa: E402
 import smollm2  # noqa: E402
+import train  # noqa: E402
 
 QWEN25_05B = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                   num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True,
@@ -47,10 +48,11 @@ def examples(n: int, seed: int = 0) -> list[tuple[list[dict], str]]:
 
 
 def ours(model, tokenizer, data, batch_size) -> float:
-    """Seconds per example-batch of `lora.finetune` (after a warm-up batch)."""
-    lora.finetune(model, tokenizer, data[:batch_size], epochs=1, lr=1e-4, batch_size=batch_size, desc="warm-up")
+    """Seconds per example-batch of `train.finetune` (after a warm-up batch)."""
+    one = train.Training(epochs=1, lr=1e-4, batch_size=batch_size, max_length=512)
+    train.finetune(model, tokenizer, data[:batch_size], one, desc="warm-up")
     start = time.perf_counter()
-    lora.finetune(model, tokenizer, data, epochs=1, lr=1e-4, batch_size=batch_size, desc="ours")
+    train.finetune(model, tokenizer, data, one, desc="ours")
     return time.perf_counter() - start
 
 
@@ -84,15 +86,15 @@ def training(args):
     model, tokenizer = qwen2.load()
     directory = smollm2.embedded_dir()
     data = examples(args.steps * args.batch_size)
-    encoded = [lora.encode_example(tokenizer, m, r, 512) for m, r in data]
-    batches = [lora.right_pad(encoded[i:i + args.batch_size], tokenizer.pad_token_id)
+    encoded = [train.encode_example(tokenizer, m, r, 512) for m, r in data]
+    batches = [train.right_pad(encoded[i:i + args.batch_size], tokenizer.pad_token_id)
                for i in range(0, len(encoded), args.batch_size)]
     tokens = sum(len(ids) for ids, _ in encoded)  # real tokens, no padding
     print(f"## LoRA training, SmolLM2-135M-Instruct, r=16 alpha=8, {args.steps} batches of "
           f"{args.batch_size} x ~{tokens // len(encoded)} tokens, torch threads {torch.get_num_threads()}")
     with torch.no_grad():
         ids, labels = batches[0]
-        our_first = lora.response_loss(model, ids, labels).item()  # B = 0: the base model's loss
+        our_first = train.response_loss(model, ids, labels).item()  # B = 0: the base model's loss
     lora.add_lora(model, r=16, alpha=8)
     t_ours = ours(model, tokenizer, data, args.batch_size)
     del model

@@ -1,7 +1,7 @@
 """Requests/s of the --cloud-api client (`cloud.openai_chat`) at concurrency 1 and N, one run.
 
 Two servers, both on loopback, both spoken to through the same client:
-  server.py   the project's OpenAI-compatible cloud (`python server.py`, its own process, the
+  server      the project's OpenAI-compatible cloud (`python -m server`, its own process, the
               --cloud-model given): one model behind a lock generates one request at a time,
               so concurrency can only hide the client's and the server's per-request work
               (HTTP, JSON, tokenizing), not generation.
@@ -42,9 +42,9 @@ def free_port() -> int:
 
 
 def project_server(model: str, log) -> tuple[subprocess.Popen, str]:
-    """`python server.py` on a free loopback port, once /health answers."""
+    """`python -m server` on a free loopback port, once /health answers."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, str(ROOT / "server.py"), "--port", str(port), "--cloud-model", model],
+    proc = subprocess.Popen([sys.executable, "-m", "server", "--port", str(port), "--cloud-model", model],
                             cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     url, deadline = f"http://127.0.0.1:{port}", time.time() + 300
     while time.time() < deadline and proc.poll() is None:
@@ -81,7 +81,7 @@ def latency_server(seconds: float) -> tuple[ThreadingHTTPServer, str]:
 def rate(url: str, model: str, conversations, max_tokens: int, concurrency: int) -> float:
     """Requests per second of `conversations` sent with `concurrency` in flight."""
     t = time.perf_counter()
-    cloud.openai_chat(url, model, conversations, max_tokens, 0.7, 0, concurrency=concurrency, timeout=600)
+    cloud.openai_chat(cloud.Endpoint(url, timeout=600, concurrency=concurrency), model, conversations, max_tokens, 0.7, 0)
     return len(conversations) / (time.perf_counter() - t)
 
 

@@ -1,7 +1,7 @@
-"""What each deployment step costs in gold NLL, on the adapters a `cdcda.py --deploy` run saved
+"""What each deployment step costs in gold NLL, on the adapters a `python -m deployment` run saved
 (RESULTS.md, "Table 3 with deployment"): for each user and fine-tuned method, the NF4 + LoRA
 model, then its deployed copy with nearest codes, GPTQ codes, and either with the grids tuned
-(gridtune.py), each made as `cdcda.Run.deployed` makes it.
+(gridtune.py), each made as `deployment.__main__.deployed` makes it.
 
     .venv/bin/python bench/deploy_rounding.py --run runs/lamp7 --base <the run's M_base directory>
         [--rewrites <the run's rewrites .json>] [--users 702q1,705q1] [--tune-seed 0] [--out F.json]
@@ -21,18 +21,18 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import cdcda  # noqa: E402
 import data  # noqa: E402
-import deploy  # noqa: E402
-import gridtune  # noqa: E402
 import lora  # noqa: E402
 import nf4  # noqa: E402
 import qwen2  # noqa: E402
+import train  # noqa: E402
+from deployment import deploy, gridtune  # noqa: E402
 
 VARIANTS = ("nearest", "gptq", "nearest+tune", "gptq+tune")
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--run", required=True, help="the --out directory of a cdcda.py --deploy run")
+    p.add_argument("--run", required=True, help="the --out directory of a `python -m deployment` run")
     p.add_argument("--base", required=True, help="that run's M_base directory")
     p.add_argument("--rewrites", default=None, help="that run's rewrites .json (LaMP-7, --history-pairs rewrite)")
     p.add_argument("--users", default=None, help="comma-separated user ids (default: every user of the run)")
@@ -57,7 +57,7 @@ def main():
             model = lora.add_lora(copy.deepcopy(device_model), r=settings["lora_r"], alpha=settings["lora_alpha"])
             lora.load_adapter(model, run / "users" / uid / f"{method}.adapter.safetensors")
             model.eval()
-            calibration = [lora.encode_example(tok, messages, y, max_length)[0]
+            calibration = [train.encode_example(tok, messages, y, max_length)[0]
                            for messages, y in cdcda.training_examples(task, trained_on)]
             nll = {"nf4+lora": cdcda.gold_nll(model, tok, task, user.queries, max_length)}
             states = {r: deploy.portable_state(model, calibration=calibration if r == "gptq" else None)

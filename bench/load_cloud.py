@@ -1,4 +1,4 @@
-"""Bounded load test of the cloud service (server.py): N concurrent users' uploads, loopback only.
+"""Bounded load test of the cloud service (`python -m server`): N concurrent users' uploads, loopback only.
 
 Starts its own server process on 127.0.0.1 (a free port, a random bearer token), sends a fixed
 number of uploads (`POST /v1/augment`, steps 1-4) from --users concurrent clients through
@@ -36,6 +36,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+import augment  # noqa: E402
 import cdcda  # noqa: E402
 import cloud  # noqa: E402
 import data  # noqa: E402
@@ -57,7 +58,7 @@ def start_server(host: str, model: str, token: str, log) -> tuple[subprocess.Pop
     with socket.socket() as s:
         s.bind((host, 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, str(ROOT / "server.py"), "--host", host, "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "server", "--host", host, "--port", str(port),
                              "--cloud-model", model], cwd=ROOT, env=dict(os.environ, CDCDA_TOKEN=token),
                             stdout=log, stderr=subprocess.STDOUT)
     url = f"http://{host}:{port}"
@@ -108,8 +109,9 @@ def main(argv=None):
             for _, pairs in [u for u in uploads if u[0] == name]:
                 t = time.perf_counter()
                 try:
-                    records, counts = cloud.remote_augment(url, "lamp7", pairs, args.k, 0.7, 0, {}, token=token,
-                                                           timeout=args.timeout, retries=2, backoff=0.5)
+                    service = cloud.Endpoint(url, token, timeout=args.timeout, retries=2, backoff=0.5)
+                    records, counts = cloud.remote_augment(service, "lamp7", pairs,
+                                                           augment.Augmentation(args.k, augment_decoding="free"), 0)
                     assert counts["generated"] == len(pairs) * args.k, counts
                     with lock:
                         latencies.append(time.perf_counter() - t)

@@ -13,12 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
+from torch import nn
 import tokenizers
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
 import augment
 import encoder
 import generate
+import lora
 import qwen2
 import smollm2
 
@@ -375,3 +377,50 @@ def tiny_t5(directory, tied: bool = False, seed: int = 0, corpus=(), num_decoder
 def t5_checkpoint():
     """tiny_t5(directory, tied=False, seed=0, corpus=(), num_decoder_layers=2) -> the transformers model."""
     return tiny_t5
+
+
+# ---------------------------------------------------------------- a word-level decoder (lora, train)
+CHAT_WORDS = "user assistant system hello world the cat sat on a mat dog ran fast tell me about what is".split()
+
+
+def word_tokenizer() -> qwen2.Tokenizer:
+    """A word-level tokenizer with the ChatML special tokens, wrapped like the real one."""
+    vocab = {w: i for i, w in enumerate(["[UNK]"] + CHAT_WORDS)}
+    tok = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens(["<|im_start|>", "<|im_end|>"])  # ids 20, 21
+    return qwen2.Tokenizer(tok, {})
+
+
+def word_model(seed=0, vocab_size=22, **kw) -> qwen2.Qwen2:
+    config = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    torch.manual_seed(seed)
+    model = qwen2.Qwen2(qwen2.Config(**{**config, **kw}))
+    nn.init.normal_(model.model.embed_tokens.weight, std=0.25)  # logits of order 1 through the tied head
+    return model.eval()
+
+
+def randomize_b(model, seed=1):
+    """A trained-looking adapter: B != 0 (a fresh one is zero and would hide any error)."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, lora.LoRALinear):
+            m.lora_B.data = torch.randn(m.lora_B.shape, generator=g) * 0.1
+
+
+WORD_EXAMPLES = [
+    ([{"role": "user", "content": "tell me about the cat"}], "the cat sat on a mat"),
+    ([{"role": "user", "content": "what is a dog"}], "a dog ran fast"),
+    ([{"role": "system", "content": "hello"}, {"role": "user", "content": "hello world"}], "hello"),
+] * 3
+
+
+
+
+@pytest.fixture
+def words():
+    """A word-level ChatML tokenizer (`words.tokenizer()`), a tiny decoder over its 22 ids
+    (`words.model(seed)`), an adapter made to look trained (`words.randomize_b`) and chat examples."""
+    return types.SimpleNamespace(tokenizer=word_tokenizer, model=word_model, randomize_b=randomize_b,
+                           examples=WORD_EXAMPLES)

@@ -5,6 +5,7 @@ import pytest
 
 import augment
 import data
+import filters
 import generate
 import qwen2
 import smollm2
@@ -87,10 +88,11 @@ def test_augment_counts_unparsable_and_off_label_apart():
     tok = qwen2.Tokenizer.from_dir(smollm2.embedded_dir())
     chat = lambda model, tokenizer, conversations, *args, **kw: replies[:len(conversations)]
     task = data.get_task("lamp3")
-    originals, candidates, unparsable, off_label = augment.augment(None, tok, [("good", "4")], 4, 0.7, 0, chat=chat,
-                                                                 task=task)
-    assert (originals, candidates, unparsable, off_label) == ([("good", "4")], [("good", "4")], 1, 2)
-    assert augment.augment(None, tok, [("good", "4")], 4, 0.7, 0, chat=chat)[2:] == (1, 0)  # no task: no label check
+    cloud, settings = augment.CloudLM(None, tok, chat), augment.Augmentation(k=4, augment_decoding="free")
+    out = augment.augment(cloud, [("good", "4")], settings, 0, task)
+    assert (out.originals, out.candidates, out.unparsable, out.off_label) == ([("good", "4")], [("good", "4")], 1, 2)
+    out = augment.augment(cloud, [("good", "4")], settings, 0)
+    assert (out.unparsable, out.off_label) == (1, 0)  # no task: no label check
 
 
 @pytest.mark.parametrize("ratio", [1.0, 2.0, 3.5])
@@ -104,7 +106,8 @@ def test_augment_budget_allows_the_length_filters_upper_bound(ratio):
     def chat(model, tokenizer, conversations, max_new_tokens, **kw):
         seen["budget"] = max_new_tokens
         return ["nothing"] * len(conversations)
-    augment.augment(None, tok, pairs, 1, 0.7, 0, chat=chat, max_len_ratio=ratio)
+    settings = augment.Augmentation(k=1, augment_decoding="free", thresholds=filters.Thresholds(eps_max_len=ratio))
+    augment.augment(augment.CloudLM(None, tok, chat), pairs, settings, 0)
     longest = len(tok.encode(f"Input: [{pairs[1][0]}], Response: [{pairs[1][1]}]"))
     assert longest > 300  # past the old cap of 512 when doubled
     assert seen["budget"] == math.ceil(ratio * longest) + augment.AUGMENT_SLACK
@@ -122,7 +125,8 @@ def test_structured_augmentation_always_yields_the_pair_shape(tiny_model_dir, mo
     seen, real = [], generate.chat
     monkeypatch.setattr(generate, "chat", lambda *a, **kw: seen.append(kw) or real(*a, **kw))
     pairs = [("rain again", "ugh rain smh"), ("big game tonight", "LETS GO big game")]
-    originals, candidates, unparsable, _ = augment.augment(model, tok, pairs, 2, 1.0, 0, structured=True)
+    out = augment.augment(augment.CloudLM(model, tok), pairs, augment.Augmentation(k=2, temperature=1.0), 0)
+    originals, candidates, unparsable = out.originals, out.candidates, out.unparsable
     assert [kw["stop"] for kw in seen] == ["]", "]"] and seen[0]["reply_prefix"] == augment.REPLY_PREFIX
     primed = seen[1]["reply_prefix"]
     assert len(primed) == 4 and all(p.startswith("Input: [") and p.endswith("], Response: [") for p in primed)

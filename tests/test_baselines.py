@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import baselines
 import lora
 import qwen2
+import train
 from errors import InputError
+from experiments import baselines
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -204,14 +205,14 @@ def test_rkd_finetune_loss_is_the_reverse_kl_on_response_positions(tiny_model):
     expected = []
     with torch.no_grad():
         for messages, response in EXAMPLES:
-            ids, n_prompt = lora.encode_example(tok, messages, response, 64)
+            ids, n_prompt = train.encode_example(tok, messages, response, 64)
             x = torch.tensor([ids])
             # positions n_prompt - 1 ... len - 2 predict the response tokens and <|im_end|>
             s, t = student(x)[0, n_prompt - 1:-1, :12], teacher(x)[0, n_prompt - 1:-1, :12]
             expected.append(baselines.reverse_kl(s, t, torch.ones(len(s))) * len(s))
     n_response = sum(len(tok.encode(r)) + 1 for _, r in EXAMPLES)
     lora.add_lora(student)
-    losses = baselines.rkd_finetune(student, teacher, tok, EXAMPLES, epochs=1, lr=0.0, batch_size=3)
+    losses = baselines.rkd_finetune(student, teacher, tok, EXAMPLES, train.Training(epochs=1, lr=0.0, batch_size=3))
     assert losses[0] == pytest.approx(sum(expected).item() / n_response, rel=1e-5)
 
 
@@ -219,13 +220,13 @@ def test_rkd_finetune_learns_and_checks_vocab(tiny_model):
     tok = tiny_tokenizer()
     teacher = tiny_model(1, vocab=12)
     student = lora.add_lora(tiny_model(0, vocab=12))
-    losses = baselines.rkd_finetune(student, teacher, tok, EXAMPLES, epochs=6, lr=2e-2, batch_size=2)
+    losses = baselines.rkd_finetune(student, teacher, tok, EXAMPLES, train.Training(epochs=6, lr=2e-2, batch_size=2))
     assert losses[-1] < 0.7 * losses[0]
     copy = lora.add_lora(tiny_model(1, vocab=12))  # the teacher itself: nothing to learn
-    assert baselines.rkd_finetune(copy, teacher, tok, EXAMPLES, epochs=1, lr=0.0)[0] == pytest.approx(0, abs=1e-6)
+    assert baselines.rkd_finetune(copy, teacher, tok, EXAMPLES, train.Training(epochs=1, lr=0.0))[0] == pytest.approx(0, abs=1e-6)
     with pytest.raises(ValueError, match="teacher model's tokenizer differs"):
-        baselines.rkd_finetune(student, teacher, tok, EXAMPLES, teacher_tokenizer=tiny_tokenizer(WORDS[:-1] + ["f"]))
+        baselines.rkd_finetune(student, teacher, tok, EXAMPLES, train.Training(), teacher_tokenizer=tiny_tokenizer(WORDS[:-1] + ["f"]))
     with pytest.raises(ValueError, match="the teacher has 8 logits"):
-        baselines.rkd_finetune(student, tiny_model(1, vocab=8), tok, EXAMPLES)
+        baselines.rkd_finetune(student, tiny_model(1, vocab=8), tok, EXAMPLES, train.Training())
     with pytest.raises(ValueError, match="no trainable parameters"):
-        baselines.rkd_finetune(tiny_model(0, vocab=12).requires_grad_(False), teacher, tok, EXAMPLES)
+        baselines.rkd_finetune(tiny_model(0, vocab=12).requires_grad_(False), teacher, tok, EXAMPLES, train.Training())

@@ -11,8 +11,7 @@ import torch
 import augment
 import cdcda
 import data
-import deploy
-import gridtune
+import hub
 import options
 import qwen2
 from errors import InputError
@@ -28,10 +27,11 @@ def test_upload_cuts_the_instruction():
 
 
 def test_parse_args_defaults_and_errors(capsys):
-    args = options.parse([], cdcda.METHODS)
-    assert (args.task, args.k, args.temperature, args.lora_r, args.lora_alpha) == ("lamp7", 5, 0.7, 16, 8)
-    assert args.cloud_model == args.device_model == qwen2.EMBEDDED
-    paper = options.parse(["--paper"], cdcda.METHODS)
+    settings = options.parse([], cdcda.METHODS)
+    assert (settings.task, settings.augmentation.k, settings.augmentation.temperature, settings.training.lora_r,
+            settings.training.lora_alpha) == ("lamp7", 5, 0.7, 16, 8)
+    assert settings.models.cloud_model == settings.models.device_model == qwen2.EMBEDDED
+    paper = options.parse(["--paper"], cdcda.METHODS).models
     assert paper.device_model == "Qwen/Qwen2.5-0.5B-Instruct" and paper.judge.startswith("nli:")
     with pytest.raises(SystemExit):
         options.parse(["--methods", "base,magic"], cdcda.METHODS)
@@ -93,47 +93,12 @@ def test_interrupted_run_resumes(tiny_model_dir, tmp_path, monkeypatch, fake_clo
     assert all(row["bertscore_layer"] == 2 for row in rescored["rows"].values()) and done[0].read_text() == first
 
 
-def test_buffer_keeps_n_items_and_only_they_are_uploaded(tiny_model_dir, tmp_path, monkeypatch, fake_cloud, tiny_args):
-    monkeypatch.setenv("CDCDA_CACHE", str(tmp_path / "cache"))
-    uploaded, trained = [], []
-    real_augment, real_personalize = augment.augment, cdcda.personalize
-    monkeypatch.setattr(augment, "augment", lambda cloud, tok, pairs, *a, **kw: uploaded.append(list(pairs))
-                        or real_augment(cloud, tok, pairs, *a, **kw))
-    monkeypatch.setattr(cdcda, "personalize", lambda model, tok, task, pairs, args, seed, desc: trained.append(
-        (desc, list(pairs))) or real_personalize(model, tok, task, pairs, args, seed, desc))
-    out = tmp_path / "run"
-    rep = cdcda.main(tiny_args(tiny_model_dir, out) + ["--buffer", "4", "--synthesis-filter", "rouge1"])
-    users = data.split_users(data.load_users("lamp7"), 2)[0]
-    task = data.get_task("lamp7")
-    for user, sent in zip(users, uploaded):
-        buffer = json.loads((out / "users" / user.user_id / "buffer.json").read_text())
-        history = cdcda.upload(task, user)
-        assert len(sent) == 4 and buffer["kept"] == 4 and buffer["seen"] == len(history) > 4
-        assert sent == [p for p in history if p in sent]  # a subsequence of the history, in order
-        assert dict(trained)[f"direct-ft {user.user_id}"] == sent
-        records = [json.loads(line) for line in (out / "users" / user.user_id / "synthetic.jsonl").read_text().splitlines()]
-        assert records and all("rouge_1" in r and (r["input"], r["output"]) in sent for r in records)
-        assert dict(trained)[f"cdcda {user.user_id}"] == sent + [(r["syn_input"], r["syn_output"]) for r in records if r["kept"]]
-    assert rep["counts"]["history"] == sum(len(u.profile) for u in users) and rep["counts"]["buffered"] == 8
-    assert "4-item online buffer, scores" in rep["models"]["history"] and "ROUGE-1" in rep["models"]["synthesis filter"]
-
-
-def test_buffer_and_filter_options_are_checked(capsys):
-    assert options.parse([], cdcda.METHODS).buffer == 0 and options.parse([], cdcda.METHODS).synthesis_filter == "cdcda"
-    for bad in (["--buffer", "-1"], ["--buffer-policy", "best"], ["--synthesis-filter", "nli"],
-                ["--eps-rouge1", "2"], ["--synthesis-filter", "rouge1", "--cloud", "http://x"]):
-        with pytest.raises(SystemExit):
-            options.parse(bad, cdcda.METHODS)
-    assert "--cloud-api" in capsys.readouterr().err
-
-
 def test_gold_nll_is_the_cross_entropy_of_the_gold_tokens(tiny_model_dir):
     model, tok = qwen2.load(str(tiny_model_dir))
     task = data.get_task("lamp7")
     queries = [data.Query("a", task.pair_input.format(text="rain again"), "ugh rain again lol"),
                data.Query("b", task.pair_input.format(text="big game"), "LETS GO")]
-    args = options.parse([], cdcda.METHODS)
-    nll = cdcda.gold_nll(model, tok, task, queries, args.max_length)
+    nll = cdcda.gold_nll(model, tok, task, queries, options.parse([], cdcda.METHODS).training.max_length)
     for q, value in zip(queries, nll):  # by hand: full logits, the gold's tokens and <|im_end|>
         prompt = tok.encode(tok.apply_chat_template(task.messages(q.input), add_generation_prompt=True))
         gold = tok.encode(q.gold) + tok.encode("<|im_end|>")
@@ -150,8 +115,7 @@ def test_gold_nll_is_the_cross_entropy_of_the_gold_tokens(tiny_model_dir):
     (["--eps-min-len", "3"], "--eps-min-len"), (["--lr", "nan"], "--lr"), (["--lr", "0"], "--lr"),
     (["--device", "gpu"], "--device"), (["--k", "0"], "--k"), (["--users", "0"], "--users"),
     (["--lora-r", "0"], "--lora-r"), (["--lora-alpha", "-8"], "--lora-alpha"), (["--eps-scf", "3"], "--eps-scf"),
-    (["--bertscore-layer", "-1"], "--bertscore-layer"), (["--seed", "-1"], "--seed"),
-    (["--deploy-tune-epochs", "-1"], "--deploy-tune-epochs")])
+    (["--bertscore-layer", "-1"], "--bertscore-layer"), (["--seed", "-1"], "--seed")])
 def test_every_bad_option_ends_in_one_line_naming_it(bad, option, capsys):
     with pytest.raises(SystemExit):
         options.parse(bad, cdcda.METHODS)
@@ -159,11 +123,34 @@ def test_every_bad_option_ends_in_one_line_naming_it(bad, option, capsys):
     assert option in err[-1] and any(rule in err[-1] for rule in ("must be", "keep nothing", "use cpu"))
 
 
+def test_plain_mistakes_end_in_one_line_before_any_work_and_change_nothing(tmp_path, capsys):
+    """A finished run's directory, then runs and a report that must fail before touching it."""
+    out, a_file = tmp_path / "run", tmp_path / "notes.txt"
+    (out / "users").mkdir(parents=True)
+    (out / "run.json").write_text('{"a finished run": true}')
+    a_file.write_text("not a run")
+    cases = [(["--device", "cuda:99"], "--device cuda:99"), (["--device", "gpu"], "--device 'gpu'"),
+             (["--out", str(a_file)], f"--out {a_file}: a file")]
+    if not torch.cuda.is_available():
+        cases.append((["--device", "cuda"], "--device cuda: this torch"))
+    for argv, said in cases:
+        with pytest.raises(SystemExit):
+            cdcda.main(["--out", str(out)] + argv)
+        assert said in capsys.readouterr().err.strip().splitlines()[-1]
+    with pytest.raises(SystemExit):
+        cdcda.main(["report", "--out", str(out), "--device", "cuda:99"])  # report: its own device, checked
+    assert "--device cuda:99" in capsys.readouterr().err
+    assert (out / "run.json").read_text() == '{"a finished run": true}'
+    assert sorted(p.name for p in out.rglob("*")) == ["run.json", "users"]
+
+
 def test_good_options_pass():
-    for device in ("cpu", "cuda", "cuda:3"):
+    devices = ["cpu"] + (["cuda", "cuda:0"] if torch.cuda.is_available() else [])
+    for device in devices:
         assert options.parse(["--device", device], cdcda.METHODS).device == device
-    args = options.parse(["--temperature", "0", "--eps-tdf", "0.99", "--eps-min-len", "2"], cdcda.METHODS)
-    assert (args.temperature, args.eps_min_len, args.eps_max_len) == (0.0, 2.0, 2.0)
+    settings = options.parse(["--temperature", "0", "--eps-tdf", "0.99", "--eps-min-len", "2"], cdcda.METHODS)
+    thresholds = settings.augmentation.thresholds
+    assert (settings.augmentation.temperature, thresholds.eps_min_len, thresholds.eps_max_len) == (0.0, 2.0, 2.0)
 
 
 def test_the_defaults_pair_rewrites_and_decode_the_pair_shape(tiny_model_dir, tmp_path, monkeypatch, fake_cloud,
@@ -187,36 +174,21 @@ def test_the_defaults_pair_rewrites_and_decode_the_pair_shape(tiny_model_dir, tm
     assert len(list((tmp_path / "cache" / "rewrites").glob("lamp7-*.json"))) == 1
 
 
-@pytest.mark.parametrize("rounding", ["nearest", "gptq"])
-def test_deploy_answers_with_the_deployed_model_and_reports_both(tiny_model_dir, tmp_path, monkeypatch, fake_cloud,
-                                                                 tiny_args, rounding):
+
+
+def test_the_m_base_lock_is_the_cached_models_own(tiny_model_dir, tmp_path, monkeypatch):
+    """Two runs that share nothing (other seeds, so other M_base models) take different locks,
+    each named by the cache directory it protects, so neither waits for the other's training;
+    the same run takes the same lock and finds the model cached."""
     monkeypatch.setenv("CDCDA_CACHE", str(tmp_path / "cache"))
-    calibrations, tuned, real_state, real_tune = [], [], deploy.portable_state, gridtune.tune
-    monkeypatch.setattr(deploy, "portable_state", lambda model, *a, **kw: "calibration" in kw
-                        and calibrations.append(kw["calibration"]) or real_state(model, *a, **kw))
-    monkeypatch.setattr(gridtune, "tune", lambda model, state, calibration, *a, **kw: tuned.append(calibration)
-                        or real_tune(model, state, calibration, *a, **kw))
-    argv = tiny_args(tiny_model_dir, tmp_path / "run") + ["--methods", "cdcda", "--deploy",
-                                                          "--deploy-rounding", rounding]
-    rep = cdcda.main(argv)
-    counts = [json.loads((d / "result.json").read_text())["counts"] for d in (tmp_path / "run" / "users").iterdir()]
-    assert sorted(map(len, tuned)) == sorted(c["generated"] // 3 + c["kept"] for c in counts)  # the grids tuned
-    # on the inputs CDCDA-PLM trained on: the user's pairs (k = 3 candidates each) and the kept ones
-    assert calibrations == (tuned if rounding == "gptq" else [None] * len(tuned))  # GPTQ on the same
-    assert list(rep["rows"]) == ["cdcda", "cdcda-deployed"]
-    fine, deployed = rep["rows"]["cdcda"], rep["rows"]["cdcda-deployed"]
-    assert deployed["gold_nll"] > 0 and "rouge1" in deployed
-    assert deployed["gold_nll"] != fine["gold_nll"]  # a different (quantized) model answered
-    assert abs(deployed["gold_nll"] - fine["gold_nll"]) < 0.1 * fine["gold_nll"]  # ... one close to its source
-    user_dir = next((tmp_path / "run" / "users").iterdir())
-    model, _ = deploy.load(user_dir / "cdcda.deployed")
-    assert isinstance(model.model.layers[0].mlp.up_proj, deploy.Int4Linear)
-    assert "| CDCDA-PLM, deployed (int4) |" in (tmp_path / "run" / "results.md").read_text()
-
-
-def test_deployed_methods_need_their_adapter_first(capsys):
-    args = options.parse(["--deploy"], cdcda.METHODS)
-    assert args.methods == ["base", "direct-ft", "direct-ft-deployed", "cdcda", "cdcda-deployed"]
-    with pytest.raises(SystemExit):
-        options.parse(["--methods", "cdcda-deployed,cdcda"], cdcda.METHODS)
-    assert "cdcda-deployed needs cdcda before it" in capsys.readouterr().err
+    held, real = [], hub.exclusive
+    monkeypatch.setattr(hub, "exclusive", lambda path, what: held.append(path) or real(path, what))
+    task = data.get_task("lamp7")
+    others = [data.User("o", [{"text": "rain again today"}], [data.Query("q", task.pair_input.format(text="hi"), "yo")])]
+    made = []
+    for seed in (0, 1, 0):
+        settings = options.parse(["--device-model", str(tiny_model_dir), "--seed", str(seed), "--base-epochs", "1",
+                                  "--max-length", "64"], cdcda.METHODS)
+        made.append(cdcda.base_model(task, others, settings, "cpu"))
+    assert made[0] != made[1] and made[2] == made[0]
+    assert [p.name for p in held] == [f"base-{d.name}.lock" for d in made]

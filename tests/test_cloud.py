@@ -1,4 +1,4 @@
-"""The device's client for the cloud (cloud.py) on its own: retries, backoff, errors, URLs.
+"""The device's client for the cloud (cloud/client.py) on its own: retries, backoff, errors, URLs.
 Against the real server it is tested in test_server.py."""
 import json
 import threading
@@ -7,16 +7,17 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-import cloud
+import augment
+from cloud import client as cloud
 
-THRESHOLDS = {"eps_scf": None, "eps_tdf": 0.75, "eps_min_len": 0.5, "eps_max_len": 2.0}
+ONE = augment.Augmentation(k=1)
 
 
 def test_client_retries_then_raises_cloud_unavailable_on_a_closed_port(free_port):
     url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     t = time.time()
     with pytest.raises(cloud.CloudUnavailable, match=f"{url}/v1/augment unavailable after 3 tries"):
-        cloud.remote_augment(url, "lamp7", [("a", "b")], 1, 0.7, 0, THRESHOLDS, retries=2, backoff=0.05, timeout=2)
+        cloud.remote_augment(cloud.Endpoint(url, retries=2, backoff=0.05, timeout=2), "lamp7", [("a", "b")], ONE, 0)
     assert 0.15 <= time.time() - t < 3  # slept 0.05 + 0.1 between the tries
 
 
@@ -42,12 +43,12 @@ def test_client_retries_5xx_with_backoff():
     threading.Thread(target=stub.serve_forever, daemon=True).start()
     try:
         url = f"http://127.0.0.1:{stub.server_address[1]}"
-        assert cloud.remote_augment(url, "lamp7", [("a", "b")], 1, 0.7, 0, THRESHOLDS, backoff=0.05) == (
+        assert cloud.remote_augment(cloud.Endpoint(url, backoff=0.05), "lamp7", [("a", "b")], ONE, 0) == (
             [], {"generated": 1})
         assert len(calls) == 3 and calls[2] - calls[0] >= 0.15 - 0.01
         calls.clear()
         with pytest.raises(cloud.CloudUnavailable, match="after 2 tries: HTTP 503: busy"):
-            cloud.remote_augment(url, "lamp7", [("a", "b")], 1, 0.7, 0, THRESHOLDS, retries=1, backoff=0.01)
+            cloud.remote_augment(cloud.Endpoint(url, retries=1, backoff=0.01), "lamp7", [("a", "b")], ONE, 0)
     finally:
         stub.shutdown()
         stub.server_close()
@@ -86,8 +87,8 @@ def test_openai_chat_keeps_at_most_concurrency_requests_in_flight_and_the_order(
     threading.Thread(target=stub.serve_forever, daemon=True).start()
     try:
         conversations = [[{"role": "user", "content": str(i)}] for i in range(9)]
-        replies = cloud.openai_chat(f"http://127.0.0.1:{stub.server_address[1]}", "m", conversations, 8, 0.7, 0,
-                                    api_key="", concurrency=concurrency)
+        api = cloud.Endpoint(f"http://127.0.0.1:{stub.server_address[1]}", concurrency=concurrency)
+        replies = cloud.openai_chat(api, "m", conversations, 8, 0.7, 0)
         assert replies == [f"{i}!" for i in range(9)] and most[0] == concurrency
     finally:
         stub.shutdown()

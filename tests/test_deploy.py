@@ -1,14 +1,18 @@
-"""deploy.py: int4 groups and int8 rows worked by hand, the fused kernels held against a plain
-dequantize-then-matmul reference, LoRA merged, save/load bit-exact."""
+"""deployment/: int4 groups and int8 rows worked by hand, the fused kernels held against a plain
+dequantize-then-matmul reference, LoRA merged, save/load bit-exact; `python -m deployment` end
+to end on the tiny decoder."""
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-import deploy
+import cdcda
 import generate
 import lora
 import nf4
 import qwen2
+from deployment import __main__ as run_deployment, deploy, gridtune
 from errors import InputError
 
 
@@ -247,3 +251,44 @@ def test_the_merge_keeps_a_small_delta_that_bf16_would_round_away():
     want = layer.base.dequantized().float() + (layer.lora_B @ layer.lora_A) * layer.scaling
     assert torch.equal(deploy.dense_weight(layer), want)
     assert not torch.allclose(layer.merged_weight().float(), want, rtol=0, atol=1e-6)  # the bf16 merge loses it
+
+
+@pytest.mark.parametrize("rounding", ["nearest", "gptq"])
+def test_deploy_answers_with_the_deployed_model_and_reports_both(tiny_model_dir, tmp_path, monkeypatch, fake_cloud,
+                                                                 tiny_args, rounding):
+    monkeypatch.setenv("CDCDA_CACHE", str(tmp_path / "cache"))
+    calibrations, tuned, real_state, real_tune = [], [], deploy.portable_state, gridtune.tune
+    monkeypatch.setattr(deploy, "portable_state", lambda model, *a, **kw: "calibration" in kw
+                        and calibrations.append(kw["calibration"]) or real_state(model, *a, **kw))
+    monkeypatch.setattr(gridtune, "tune", lambda model, state, calibration, *a, **kw: tuned.append(calibration)
+                        or real_tune(model, state, calibration, *a, **kw))
+    argv = tiny_args(tiny_model_dir, tmp_path / "run") + ["--methods", "cdcda", "--deploy-rounding", rounding]
+    rep = run_deployment.main(argv)
+    counts = [json.loads((d / "result.json").read_text())["counts"] for d in (tmp_path / "run" / "users").iterdir()]
+    assert sorted(map(len, tuned)) == sorted(c["generated"] // 3 + c["kept"] for c in counts)  # the grids tuned
+    # on the inputs CDCDA-PLM trained on: the user's pairs (k = 3 candidates each) and the kept ones
+    assert calibrations == (tuned if rounding == "gptq" else [None] * len(tuned))  # GPTQ on the same
+    assert list(rep["rows"]) == ["cdcda", "cdcda-deployed"]
+    made = [json.loads((d / "result.json").read_text())["settings"] for d in (tmp_path / "run" / "users").iterdir()]
+    assert all(m == {"cdcda": {}, "cdcda-deployed": {"deploy_rounding": rounding, "deploy_tune_epochs": 3}}
+               for m in made)  # what a re-run checks row by row
+    fine, deployed = rep["rows"]["cdcda"], rep["rows"]["cdcda-deployed"]
+    assert deployed["gold_nll"] > 0 and "rouge1" in deployed
+    assert deployed["gold_nll"] != fine["gold_nll"]  # a different (quantized) model answered
+    assert abs(deployed["gold_nll"] - fine["gold_nll"]) < 0.1 * fine["gold_nll"]  # ... one close to its source
+    user_dir = next((tmp_path / "run" / "users").iterdir())
+    model, _ = deploy.load(user_dir / "cdcda.deployed")
+    assert isinstance(model.model.layers[0].mlp.up_proj, deploy.Int4Linear)
+    assert "| CDCDA-PLM, deployed (int4) |" in (tmp_path / "run" / "results.md").read_text()
+
+
+def test_deployed_methods_need_their_adapter_first(capsys, monkeypatch):
+    ran = []
+    monkeypatch.setattr(cdcda, "run", lambda settings, methods: ran.append(settings.methods))
+    run_deployment.main([])
+    assert ran == [("base", "direct-ft", "direct-ft-deployed", "cdcda", "cdcda-deployed")]
+    for bad, message in ((["--methods", "cdcda-deployed,cdcda"], "--methods: cdcda-deployed needs cdcda before it"),
+                         (["--deploy-tune-epochs", "-1"], "--deploy-tune-epochs -1: must be at least 0")):
+        with pytest.raises(SystemExit):
+            run_deployment.main(bad)
+        assert message in capsys.readouterr().err.strip().splitlines()[-1]

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-import efficiency
 import qwen2
+from experiments import efficiency
 
 
 def args_for(model_dir="", paper_shapes=False):

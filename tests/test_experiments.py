@@ -1,5 +1,5 @@
-"""experiments.py: Table 1's baselines, Table 2's ablations, the k sweep and the buffer comparison,
-on the tiny random decoder of conftest.py (`tiny_model_dir`) and its `fake_cloud` replies."""
+"""experiments/: Table 1's baselines, Table 2's ablations and the k sweep, on the tiny random
+decoder of conftest.py (`tiny_model_dir`) and its `fake_cloud` replies."""
 import json
 from pathlib import Path
 
@@ -7,10 +7,10 @@ import pytest
 
 import cdcda
 import data
-import experiments
 import generate
 import options
 from errors import InputError
+from experiments import __main__ as experiments_main, methods
 
 WORDNET = Path(__file__).parent / "fixtures" / "wordnet"
 
@@ -18,9 +18,9 @@ WORDNET = Path(__file__).parent / "fixtures" / "wordnet"
 def make_run(tmp_path, profile, queries, device_model=None, tokenizer=None, cloud=None, kept=None, k=2):
     task = data.get_task("lamp7")
     user = data.User("u1", profile, [data.Query(f"q{i}", task.pair_input.format(text=q), q) for i, q in enumerate(queries)])
-    args = options.parse(["--k", str(k)], experiments.METHODS)
-    return cdcda.Run(task, user, cdcda.upload(task, user), kept, device_model, tokenizer, cloud, args, seed=7,
-                     user_dir=tmp_path, losses={})
+    settings = options.parse(["--k", str(k)], methods.METHODS)
+    return cdcda.Run(task, user, cdcda.upload(task, user), kept, device_model, tokenizer, cloud, settings, "cpu",
+                     seed=7, user_dir=tmp_path)
 
 
 @pytest.mark.parametrize("where", ["cloud", "device"])
@@ -32,20 +32,20 @@ def test_rag_prompt_holds_exactly_the_bm25_best_item(tmp_path, monkeypatch, wher
     seen = {}
     monkeypatch.setattr(generate, "chat", lambda model, tok, conversations, **kw: seen.update(
         model=model, conversations=conversations) or ["ok"] * len(conversations))
-    assert experiments.prompted(where, "bm25")(run) == ["ok", "ok"]
+    assert methods.prompted(where, "bm25")(run) == ["ok", "ok"]
     assert seen["model"] == where.upper()
     users = [c[-1]["content"] for c in seen["conversations"]]
     for content, best, query in zip(users, ["rainy day blues again ugh", "go team go what a game"], run.user.queries):
         assert content.count("text: ") == 1  # exactly one retrieved item
         assert content == f"text: {best}\n" + query.input + run.task.user_end
-    experiments.prompted(where)(run)  # the non-personalized row: no history in the prompt
+    methods.prompted(where)(run)  # the non-personalized row: no history in the prompt
     assert [c[-1]["content"] for c in seen["conversations"]] == [q.input + " " for q in run.user.queries]
 
 
 def test_dense_retrieval_picks_the_nearest_item(tmp_path):
     profile = [{"text": "my cat knocked the plant over"}, {"text": "stock market crashed today"}]
     run = make_run(tmp_path, profile, ["the kitten broke my flower pot", "shares fell sharply on wall street"])
-    assert experiments.retrieve(run, experiments.encoder.EMBEDDED) == [profile[0], profile[1]]
+    assert methods.retrieve(run, methods.encoder.EMBEDDED) == [profile[0], profile[1]]
 
 
 def write_synthetic(run, n=6, kept=(0, 3)):
@@ -58,48 +58,48 @@ def write_synthetic(run, n=6, kept=(0, 3)):
 def test_rs_draws_the_kept_count_and_no_ds_takes_every_candidate(tmp_path):
     run = make_run(tmp_path, [{"text": "hello"}], ["hi"])
     write_synthetic(run)
-    everything = experiments.candidates(run)
+    everything = methods.candidates(run)
     assert everything == [(f"x{i}", f"y{i}") for i in range(6)]
-    rs = experiments.random_selection(run)
+    rs = methods.random_selection(run)
     assert len(rs) == len(run.kept) == 2 and set(rs) <= set(everything) and len(set(rs)) == 2
-    assert experiments.random_selection(run) == rs  # seeded per user
+    assert methods.random_selection(run) == rs  # seeded per user
 
 
 def test_eda_pairs_add_k_variants_per_pair_with_the_response_kept(tmp_path, monkeypatch):
     monkeypatch.setattr(experiments, "WORDNET_DIR", str(WORDNET))
     run = make_run(tmp_path, [{"text": "the cat saw a film"}, {"text": "my dog likes the movie"}], ["q"], k=3)
-    pairs = experiments.eda_pairs(run)
+    pairs = methods.eda_pairs(run)
     assert pairs[:2] == run.pairs and len(pairs) == 2 + 2 * 3
     assert [y for _, y in pairs[2:]] == [run.pairs[0][1]] * 3 + [run.pairs[1][1]] * 3
-    assert experiments.eda_pairs(run) == pairs  # seeded
+    assert methods.eda_pairs(run) == pairs  # seeded
     monkeypatch.setattr(experiments, "WORDNET_DIR", str(tmp_path / "none"))
     with pytest.raises(InputError, match="apt-get install wordnet-base"):
-        experiments.eda_pairs(run)
+        methods.eda_pairs(run)
 
 
 def test_methods_all_and_ablations_expand(monkeypatch, tmp_path):
     calls = []
-    monkeypatch.setattr(cdcda, "run", lambda args, methods: calls.append((args, methods)) or {"rows": {}})
-    experiments.main(["--methods", "all", "--out", str(tmp_path)])
-    args, methods = calls[-1]
-    assert args.methods == experiments.TABLE1 and methods is experiments.METHODS
-    assert len(experiments.TABLE1) == 11 and set(experiments.TABLE1) <= set(experiments.METHODS)
-    experiments.main(["--ablations", "--out", str(tmp_path)])
-    args, methods = calls[-1]
-    assert (args.methods, args.out) == (["cdcda", "rs", "no-ds", "direct-ft", "base"], str(tmp_path / "ablations"))
-    assert methods["rs"].label == "Full model (RS)" and methods["direct-ft"].label == "-DS -LDA"
-    assert not hasattr(args, "ablations")  # the experiment's own flags stay out of the run's settings
+    monkeypatch.setattr(cdcda, "run", lambda settings, rows, steps: calls.append((settings, rows)) or {"rows": {}})
+    experiments_main.main(["--methods", "all", "--out", str(tmp_path)])
+    settings, rows = calls[-1]
+    assert list(settings.methods) == methods.TABLE1 and rows is methods.METHODS
+    assert len(methods.TABLE1) == 11 and set(methods.TABLE1) <= set(methods.METHODS)
+    experiments_main.main(["--ablations", "--out", str(tmp_path)])
+    settings, rows = calls[-1]
+    assert (settings.methods, settings.out) == (("cdcda", "rs", "no-ds", "direct-ft", "base"), str(tmp_path / "ablations"))
+    assert rows["rs"].label == "Full model (RS)" and rows["direct-ft"].label == "-DS -LDA"
+    assert settings.extra == {}  # the experiment's own flags stay out of the run's settings
 
 
 def test_every_new_method_end_to_end_tiny(tiny_model_dir, tmp_path, monkeypatch, fake_cloud, tiny_args):
     monkeypatch.setenv("CDCDA_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(experiments, "WORDNET_DIR", str(WORDNET))
     trained, real_personalize = [], cdcda.personalize
-    monkeypatch.setattr(cdcda, "personalize", lambda model, tok, task, pairs, args, seed, desc: trained.append(
-        (desc, len(pairs))) or real_personalize(model, tok, task, pairs, args, seed, desc))
-    new = [m for m in experiments.METHODS if m not in cdcda.METHODS and "contriever" not in m]
+    monkeypatch.setattr(cdcda, "personalize", lambda model, tok, task, pairs, training, seed, desc: trained.append(
+        (desc, len(pairs))) or real_personalize(model, tok, task, pairs, training, seed, desc))
+    new = [m for m in methods.METHODS if m not in cdcda.METHODS and "contriever" not in m]
     out = tmp_path / "run"
-    reports = experiments.main(tiny_args(tiny_model_dir, out) + ["--methods", ",".join(["direct-ft"] + new)])
+    reports = experiments_main.main(tiny_args(tiny_model_dir, out) + ["--methods", ",".join(["direct-ft"] + new)])
     rep = reports["table1"]
     assert set(rep["rows"]) == set(new) | {"direct-ft"}
     users = data.split_users(data.load_users("lamp7"), 2)[0]
@@ -124,7 +124,7 @@ def test_every_new_method_end_to_end_tiny(tiny_model_dir, tmp_path, monkeypatch,
 def test_sweep_writes_one_result_per_k(tiny_model_dir, tmp_path, monkeypatch, fake_cloud, tiny_args):
     monkeypatch.setenv("CDCDA_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "run"
-    rep = experiments.main(tiny_args(tiny_model_dir, out) + ["--sweep-k"])["sweep_k"]
+    rep = experiments_main.main(tiny_args(tiny_model_dir, out) + ["--sweep-k"])["sweep_k"]
     assert list(rep["rows"]) == ["k=1", "k=3", "k=5"]
     for k in (1, 3, 5):
         assert json.loads((out / "sweep-k" / f"k{k}" / "results.json").read_text())["settings"]["k"] == k
@@ -134,41 +134,3 @@ def test_sweep_writes_one_result_per_k(tiny_model_dir, tmp_path, monkeypatch, fa
     saved = json.loads((out / "sweep-k" / "sweep-k.json").read_text())
     assert saved["rows"] == rep["rows"] and "| CDCDA-PLM, k = 3 |" in (out / "sweep-k" / "sweep-k.md").read_text()
     assert (out / "sweep-k" / "sweep-k.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
-
-def test_compare_buffers_trains_each_row_on_its_buffer(tiny_model_dir, tmp_path, monkeypatch, fake_cloud, tiny_args):
-    monkeypatch.setenv("CDCDA_CACHE", str(tmp_path / "cache"))
-    trained, real_personalize = [], cdcda.personalize
-    monkeypatch.setattr(cdcda, "personalize", lambda model, tok, task, pairs, args, seed, desc: trained.append(
-        (desc, list(pairs))) or real_personalize(model, tok, task, pairs, args, seed, desc))
-    out = tmp_path / "run"
-    with pytest.raises(SystemExit):
-        experiments.main(tiny_args(tiny_model_dir, out) + ["--compare-buffers", "--buffer-sizes", "4,x"])
-    with pytest.raises(SystemExit):
-        experiments.main(tiny_args(tiny_model_dir, out) + ["--compare-buffers", "--buffer-rows", "scores-5"])
-    # the demo histories are 13-15 items
-    rep = experiments.main(tiny_args(tiny_model_dir, out) + ["--compare-buffers", "--buffer-sizes", "4,8"])["buffers"]
-    assert list(rep["rows"]) == ["base", "direct-ft", "cdcda"] + [f"{p}-{n}{a}" for n in (4, 8)
-                                                                for p in ("scores", "random") for a in ("", "+aug")]
-    assert rep["labels"]["random-8+aug"] == "8-item buffer, random + augmentation"
-    assert all(row["gold_nll"] > 0 for row in rep["rows"].values())
-    sizes = dict(trained)
-    task = data.get_task("lamp7")
-    for user in data.split_users(data.load_users("lamp7"), 2)[0]:
-        user_dir = out / "buffers" / "users" / user.user_id
-        history = cdcda.upload(task, user)
-        records = [json.loads(line) for line in (user_dir / "synthetic.jsonl").read_text().splitlines()]
-        for n in (4, 8):
-            for policy in ("scores", "random"):
-                kept = [history[i] for i in json.loads((user_dir / f"buffer-{policy}-{n}.json").read_text())["kept_indices"]]
-                assert sizes[f"{policy}-{n} {user.user_id}"] == kept and len(kept) == n
-                synthetic = [(r["syn_input"], r["syn_output"]) for r in records
-                             if r["kept"] and (r["input"], r["output"]) in kept]
-                assert synthetic and sizes[f"{policy}-{n}+aug {user.user_id}"] == kept + synthetic
-        assert sizes[f"direct-ft {user.user_id}"] == history
-        assert json.loads((user_dir / "buffer-scores-4.json").read_text()) != json.loads(
-            (user_dir / "buffer-random-4.json").read_text())
-    trained.clear()  # --buffer-rows: a subset of the rows, from the finished users' results
-    rows = experiments.main(tiny_args(tiny_model_dir, out) + ["--compare-buffers", "--buffer-sizes", "4,8",
-                                                              "--buffer-rows", "base,random-8+aug"])["buffers"]["rows"]
-    assert list(rows) == ["base", "random-8+aug"] and rows["base"] == rep["rows"]["base"] and not trained

@@ -73,7 +73,7 @@ def test_select_rejects_exactly_the_right_samples():
     judge = FakeJudge(table)
     names = list(CANDIDATES)
     sel = filters.select([ORIGINAL] * len(names), [(CANDIDATES[n], f"y_{n}") for n in names], judge,
-                         eps_tdf=0.75, eps_min_len=0.5, eps_max_len=2.0)
+                         filters.Thresholds(eps_tdf=0.75, eps_min_len=0.5, eps_max_len=2.0))
     assert judge.calls == [2 * len(names)]  # one batched call, both directions
     verdicts = {n: (r["scf"], r["tdf"], r["lsf"], r["kept"]) for n, r in zip(names, sel.records)}
     assert verdicts == {"keep": (True, True, True, True), "scf": (False, True, True, False),
@@ -90,7 +90,7 @@ def test_select_rejects_exactly_the_right_samples():
                               "eps_max_len": 2.0}
     json.dumps(sel.records)  # records go to synthetic.jsonl as they are
     # a stricter eps_scf rejects the candidates whose backward score is 0.8, too
-    strict = filters.select([ORIGINAL] * len(names), [(CANDIDATES[n], "") for n in names], judge, eps_scf=0.85)
+    strict = filters.select([ORIGINAL] * len(names), [(CANDIDATES[n], "") for n in names], judge, filters.Thresholds(eps_scf=0.85))
     assert strict.counts["rejected_scf"] == 5 and strict.kept == []
 
 

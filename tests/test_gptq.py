@@ -8,8 +8,8 @@ the equations, not from the Cholesky form the module uses."""
 import pytest
 import torch
 
-import deploy
-import gptq
+from deployment import deploy
+from deployment import gptq
 from test_deploy import nf4_lora_model
 
 

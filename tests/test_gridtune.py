@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import deploy
-import gridtune
+from deployment import deploy
+from deployment import gridtune
 from test_deploy import nf4_lora_model, reference_logits
 
 

@@ -1,8 +1,10 @@
-"""The house rule of DESIGN.md: every import points down a layer (or sideways, without a circle).
+"""The house rules of the tree (README, "The core and its extras"): every import of the core
+points down a layer (or sideways, without a circle), the core imports no extra, and what
+`python cdcda.py` pulls in stays a read of one sitting.
 
 Each module's imports are read from its source (every `import`, at any depth, so a lazy import
-inside a function counts as much as one at the top), and each library module is also imported
-alone in a fresh interpreter, which must not load a module of a layer above it.
+inside a function counts as much as one at the top), and each core module is also imported
+alone in a fresh interpreter, which must not load a module of a layer above it or any extra.
 """
 import ast
 import subprocess
@@ -12,23 +14,34 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-LAYERS = [  # bottom first; a module may import from its own layer or any layer below
-    ["errors", "hub", "data", "nf4", "gptq", "smollm2"],  # leaves
-    ["qwen2", "generate", "t5", "encoder", "lora", "metrics", "deploy", "gridtune"],  # models and maths
-    ["filters", "online", "baselines", "cloud", "augment", "rewrite"],  # the paper's pieces
-    ["scale", "options", "report", "cdcda"],  # the method: shards and plan, its options, its report, the pipeline
-    ["experiments", "server", "efficiency"] + sorted(f"bench/{p.stem}" for p in (ROOT / "bench").glob("*.py")),
+LAYERS = [  # the core, bottom first; a module may import from its own layer or any layer below
+    ["errors", "hub", "data", "nf4", "smollm2"],  # leaves
+    ["qwen2", "generate", "encoder", "lora", "train", "metrics"],  # models and maths
+    ["filters", "augment", "rewrite"],  # the paper's pieces
+    ["runner", "options", "report", "cdcda"],  # the method: the loop over users, its options, its report, the steps
 ]
 LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}
-SCRIPTS = set(LAYERS[-1])
+EXTRAS = ("cloud", "deployment", "experiments", "online", "plan")  # one folder per concern
+CLOSURE_LINES = 3200  # what `python cdcda.py` may pull in, in lines
 
 
 def source(name: str) -> Path:
-    return ROOT / ("data/__init__.py" if name == "data" else f"{name}.py")
+    """The file of a module named as Python does ("deployment.deploy", "data")."""
+    path = ROOT.joinpath(*name.split("."))
+    return path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
+
+
+def extra_modules() -> list[str]:
+    return sorted(f"{folder}.{p.stem}".removesuffix(".__init__") for folder in EXTRAS
+                  for p in (ROOT / folder).glob("*.py"))
+
+
+MODULES = set(LAYER) | set(extra_modules())
 
 
 def project_imports(name: str) -> dict[str, bool]:
-    """The project modules `name` imports -> whether at the top level (False: inside a function)."""
+    """The project modules `name` imports -> whether at the top level (False: inside a function).
+    `from deployment import deploy` imports deployment.deploy."""
     tree = ast.parse(source(name).read_text())
     top = {id(node) for node in tree.body}
     found = {}
@@ -36,31 +49,40 @@ def project_imports(name: str) -> dict[str, bool]:
         if isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            names = [node.module]
+            names = [f"{node.module}.{alias.name}" for alias in node.names] + [node.module]
         else:
             continue
         for imported in names:
-            if imported in LAYER:
+            while imported and imported not in MODULES:
+                imported = imported.rpartition(".")[0]
+            if imported and imported != name:
                 found[imported] = found.get(imported, False) or id(node) in top
     return found
 
 
-def test_every_module_has_a_layer():
-    modules = {p.stem for p in ROOT.glob("*.py")} | {"data"}
-    modules |= {f"bench/{p.stem}" for p in (ROOT / "bench").glob("*.py")}
-    assert modules == set(LAYER), "a new module needs its place in LAYERS (DESIGN.md)"
+def test_every_module_has_a_place():
+    core = {p.stem for p in ROOT.glob("*.py")} | {"data"}
+    assert core == set(LAYER), "a new top-level module needs its place in LAYERS, or its extra's folder"
+    folders = {p.parent.name for p in ROOT.glob("*/__init__.py")} - {"data"}
+    assert folders == set(EXTRAS), "a new folder is an extra: add it to EXTRAS (README: the core and its extras)"
 
 
 @pytest.mark.parametrize("name", sorted(LAYER))
-def test_imports_point_down(name):
+def test_core_imports_point_down_and_never_into_an_extra(name):
     for imported, at_top in project_imports(name).items():
+        assert imported in LAYER, f"the core module {name} imports {imported}, from an extra"
         assert LAYER[imported] <= LAYER[name], f"{name} (layer {LAYER[name]}) imports {imported} (layer {LAYER[imported]})"
-        assert imported not in SCRIPTS, f"{name} imports the script {imported}"
-        assert at_top or name in SCRIPTS, f"{name} imports {imported} inside a function: import it at the top"
+        assert at_top, f"{name} imports {imported} inside a function: import it at the top"
+
+
+@pytest.mark.parametrize("name", extra_modules())
+def test_extras_import_the_core_and_library_modules_only(name):
+    for imported in project_imports(name):
+        assert not imported.endswith(".__main__"), f"{name} imports the script {imported}"
 
 
 def test_no_import_circle():
-    graph = {name: set(project_imports(name)) for name in LAYER}
+    graph = {name: set(project_imports(name)) for name in MODULES}
     done, path = set(), []
 
     def visit(name):
@@ -76,10 +98,25 @@ def test_no_import_circle():
         visit(name)
 
 
-@pytest.mark.parametrize("name", sorted(n for n in LAYER if n not in SCRIPTS))
-def test_importing_alone_loads_nothing_above(name):
+@pytest.mark.parametrize("name", sorted(LAYER))
+def test_importing_a_core_module_alone_loads_nothing_above_and_no_extra(name):
     code = f"import sys, {name}; print(' '.join(sorted(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
-    above = sorted(m for m in out.stdout.split() if LAYER.get(m, -1) > LAYER[name])
-    assert not above, f"importing {name} loads {above}, from a layer above it"
+    loaded = out.stdout.split()
+    above = sorted(m for m in loaded if LAYER.get(m, -1) > LAYER[name])
+    extras = sorted(m for m in loaded if m.split(".")[0] in EXTRAS)
+    assert not above and not extras, f"importing {name} loads {above + extras}"
+
+
+def test_the_main_command_pulls_in_the_core_alone_and_a_read_of_one_sitting():
+    seen, todo = set(), ["cdcda"]
+    while todo:
+        name = todo.pop()
+        if name not in seen:
+            seen.add(name)
+            todo += project_imports(name)
+    lines = {name: len(source(name).read_text().splitlines()) for name in seen}
+    assert seen <= set(LAYER), f"python cdcda.py pulls in extras: {sorted(seen - set(LAYER))}"
+    assert sum(lines.values()) <= CLOSURE_LINES, f"{sum(lines.values())} lines: {sorted(lines.items())}"
+    assert max(lines.values()) <= 350, f"a module over 350 lines: {max(lines, key=lines.get)}"

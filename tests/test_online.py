@@ -1,15 +1,20 @@
-"""online.py: EOE, DSS, IDD on hand-worked examples; the buffer's capacity, replacement
+"""online/: EOE, DSS, IDD on hand-worked examples; the buffer's capacity, replacement
 direction and determinism; reservoir sampling; the ROUGE-1 synthesis check; and the
-last-token embedding of left-padded batches on a tiny random decoder."""
+last-token embedding of left-padded batches on a tiny random decoder; `python -m online --buffer`
+end to end on it."""
+import json
 import math
 import random
 
 import pytest
 import torch
 
-import online
+import augment
+import cdcda
+import data
 import qwen2
-from online import GENERAL, OnlineBuffer, dss, eoe, idd, random_buffer, rouge1_filter
+from online import __main__ as run_online, buffer as online
+from online.buffer import GENERAL, OnlineBuffer, dss, eoe, idd, random_buffer, rouge1_filter
 
 # -------------------------------------------------------------------- EOE
 
@@ -262,6 +267,92 @@ def test_keep_history_streams_through_the_buffer_in_order():
     assert summary["seen"] == 12 and summary["kept"] == 5 and summary["replaced"] == buf.n_replaced > 0
     assert len(summary["scores"]) == 5
     assert online.keep_history(model, tok, texts, 5, "scores", seed=1)[0] == kept  # same stream and seed
-    assert online.keep_history(None, tok, texts, 5, "random", seed=3)[0] == random_buffer(list(range(12)), 5, 3)
     with pytest.raises(ValueError, match="policy"):
         online.keep_history(model, tok, texts, 5, "best")
+
+
+def test_keep_history_at_random_keeps_every_item_equally_often():
+    """Reservoir sampling over the stream: 5 of 12 items, in arrival order, each kept in about
+    5/12 of the seeds (a buffer that favoured the first or the last items would not be)."""
+    tok, texts = CharTokenizer(), [f"tweet {i}" for i in range(12)]
+    counts = [0] * 12
+    for seed in range(1200):
+        kept, summary = online.keep_history(None, tok, texts, 5, "random", seed=seed)
+        assert len(kept) == 5 and kept == sorted(kept) and summary == {"policy": "random", "capacity": 5,
+                                                                         "seen": 12, "kept": 5}
+        for i in kept:
+            counts[i] += 1
+    assert all(abs(c / 1200 - 5 / 12) < 0.06 for c in counts), counts
+    assert online.keep_history(None, tok, texts, 5, "random", seed=7) == online.keep_history(None, tok, texts, 5,
+                                                                                             "random", seed=7)
+
+
+def test_buffer_keeps_n_items_and_only_they_are_uploaded(tiny_model_dir, tmp_path, monkeypatch, fake_cloud, tiny_args):
+    monkeypatch.setenv("CDCDA_CACHE", str(tmp_path / "cache"))
+    uploaded, trained = [], []
+    real_augment, real_personalize = augment.augment, cdcda.personalize
+    monkeypatch.setattr(augment, "augment", lambda cloud, pairs, *a, **kw: uploaded.append(list(pairs))
+                        or real_augment(cloud, pairs, *a, **kw))
+    monkeypatch.setattr(cdcda, "personalize", lambda model, tok, task, pairs, training, seed, desc: trained.append(
+        (desc, list(pairs))) or real_personalize(model, tok, task, pairs, training, seed, desc))
+    out = tmp_path / "run"
+    rep = run_online.main(tiny_args(tiny_model_dir, out) + ["--buffer", "4", "--synthesis-filter", "rouge1"])
+    users = data.split_users(data.load_users("lamp7"), 2)[0]
+    task = data.get_task("lamp7")
+    for user, sent in zip(users, uploaded):
+        buffer = json.loads((out / "users" / user.user_id / "buffer.json").read_text())
+        history = cdcda.upload(task, user)
+        assert len(sent) == 4 and buffer["kept"] == 4 and buffer["seen"] == len(history) > 4
+        assert sent == [p for p in history if p in sent]  # a subsequence of the history, in order
+        assert dict(trained)[f"direct-ft {user.user_id}"] == sent
+        records = [json.loads(line) for line in (out / "users" / user.user_id / "synthetic.jsonl").read_text().splitlines()]
+        assert records and all("rouge_1" in r and (r["input"], r["output"]) in sent for r in records)
+        kept = [(r["syn_input"], r["syn_output"]) for r in records if r["kept"]]
+        assert dict(trained)[f"cdcda {user.user_id}"] == sent + kept
+    assert rep["counts"]["history"] == sum(len(u.profile) for u in users) and rep["counts"]["buffered"] == 8
+    assert "4-item online buffer, scores" in rep["models"]["history"] and "ROUGE-1" in rep["models"]["synthesis filter"]
+
+
+@pytest.mark.parametrize("bad, option", [(["--buffer", "-1"], "--buffer"), (["--buffer-policy", "best"], "--buffer-policy"),
+                                         (["--synthesis-filter", "nli"], "--synthesis-filter"),
+                                         (["--eps-rouge1", "2"], "--eps-rouge1"),
+                                         (["--compare-buffers", "--buffer", "4"], "--compare-buffers"),
+                                         (["--compare-buffers", "--buffer-sizes", "16,x"], "--buffer-sizes"),
+                                         (["--compare-buffers", "--buffer-rows", "scores-99"], "--buffer-rows")])
+def test_buffer_options_are_checked_before_any_work(bad, option, capsys, tmp_path):
+    with pytest.raises(SystemExit):
+        run_online.main(bad + ["--out", str(tmp_path / "run")])
+    assert option in capsys.readouterr().err.strip().splitlines()[-1] and not (tmp_path / "run").exists()
+
+
+def test_compare_buffers_trains_each_row_on_its_buffer(tiny_model_dir, tmp_path, monkeypatch, fake_cloud, tiny_args):
+    monkeypatch.setenv("CDCDA_CACHE", str(tmp_path / "cache"))
+    trained, real_personalize = [], cdcda.personalize
+    monkeypatch.setattr(cdcda, "personalize", lambda model, tok, task, pairs, training, seed, desc: trained.append(
+        (desc, list(pairs))) or real_personalize(model, tok, task, pairs, training, seed, desc))
+    out = tmp_path / "run"
+    rep = run_online.main(tiny_args(tiny_model_dir, out) + ["--compare-buffers", "--buffer-sizes", "4,8"])
+    assert list(rep["rows"]) == ["base", "direct-ft", "cdcda"] + [f"{p}-{n}{a}" for n in (4, 8)
+                                                                for p in ("scores", "random") for a in ("", "+aug")]
+    assert rep["labels"]["random-8+aug"] == "8-item buffer, random + augmentation"
+    assert all(row["gold_nll"] > 0 for row in rep["rows"].values())
+    sizes = dict(trained)
+    task = data.get_task("lamp7")
+    for user in data.split_users(data.load_users("lamp7"), 2)[0]:
+        user_dir = out / "buffers" / "users" / user.user_id
+        history = cdcda.upload(task, user)
+        records = [json.loads(line) for line in (user_dir / "synthetic.jsonl").read_text().splitlines()]
+        for n in (4, 8):
+            for policy in ("scores", "random"):
+                kept = [history[i] for i in json.loads((user_dir / f"buffer-{policy}-{n}.json").read_text())["kept_indices"]]
+                assert sizes[f"{policy}-{n} {user.user_id}"] == kept and len(kept) == n
+                synthetic = [(r["syn_input"], r["syn_output"]) for r in records
+                             if r["kept"] and (r["input"], r["output"]) in kept]
+                assert synthetic and sizes[f"{policy}-{n}+aug {user.user_id}"] == kept + synthetic
+        assert sizes[f"direct-ft {user.user_id}"] == history
+        assert json.loads((user_dir / "buffer-scores-4.json").read_text()) != json.loads(
+            (user_dir / "buffer-random-4.json").read_text())
+    trained.clear()  # --buffer-rows: a subset of the rows, from the finished users' results
+    rows = run_online.main(tiny_args(tiny_model_dir, out) + ["--compare-buffers", "--buffer-sizes", "4,8",
+                                                              "--buffer-rows", "base,random-8+aug"])["rows"]
+    assert list(rows) == ["base", "random-8+aug"] and rows["base"] == rep["rows"]["base"] and not trained

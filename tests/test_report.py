@@ -21,7 +21,7 @@ def test_reading_orders_the_rows_by_gold_nll_and_the_first_metric():
 
 
 def test_models_used_names_the_history_pairs_only_where_they_are_a_choice():
-    args = options.parse(["--task", "lamp7", "--history-pairs", "identity"], cdcda.METHODS)
-    assert report.models_used(args)["history pairs"].startswith("identity")
-    args = options.parse(["--task", "lamp2"], cdcda.METHODS)  # the default "rewrite" does not apply to lamp2
-    assert report.models_used(args)["history pairs"].startswith("the task's own")
+    settings = options.parse(["--task", "lamp7", "--history-pairs", "identity"], cdcda.METHODS)
+    assert report.models_used(settings)["history pairs"].startswith("identity")
+    settings = options.parse(["--task", "lamp2"], cdcda.METHODS)  # the default "rewrite" does not apply to lamp2
+    assert report.models_used(settings)["history pairs"].startswith("the task's own")

@@ -5,6 +5,7 @@ import pytest
 
 import cdcda
 import data
+import filters
 import generate
 import rewrite
 
@@ -53,7 +54,7 @@ def test_neutral_rewrites_keeps_the_closest_passing_rewrite(tiny_model_dir, tmp_
     monkeypatch.setattr(generate, "chat", chat)
     task = data.get_task("lamp7")
     users = [data.User("u", [{"text": "ngl the team won again fr"}, {"text": "rain all day ugh"}], [])]
-    thresholds = {"eps_scf": 0.3, "eps_tdf": 0.75, "eps_min_len": 0.5, "eps_max_len": 2.0}
+    thresholds = filters.Thresholds(eps_scf=0.3)
     got = rewrite.neutral_rewrites(task, users, str(tiny_model_dir), FakeJudge(), thresholds, "cpu", samples=1)
     assert got == {"ngl the team won again fr": "the team won again", "rain all day ugh": ""}
     assert calls == [0.0, 0.7]

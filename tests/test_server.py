@@ -1,5 +1,5 @@
-"""The cloud service (server.py) and the device's client (cloud.py) against it: a real server
-process on 127.0.0.1, plain HTTP clients.
+"""The cloud service (cloud/server.py) and the device's client (cloud/client.py) against it: a real
+server process on 127.0.0.1, plain HTTP clients, and `python -m cloud` through it.
 
 The server runs a tiny random decoder (SmolLM2's tokenizer, 2 layers of width 32) and the
 embedded MiniLM judge. A random decoder never writes a parsable "Input: ..., Response: ..."
@@ -16,17 +16,17 @@ import time
 import urllib.error
 import urllib.request
 import zlib
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 import augment
-import cdcda
-import cloud
 import data
+import filters
 import generate
 import qwen2
-import server as cloud_server
+from cloud import __main__ as run_cloud, client as cloud, server as cloud_server
 from errors import InputError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -111,22 +111,26 @@ PAIRS = [("cannot believe it is raining again this weekend", "ugh raining AGAIN 
          ("the new coffee shop downtown is amazing", "new coffee shop downtown = amazing")]  # short: fast
 
 
-THRESHOLDS = {"eps_scf": None, "eps_tdf": 0.75, "eps_min_len": 0.5, "eps_max_len": 2.0}
+SERVICE = cloud.Endpoint("", TOKEN)  # the module's server, its URL filled in by each test
+
+
+def settings(k: int, temperature: float = 0.7) -> augment.Augmentation:
+    return augment.Augmentation(k, temperature, "free")
 
 
 def test_augment_over_http_equals_in_process(server, tiny_model_dir, monkeypatch):
     pairs = PAIRS
-    records, counts = cloud.remote_augment(server, "lamp7", pairs, 3, 0.7, 1234, THRESHOLDS, token=TOKEN)
+    service = replace(SERVICE, url=server)
+    records, counts = cloud.remote_augment(service, "lamp7", pairs, settings(3), 1234)
     monkeypatch.setattr(generate, "chat", parsable(generate.chat))
     model, tok = qwen2.load(str(tiny_model_dir))
     judge = augment.make_judge(JUDGE, "cpu")
-    originals, candidates, unparsable, off_label = augment.augment(model, tok, pairs, 3, 0.7, 1234,
-                                                                   task=data.get_task("lamp7"))
-    sel = augment.select(originals, candidates, judge, THRESHOLDS)
+    out = augment.augment(augment.CloudLM(model, tok), pairs, settings(3), 1234, data.get_task("lamp7"))
+    sel = augment.select(out.originals, out.candidates, judge, filters.Thresholds())
     assert records == sel.records  # same seed, same synthetic data, across processes and the wire
-    assert counts == {**sel.counts, "generated": 9, "unparsable": unparsable, "off_label": off_label}
-    assert 0 < counts["kept"] < counts["candidates"] < 9 and unparsable > 0  # not a trivial comparison
-    other, _ = cloud.remote_augment(server, "lamp7", pairs, 3, 0.7, 99, THRESHOLDS, token=TOKEN)
+    assert counts == {**sel.counts, "generated": 9, "unparsable": out.unparsable, "off_label": out.off_label}
+    assert 0 < counts["kept"] < counts["candidates"] < 9 and out.unparsable > 0  # not a trivial comparison
+    other, _ = cloud.remote_augment(service, "lamp7", pairs, settings(3), 99)
     assert other != records  # and the seed matters
 
 
@@ -146,7 +150,7 @@ def test_openai_chat_completions_shape_and_determinism(server, tiny_model_dir):
     assert 0 < usage["completion_tokens"] <= 16 and usage["prompt_tokens"] > 5
     model, tok = qwen2.load(str(tiny_model_dir))
     # the device side of --cloud-api: conversation i is sent with seed 3 + i, one request each
-    chat = cloud.api_chat(server, str(tiny_model_dir), api_key=TOKEN)
+    chat = cloud.api_chat(replace(SERVICE, url=server), str(tiny_model_dir))
     replies = chat(None, None, [messages, messages], max_new_tokens=8, temperature=0.7, seed=3)
     assert replies == [generate.chat(model, tok, [messages], max_new_tokens=8, temperature=0.7, seed=s)[0]
                        for s in (3, 4)]
@@ -193,19 +197,20 @@ def test_internal_error_is_a_500_and_the_server_keeps_serving(server):
     status, answer = post(server + "/v1/augment", augment_body(pairs=[["FAIL INSIDE THE CLOUD", "b"]]))
     assert status == 500 and "RuntimeError: test: the cloud LM failed" in answer["error"]["message"]
     with pytest.raises(cloud.CloudUnavailable, match="after 2 tries: HTTP 500"):  # 5xx: retried, then given up
-        cloud.remote_augment(server, "lamp7", [("FAIL INSIDE THE CLOUD", "b")], 1, 0.7, 0, THRESHOLDS,
-                             token=TOKEN, retries=1, backoff=0.01)
-    records, counts = cloud.remote_augment(server, "lamp7", PAIRS[:1], 1, 0.7, 0, THRESHOLDS, token=TOKEN)
+        cloud.remote_augment(replace(SERVICE, url=server, retries=1, backoff=0.01), "lamp7",
+                             [("FAIL INSIDE THE CLOUD", "b")], settings(1), 0)
+    records, counts = cloud.remote_augment(replace(SERVICE, url=server), "lamp7", PAIRS[:1], settings(1), 0)
     assert counts["generated"] == 1 and len(records) == counts["candidates"]
 
 
 def test_client_does_not_retry_4xx(server):
     t = time.time()
     with pytest.raises(cloud.CloudError, match="HTTP 422: k: between 1 and 16"):
-        cloud.remote_augment(server, "lamp7", [("a", "b")], 0, 0.7, 0, THRESHOLDS, token=TOKEN, backoff=5)
+        cloud.remote_augment(replace(SERVICE, url=server, backoff=5), "lamp7", [("a", "b")], settings(0), 0)
     assert time.time() - t < 5  # no backoff sleep happened
     with pytest.raises(cloud.CloudError, match="HTTP 401"):
-        cloud.remote_augment(server, "lamp7", [("a", "b")], 1, 0.7, 0, THRESHOLDS, token="nope", backoff=5)
+        cloud.remote_augment(replace(SERVICE, url=server, token="nope", backoff=5), "lamp7", [("a", "b")],
+                             settings(1), 0)
 
 
 def test_killed_server_keeps_finished_users_and_rerun_completes(tiny_model_dir, tmp_path, monkeypatch, free_port):
@@ -216,11 +221,11 @@ def test_killed_server_keeps_finished_users_and_rerun_completes(tiny_model_dir, 
     proc = start_server(tiny_model_dir, port, tmp_path / "server.log")
     real, calls = cloud.remote_augment, []
 
-    def killed_before_second_user(*a, **kw):
-        calls.append(a[1])
+    def killed_before_second_user(service, *a):
+        calls.append(a[0])
         if len(calls) == 2:
             stop(proc)  # the cloud goes away after the first user's upload and training
-        return real(*a, **(kw | {"retries": 1, "backoff": 0.05, "timeout": 30}))
+        return real(replace(service, retries=1, backoff=0.05, timeout=30), *a)
     argv = ["--task", "lamp7", "--users", "2", "--k", "2", "--epochs", "1", "--base-epochs", "1",
             "--max-length", "64", "--methods", "cdcda", "--device-model", str(tiny_model_dir),
             "--cloud", url, "--out", str(tmp_path / "run"), "--history-pairs", "identity",
@@ -228,13 +233,13 @@ def test_killed_server_keeps_finished_users_and_rerun_completes(tiny_model_dir, 
     monkeypatch.setattr(cloud, "remote_augment", killed_before_second_user)
     try:
         with pytest.raises(InputError, match=url):
-            cdcda.main(argv)
+            run_cloud.main(argv)
         done = list((tmp_path / "run" / "users").glob("*/result.json"))
         assert len(done) == 1 and not (tmp_path / "run" / "results.json").exists()
         first = done[0].read_text()
         proc = start_server(tiny_model_dir, port, tmp_path / "server2.log")  # same URL: same settings
         monkeypatch.setattr(cloud, "remote_augment", real)
-        rep = cdcda.main(argv)
+        rep = run_cloud.main(argv)
         assert len(rep["users"]) == 2 and done[0].read_text() == first  # resumed, the finished user kept
         assert len(list((tmp_path / "run" / "users").glob("*/synthetic.jsonl"))) == 2
     finally:
@@ -245,7 +250,7 @@ def test_api_priming_and_stop_equal_in_process(server, tiny_model_dir):
     """--cloud-api augments like the in-process cloud: the reply is started with the same
     prefix (continue_final_message) and stopped at the same text, so the replies are equal."""
     model, tok = qwen2.load(str(tiny_model_dir))
-    chat = cloud.api_chat(server, str(tiny_model_dir), api_key=TOKEN)
+    chat = cloud.api_chat(replace(SERVICE, url=server), str(tiny_model_dir))
     conversations = [[{"role": "user", "content": "say something"}]]
     for prefix, stop in (("Input: [", ""), ("Input: [", "]"), (["Input: [a], Response: ["], "]")):
         remote = chat(None, None, conversations, max_new_tokens=8, temperature=0.7, seed=5, reply_prefix=prefix,

@@ -10,14 +10,16 @@ import torch.nn.functional as F
 
 import cdcda
 import data
-import experiments
 import generate
 import lora
 import nf4
 import options
 import qwen2
-import t5
+import train
+from deployment import __main__ as run_deployment
 from errors import InputError
+from experiments import __main__ as experiments_main, t5
+from online import __main__ as run_online
 
 
 def test_position_buckets_by_hand():
@@ -136,10 +138,10 @@ def test_response_loss_equals_transformers_labels_loss(tmp_path, t5_checkpoint):
     model, tok = t5.load(tmp_path)
     examples = [([{"role": "user", "content": "the cat sat on the mat"}], "a dog ran"),
                 ([{"role": "user", "content": "hello"}], "rain again this weekend ugh")]
-    encoded = [lora.encode_example(tok, m, r, 64) for m, r in examples]
+    encoded = [train.encode_example(tok, m, r, 64) for m, r in examples]
     assert all(ids[n - 1] == 1 and ids[-1] == 1 for ids, n in encoded)  # prompt and response end in </s>
-    ids, labels = lora.right_pad(encoded, tok.pad_token_id)
-    ours = lora.response_loss(model, ids, labels)
+    ids, labels = train.right_pad(encoded, tok.pad_token_id)
+    ours = train.response_loss(model, ids, labels)
     enc, mask = generate.left_pad([i[:n] for i, n in encoded], 0)
     answers = [i[n:] for i, n in encoded]
     hf_labels = torch.full((2, max(map(len, answers))), -100)
@@ -201,7 +203,7 @@ def test_nf4_quantizes_block_linears_and_finetuning_lowers_the_loss(tmp_path, t5
     assert F.cosine_similarity(logits.float().flatten(), ref.flatten(), dim=0) > 0.9  # 4-bit weights of a tiny model
     lora.add_lora(model)
     examples = [([{"role": "user", "content": "the cat sat"}], "a dog ran fast")] * 4
-    losses = lora.finetune(model, tok, examples, epochs=4, lr=1e-2, batch_size=2, max_length=32)
+    losses = train.finetune(model, tok, examples, train.Training(epochs=4, lr=1e-2, batch_size=2, max_length=32))
     assert losses[-1] < losses[0] / 2
     assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if "lora_" in n)
 
@@ -228,17 +230,19 @@ def test_pipeline_end_to_end_on_a_tiny_t5(tmp_path, monkeypatch, tiny_model_dir,
     assert adapters
     assert json.loads(next((tmp_path / "cache" / "base").glob("lamp7-*/config.json")).read_text())["model_type"] == "t5"
     argv[argv.index("--out") + 1] = str(tmp_path / "plain")  # cdcda.py's own rows, on the cached M_base
-    rep = cdcda.main(argv + ["--methods", "base,direct-ft"])
+    rep = experiments_main.main(argv + ["--methods", "base,direct-ft"])["table1"]
     assert set(rep["rows"]) == {"base", "direct-ft"} and all(r["gold_nll"] > 0 for r in rep["rows"].values())
 
 
-@pytest.mark.parametrize("extra", [["--buffer", "16"], ["--methods", "base,rkd-ft"], ["--methods", "scores-16"],
-                                   ["--methods", "base,direct-ft", "--deploy"]])
-def test_a_t5_device_refuses_the_decoder_only_rows_before_any_work(tmp_path, t5_checkpoint, extra):
-    t5_checkpoint(tmp_path)
-    argv = ["--task", "lamp2", "--device-model", str(tmp_path), "--methods", "base"] + extra
-    methods = {**experiments.METHODS, **experiments.buffer_methods()}
-    args = options.parse(argv, methods)
-    with pytest.raises(InputError, match="is a T5"):
-        options.check_models(args, data.get_task("lamp2"), methods)
-    options.check_models(options.parse(argv[:6], methods), data.get_task("lamp2"), methods)  # base alone: fine
+@pytest.mark.parametrize("entry, extra, message", [
+    (cdcda.main, [], "model_type 't5'"), (run_online.main, ["--buffer", "16"], "model_type 't5'"),
+    (run_deployment.main, [], "model_type 't5'"), (experiments_main.main, ["--methods", "base,rkd-ft"], "is a T5")])
+def test_a_t5_device_is_refused_where_a_decoder_is_needed_before_any_work(tmp_path, t5_checkpoint, capsys, entry,
+                                                                          extra, message):
+    """The core, the buffer and deployment run a decoder; Table 4's T5 runs from experiments/."""
+    t5_checkpoint(tmp_path / "flan")
+    argv = ["--task", "lamp2", "--device-model", str(tmp_path / "flan"), "--out", str(tmp_path / "run")] + extra
+    with pytest.raises((InputError, SystemExit)) as raised:
+        entry(argv)
+    said = str(raised.value) if raised.type is InputError else capsys.readouterr().err.strip().splitlines()[-1]
+    assert message in said and "--device-model" in said and not (tmp_path / "run").exists()

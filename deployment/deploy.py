@@ -51,11 +51,11 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm import tqdm
 
-import gptq
 import hub
 import lora
 import nf4
 import qwen2
+from deployment import gptq
 from errors import InputError
 
 GROUP_SIZE = 32

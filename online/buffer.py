@@ -16,7 +16,7 @@ representative data; the authors' released script compares the other way round, 
 would fill the buffer with the least representative items). Only the kept items are later
 annotated and expanded by the LLM; `rouge1_filter` is the paper's ROUGE-1 check on the
 synthesized pairs. `random_buffer` (reservoir sampling) is the random baseline.
-`keep_history` is the device's pass over a user's history (`cdcda.py --buffer N`) and
+`keep_history` is the device's pass over a user's history (`python -m online --buffer N`) and
 `rouge1_select` the synthesis check in the shape of `filters.select` (`--synthesis-filter rouge1`).
 
 Definitions the paper leaves open are made here and named where they are made: the histogram
@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 
 from filters import Selection
-from metrics import rouge_1, rouge_tokens
 from generate import left_pad
+from metrics import rouge_1, rouge_tokens
 
 EOE_BINS = 64  # histogram bins for EOE; max entropy log2(64) = 6 bits
 GENERAL = "general"  # domain of an item that matches no lexicon word

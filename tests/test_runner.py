@@ -1,4 +1,4 @@
-"""Shards, the M_base lock, progress and --plan (scale.py); the sharded run end to end.
+"""Shards, progress (runner.py) and the cache's lock (hub.exclusive); the sharded run end to end.
 
 The end-to-end test runs cdcda.py as separate processes on the tiny decoder (conftest.py) with
 the methods that need no cloud (base, direct-ft), as a launcher would start them.
@@ -15,60 +15,61 @@ import pytest
 
 import cdcda
 import data
+import hub
 import options
 import report
-import scale
+import runner
 from errors import InputError
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_shard_from_the_option_torchrun_and_slurm():
-    assert scale.shard_of(None, {}) == scale.Shard(0, 1, None)
-    assert scale.shard_of("2/8", {}) == scale.Shard(2, 8, None)
+    assert runner.shard_of(None, {}) == runner.Shard(0, 1, None)
+    assert runner.shard_of("2/8", {}) == runner.Shard(2, 8, None)
     torchrun = {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1"}
-    assert scale.shard_of(None, torchrun) == scale.Shard(5, 8, 1)
-    assert scale.shard_of("0/2", torchrun) == scale.Shard(0, 2, 1)  # the option wins; the GPU is the launcher's
+    assert runner.shard_of(None, torchrun) == runner.Shard(5, 8, 1)
+    assert runner.shard_of("0/2", torchrun) == runner.Shard(0, 2, 1)  # the option wins; the GPU is the launcher's
     slurm = {"SLURM_PROCID": "3", "SLURM_NTASKS": "4", "SLURM_LOCALID": "3"}
-    assert scale.shard_of(None, slurm) == scale.Shard(3, 4, 3)
+    assert runner.shard_of(None, slurm) == runner.Shard(3, 4, 3)
     for bad in ("2/2", "1", "a/b", "-1/2", "1/0"):
         with pytest.raises(InputError, match="--shard"):
-            scale.shard_of(bad, {})
+            runner.shard_of(bad, {})
     with pytest.raises(InputError, match="RANK"):
-        scale.shard_of(None, {"RANK": "8", "WORLD_SIZE": "8"})
+        runner.shard_of(None, {"RANK": "8", "WORLD_SIZE": "8"})
     with pytest.raises(SystemExit):
         options.parse(["--shard", "3/2"], cdcda.METHODS)
 
 
 def test_device_per_process():
-    assert scale.device_for("cuda", scale.Shard(5, 8, 1), visible=8) == "cuda:1"
-    assert scale.device_for("cuda", scale.Shard(5, 8, 1), visible=1) == "cuda:0"  # the launcher's one GPU
-    assert scale.device_for("cuda", scale.Shard(1, 2, None)) == "cuda"  # --shard without a launcher: as given
-    assert scale.device_for("cuda:3", scale.Shard(5, 8, 1)) == "cuda:3"
-    assert scale.device_for("cpu", scale.Shard(5, 8, 1)) == "cpu"
+    assert runner.device_for("cuda", runner.Shard(5, 8, 1), visible=8) == "cuda:1"
+    assert runner.device_for("cuda", runner.Shard(5, 8, 1), visible=1) == "cuda:0"  # the launcher's one GPU
+    assert runner.device_for("cuda", runner.Shard(1, 2, None)) == "cuda"  # --shard without a launcher: as given
+    assert runner.device_for("cuda:3", runner.Shard(5, 8, 1)) == "cuda:3"
+    assert runner.device_for("cpu", runner.Shard(5, 8, 1)) == "cpu"
 
 
 def test_shares_are_round_robin_disjoint_and_complete():
     targets = list("abcdefg")
-    shares = [scale.share(targets, scale.Shard(i, 3, None)) for i in range(3)]
+    shares = [runner.share(targets, runner.Shard(i, 3, None)) for i in range(3)]
     assert shares == [list("adg"), list("be"), list("cf")]
     assert sorted(sum(shares, [])) == targets
 
 
 def test_progress_and_eta_by_hand():
     # 2 of 5 done here, both trained here in 50 s: 3 left at 25 s each = 75 s
-    assert scale.progress(2, 5, 2, 50.0, 7, 20) == "2/5 users of this shard done, 7/20 of the run, ETA 75 s"
+    assert runner.progress(2, 5, 2, 50.0, 7, 20) == "2/5 users of this shard done, 7/20 of the run, ETA 75 s"
     # 3 of 5 done here, one of them earlier, 2 trained in 300 s: 2 left at 150 s = 5 min
-    assert scale.progress(3, 5, 2, 300.0, 7, 20).endswith("ETA 5.0 min")
-    assert scale.progress(0, 5, 0, 0.0, 0, 20) == "0/5 users of this shard done, 0/20 of the run"
-    assert scale.clock(5400) == "1.5 h" and scale.clock(600) == "10.0 min"
+    assert runner.progress(3, 5, 2, 300.0, 7, 20).endswith("ETA 5.0 min")
+    assert runner.progress(0, 5, 0, 0.0, 0, 20) == "0/5 users of this shard done, 0/20 of the run"
+    assert runner.clock(5400) == "1.5 h" and runner.clock(600) == "10.0 min"
 
 
 HOLDER = """
 import sys, time
 from pathlib import Path
-import scale
-with scale.exclusive(Path(sys.argv[1]), "test"):
+import hub
+with hub.exclusive(Path(sys.argv[1]), "test"):
     print("held", flush=True)
     time.sleep(60)
 """
@@ -86,7 +87,7 @@ def test_the_lock_waits_for_its_holder_and_survives_a_killed_one(tmp_path):
         holder.send_signal(signal.SIGKILL)  # the holder crashes without releasing anything
         holder.wait(timeout=30)
         t = time.time()
-        with scale.exclusive(lock, "test"):  # the kernel released it with the process
+        with hub.exclusive(lock, "test"):  # the kernel released it with the process
             assert time.time() - t < 5
     finally:
         holder.kill()
@@ -145,7 +146,10 @@ def test_two_shards_equal_one_process_and_a_killed_shard_resumes(tiny_model_dir,
 
     # shard 0 of a new run is killed after its first user, then started again
     three = tmp_path / "three"
-    mine = [u.user_id for u in scale.share(data.split_users(data.load_users("lamp7"), 4)[0], scale.Shard(0, 2, None))]
+    targets = data.split_users(data.load_users("lamp7"), 4)[0]
+    mine = [u.user_id for u in runner.share(targets, runner.Shard(0, 2, None))]
+    theirs = [u.user_id for u in runner.share(targets, runner.Shard(1, 2, None))]
+    history = {u.user_id: len(u.profile) for u in targets}
     first = three / "users" / mine[0] / "result.json"
     process = start(command(tiny_model_dir, three, "--shard", "0/2"), env)
     deadline = time.time() + 600
@@ -156,31 +160,28 @@ def test_two_shards_equal_one_process_and_a_killed_shard_resumes(tiny_model_dir,
     assert first.is_file() and not (three / "users" / mine[1] / "result.json").is_file()
     written = first.stat().st_mtime_ns
     again = finish(start(command(tiny_model_dir, three, "--shard", "0/2"), env))
-    assert f"{mine[0]}: done earlier" in again and f"{mine[1]}: 13 history items" in again
+    assert f"{mine[0]}: done earlier" in again and f"{mine[1]}: {history[mine[1]]} history items" in again
     assert first.stat().st_mtime_ns == written  # the finished user was not redone
     assert "are not yet" in again and not (three / "results.md").exists()  # shard 1's users are missing
-    with pytest.raises(InputError, match="2 of 4 users are not finished: 702q1, 709q1"):
+    with pytest.raises(InputError, match=f"2 of 4 users are not finished: {', '.join(theirs)}"):
         report.main(["--out", str(three)])
     assert "M_base: training on" not in again and base.stat().st_mtime_ns == mtime  # still the one M_base
     for uid in mine:
         assert predictions(three)[uid] == predictions(one)[uid]
 
 
-def test_plan_counts_by_hand_and_trains_nothing(tiny_model_dir, tmp_path, monkeypatch, tiny_args, one_thread):
-    monkeypatch.setenv("CDCDA_CACHE", str(tmp_path / "cache"))
-    out = tmp_path / "run"
-    plan = cdcda.main(tiny_args(tiny_model_dir, out) + ["--plan"])
-    users = data.split_users(data.load_users("lamp7"), 2)[0]
-    h, q = [len(u.profile) for u in users], [len(u.queries) for u in users]
-    totals = plan["totals"]  # tiny_args: k 3, 1 epoch, free decoding, methods base, direct-ft, cdcda
-    assert totals["history"] == sum(h) and totals["queries"] == sum(q)
-    assert totals["generations"] == totals["candidates"] == 3 * sum(h)
-    assert totals["answer tokens"] == 3 * sum(q) * cdcda.ANSWER_TOKENS["lamp7"]
-    for u in users:  # 2 fine-tuning methods on h pairs; cdcda on up to 3 h candidates more
-        row = plan["users"][u.user_id]
-        assert row["training tokens, all kept"] / row["training tokens, none kept"] == pytest.approx(5 / 2, abs=0.01)
-        assert 0 < row["seconds, none kept"] < row["seconds, all kept"]
-    assert all(rate > 0 if isinstance(rate, float) else rate[0] >= 0 and rate[1] > 0
-               for rate in plan["rates"].values())  # s/token; (prefill s, s/step)
-    assert plan["estimate"]["none kept"]["one process"] < plan["estimate"]["all kept"]["one process"]
-    assert not out.exists() and not (tmp_path / "cache" / "base").exists()  # nothing trained, nothing written
+def test_a_rerun_is_checked_run_wide_and_row_by_row_before_any_work(tmp_path):
+    """settings.json holds the run's fingerprint, result.json the values each row was made with
+    (e.g. a deployed row's rounding): a re-run that differs in either is refused."""
+    users = [data.User(uid, [{"text": "x"}], []) for uid in ("a", "b")]
+    fingerprint, rows = {"k": 5, "extra": {}}, {"cdcda": {}, "cdcda-deployed": {"deploy_rounding": "nearest"}}
+    for user in users:
+        (tmp_path / "users" / user.user_id).mkdir(parents=True)
+        (tmp_path / "users" / user.user_id / "settings.json").write_text(json.dumps(fingerprint | {"device": "cpu"}))
+    (tmp_path / "users" / "b" / "result.json").write_text(json.dumps({"predictions": {}, "settings": rows}))
+    runner.check_settings(tmp_path, users, fingerprint, rows)  # the same: fine (a stale --device is ignored)
+    runner.check_settings(tmp_path, users, fingerprint, {"cdcda": {}})  # a row not asked for is not checked
+    with pytest.raises(InputError, match="users/a/settings.json: written by a run with other settings"):
+        runner.check_settings(tmp_path, users, {"k": 3, "extra": {}}, rows)
+    with pytest.raises(InputError, match="users/b/result.json: its cdcda-deployed row was made with"):
+        runner.check_settings(tmp_path, users, fingerprint, rows | {"cdcda-deployed": {"deploy_rounding": "gptq"}})

@@ -15,12 +15,13 @@ x = x + FF(LN(x)). The T5 ways (Raffel et al. 2020, sec. 2.1; v1.1's changes):
 - The LM head is its own matrix (tie_word_embeddings false, FlanT5); a tied head rescales first.
 Module names are the Hugging Face safetensors keys (`encoder.block.0.layer.0.SelfAttention.q`).
 
-The pipeline's glue for a seq2seq device model is here, so the decoder-only files stay as they
-are: `family` picks t5 or qwen2 from a model's config.json; `T5.blocks` and `T5.lora_targets`
-tell `nf4.quantize_model` / `lora.add_lora` what to wrap; `T5.response_loss` is eq. 6 for
-seq2seq (CE on the decoder's target tokens, the prompt is the encoder's input); `T5.new_tokens` is what
-`generate.chat` decodes with for it. The prompt is the appendix-B text as plain text (`Tokenizer`); LaMP-7's
-history rewrites (`rewrite.py`) are then written by the T5 itself, from the same prompt as plain text.
+The pipeline's glue for a seq2seq device model is here, so the core's files stay as they are:
+`family` picks t5 or qwen2 from a model's config.json (experiments/ passes it to the run);
+`T5.blocks` and `T5.lora_targets` tell `nf4.quantize_model` / `lora.add_lora` what to wrap;
+`T5.response_loss` is eq. 6 for seq2seq (CE on the decoder's target tokens, the prompt is the
+encoder's input); `T5.new_tokens` is what `generate.chat` decodes with for it. The prompt is the
+appendix-B text as plain text (`Tokenizer`); LaMP-7's history rewrites (`rewrite.py`) are then
+written by the T5 itself, from the same prompt as plain text.
 Dropout (T5's 0.1 in training) is not implemented: fine-tuning here is LoRA, as for the decoder.
 """
 import json
@@ -37,9 +38,10 @@ from torch import nn
 import generate
 import hub
 import qwen2
+import train
 from errors import InputError
 
-IGNORE = -100  # = lora.IGNORE: a label that carries no loss
+IGNORE = train.IGNORE  # a label that carries no loss
 
 
 @dataclass
@@ -61,6 +63,7 @@ class Config:
     pad_token_id: int = 0
     eos_token_id: int = 1
     model_type: str = "t5"
+    MODEL_TYPES = ("t5",)  # what this file loads (a class attribute, not a config key)
 
     def __post_init__(self):
         if self.model_type != "t5":
@@ -254,7 +257,7 @@ class T5(nn.Module):
         return self.lm_head(self.decode(decoder_input_ids, self.cross_kv(memory), attention_mask))
 
     def response_loss(self, ids, labels):
-        """Eq. 6 for seq2seq, on `lora.encode_example`'s rows (prompt + response, labels on the
+        """Eq. 6 for seq2seq, on `train.encode_example`'s rows (prompt + response, labels on the
         response): the prompt goes to the encoder, the decoder is teacher-forced on the response
         (its input shifted right behind decoder_start), mean CE over the response tokens."""
         rows = []
@@ -351,8 +354,9 @@ save_pretrained = qwen2.save_pretrained  # the same files: config, weights (a ti
 
 
 def family(source):
-    """The module that loads `source` (`.load`, `.save_pretrained`): this one when its
-    config.json says model_type "t5", else qwen2 (Qwen2, Llama, the embedded default)."""
+    """The module that loads `source` (`.load`, `.save_pretrained`, `.Config`): this one when its
+    config.json says model_type "t5", else qwen2 (Qwen2, Llama, the embedded default): what
+    experiments/ hands the pipeline as `cdcda.Steps.family`."""
     if source == qwen2.EMBEDDED:
         return qwen2
     return sys.modules[__name__] if hub.load_config(hub.snapshot(str(source))).get("model_type") == "t5" else qwen2

@@ -1,10 +1,10 @@
 """The cloud of CDCDA-PLM as an HTTP service (paper sec. 4: steps 2 and 3 run on the cloud).
 
-    python server.py --port 8000 [--cloud-model DIR_OR_NAME] [--judge embedding:all-minilm-l6-v2]
+    python -m cloud.server --port 8000 [--cloud-model DIR_OR_NAME] [--judge embedding:all-minilm-l6-v2]
 
 The device uploads the user's history D_u (step 1), this server augments it (step 2, eq. 1)
-and selects (step 3, eq. 2-4), and the device downloads D_filtered (step 4; `cloud.py` is
-the device's client, `python cdcda.py --cloud URL`):
+and selects (step 3, eq. 2-4: `augment.synthesize`, as the pipeline does in process), and the
+device downloads D_filtered (step 4; client.py is the device's client, `python -m cloud --cloud URL`):
 
   POST /v1/augment           {"task", "pairs": [[x, y], ...], "k", "temperature", "seed",
                               "thresholds": {eps_scf, eps_tdf, eps_min_len, eps_max_len},
@@ -27,6 +27,7 @@ serving stack (vLLM, TLS in front) behind the same API; `--cloud-api` already au
 through any OpenAI-compatible server, with the filters on the device.
 """
 import argparse
+import functools
 import hmac
 import json
 import math
@@ -36,6 +37,7 @@ import threading
 import time
 import traceback
 import uuid
+from dataclasses import asdict, fields, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import torch
@@ -53,7 +55,7 @@ MAX_PAIRS = 256  # history pairs of one upload
 MAX_K = 16  # synthetic samples per pair
 MAX_N, MAX_TOKENS = 8, 1024  # chat completions: choices, new tokens
 ROLES = ("system", "user", "assistant")
-THRESHOLDS = ("eps_scf", "eps_tdf", "eps_min_len", "eps_max_len")
+THRESHOLDS = tuple(f.name for f in fields(filters.Thresholds))
 
 
 class RequestError(Exception):
@@ -83,7 +85,7 @@ def get(body: dict, name: str, kind, default=..., ok=None, rule: str = "", where
 
 class Cloud:
     """What the server holds: the cloud LM, its tokenizer, the judge, default thresholds, the lock."""
-    def __init__(self, cloud_model: str, judge: str, thresholds: dict, device: str = "cpu",
+    def __init__(self, cloud_model: str, judge: str, thresholds: filters.Thresholds, device: str = "cpu",
                  token: str | None = None):
         self.model, self.tokenizer = qwen2.load(cloud_model, "float32", device)
         self.judge = augment.make_judge(judge, device)
@@ -91,7 +93,7 @@ class Cloud:
         self.lock = threading.Lock()  # one model: one generation at a time
 
     def augment(self, body: dict) -> dict:
-        """Steps 2-3 for one upload: `augment.augment` (eq. 1) then `augment.select` (eq. 2-4)."""
+        """Steps 2-3 for one upload: `augment.synthesize` (eq. 1, then eq. 2-4)."""
         get(body, "task", str, ok=lambda t: t in data.TASKS, rule=f"one of {', '.join(data.TASKS)}")
         pairs = get(body, "pairs", list, ok=lambda p: 1 <= len(p) <= MAX_PAIRS, rule=f"1 to {MAX_PAIRS} pairs")
         for i, pair in enumerate(pairs):
@@ -104,20 +106,16 @@ class Cloud:
         given = get(body, "thresholds", dict, {})
         for name in set(given) - set(THRESHOLDS):
             raise RequestError(422, f"thresholds.{name}: unknown; use {', '.join(THRESHOLDS)}", f"thresholds.{name}")
-        thresholds = dict(self.thresholds)
-        for name in THRESHOLDS:
-            thresholds[name] = get(given, name, float, thresholds[name], math.isfinite, "a finite number",
-                                   where="thresholds.")
-        pairs = [tuple(p) for p in pairs]
+        thresholds = replace(self.thresholds, **{
+            name: get(given, name, float, getattr(self.thresholds, name), math.isfinite, "a finite number",
+                      where="thresholds.") for name in THRESHOLDS})
+        settings = augment.Augmentation(k, temperature, decoding, thresholds)
+        select = functools.partial(augment.select, judge=self.judge, thresholds=thresholds)
         with self.lock:
-            originals, candidates, unparsable, off_label = augment.augment(
-                self.model, self.tokenizer, pairs, k, temperature, seed, task=data.get_task(body["task"]),
-                max_len_ratio=thresholds["eps_max_len"], structured=decoding == "structured")
-            sel = augment.select(originals, candidates, self.judge, thresholds)
-        counts = {**sel.counts, "generated": len(pairs) * k, "unparsable": unparsable,
-                  "off_label": off_label}  # as cdcda.synthesize
-        return {"records": sel.records, "counts": counts, "judge": self.judge.name, "model": self.model_name,
-                "thresholds": sel.thresholds}
+            records, counts = augment.synthesize(augment.CloudLM(self.model, self.tokenizer), [tuple(p) for p in pairs],
+                                                 settings, seed, data.get_task(body["task"]), select)
+        return {"records": records, "counts": counts, "judge": self.judge.name, "model": self.model_name,
+                "thresholds": asdict(thresholds)}  # eps_scf null: the judge's default
 
     def chat_completions(self, body: dict) -> dict:
         """OpenAI's chat completion for one conversation; n samples share one seeded generator.
@@ -244,15 +242,13 @@ class Handler(BaseHTTPRequestHandler):
 
 
 def serve(host: str = "127.0.0.1", port: int = 8000, cloud_model: str = qwen2.EMBEDDED,
-          judge: str = options.EMBEDDED["judge"], thresholds: dict | None = None, device: str = "cpu",
-          token: str | None = None):
+          judge: str = options.EMBEDDED["judge"], thresholds: filters.Thresholds = filters.Thresholds(),
+          device: str = "cpu", token: str | None = None):
     """Load the models once, then serve until interrupted. token=None reads CDCDA_TOKEN
     (unset or empty: no authorization)."""
     token = (os.environ.get("CDCDA_TOKEN") or None) if token is None else token
     if host not in ("127.0.0.1", "localhost") and not token:
         print(f"warning: serving users' personal data on {host} without CDCDA_TOKEN", file=sys.stderr)
-    thresholds = {"eps_scf": None, "eps_tdf": filters.EPS_TDF, "eps_min_len": filters.EPS_MIN_LEN,
-                  "eps_max_len": filters.EPS_MAX_LEN} | (thresholds or {})
     cloud = Cloud(cloud_model, judge, thresholds, device, token)
     server = ThreadingHTTPServer((host, port), Handler)  # bound after loading: no connection waits on it
     server.daemon_threads, server.cloud = True, cloud
@@ -272,14 +268,14 @@ def main(argv=None):
     p.add_argument("--cloud-model", default=qwen2.EMBEDDED, help="cloud LM: embedded name, hub-style dir or hub id")
     options.add_filter_options(p)
     args = p.parse_args(argv)
-    if not options.DEVICE.fullmatch(args.device):
-        p.error(f"--device {args.device!r}: use cpu, cuda or cuda:N")
-    serve(args.host, args.port, args.cloud_model, args.judge or options.EMBEDDED["judge"], options.thresholds(args),
-          args.device)
+    if problem := options.device_problem(args.device):
+        p.error(problem)
+    serve(args.host, args.port, args.cloud_model, args.judge or options.EMBEDDED["judge"],
+          options.thresholds_of(args), args.device)
 
 
 if __name__ == "__main__":
     try:
         main()
     except InputError as e:
-        sys.exit(f"server.py: error: {e}")
+        sys.exit(f"python -m cloud.server: error: {e}")

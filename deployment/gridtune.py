@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-import deploy
 import qwen2
+from deployment import deploy
 
 EPOCHS = 3
 LR = 1e-3

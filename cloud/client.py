@@ -2,20 +2,21 @@
 
 In the paper the cloud and the device are different machines: the device uploads the user's
 history D_u (step 1), the cloud augments (step 2) and selects (step 3), the device downloads
-D_filtered (step 4). `remote_augment` does steps 1-4 against `python server.py` (this
-project's cloud, `POST /v1/augment`; the protocol is in server.py); `api_chat` augments
-through any OpenAI-compatible server (vLLM, or server.py's `/v1/chat/completions`) and the
-filters then run on the device. Standard library only (`urllib.request`): timeouts, retries
+D_filtered (step 4). `remote_augment` does steps 1-4 against `python -m cloud.server` (this
+project's cloud service, `POST /v1/augment`; the protocol is in server.py); `api_chat`
+augments through any OpenAI-compatible server (vLLM, or the service's `/v1/chat/completions`)
+and the filters then run on the device. Standard library only (`urllib.request`): timeouts, retries
 with exponential backoff on connection errors and 5xx, a clear error on 4xx.
 """
 import http.client
 import json
-import os
 import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
 
+import augment
 import hub
 import qwen2
 import smollm2
@@ -29,14 +30,29 @@ class CloudUnavailable(ConnectionError):
     """No answer (connection refused or reset, timeout, 5xx) after the last try."""
 
 
-def post_json(url: str, body: dict, token: str | None, timeout: float, retries: int, backoff: float) -> dict:
-    """POST JSON; retry connection errors, timeouts and 5xx `retries` times, waiting backoff * 2**i."""
+@dataclass(frozen=True)
+class Endpoint:
+    """A server the device talks to: its URL, the bearer token (None: none sent), how long one
+    request may take, how often a failed one is retried (waiting backoff * 2**i), and how many
+    requests `openai_chat` keeps in flight at once (--cloud-concurrency)."""
+    url: str
+    token: str | None = None
+    timeout: float = 600
+    retries: int = 3
+    backoff: float = 1.0
+    concurrency: int = 4
+
+
+def post_json(endpoint: Endpoint, url: str, body: dict) -> dict:
+    """POST JSON to `url` (on `endpoint`'s server); retry connection errors, timeouts and 5xx."""
     raw = json.dumps(body).encode()
-    headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {token}"} if token else {})
+    headers = {"Content-Type": "application/json"} | (
+        {"Authorization": f"Bearer {endpoint.token}"} if endpoint.token else {})
     last = None
-    for attempt in range(retries + 1):
+    for attempt in range(endpoint.retries + 1):
         try:
-            with urllib.request.urlopen(urllib.request.Request(url, raw, headers, method="POST"), timeout=timeout) as r:
+            request = urllib.request.Request(url, raw, headers, method="POST")
+            with urllib.request.urlopen(request, timeout=endpoint.timeout) as r:
                 return json.loads(r.read())
         except urllib.error.HTTPError as e:
             try:
@@ -50,23 +66,21 @@ def post_json(url: str, body: dict, token: str | None, timeout: float, retries: 
             last = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
         except ValueError as e:
             raise CloudError(f"{url}: the answer is not JSON ({e})") from None
-        if attempt < retries:
-            time.sleep(backoff * 2 ** attempt)
-    raise CloudUnavailable(f"cloud {url} unavailable after {retries + 1} tries: {last}")
+        if attempt < endpoint.retries:
+            time.sleep(endpoint.backoff * 2 ** attempt)
+    raise CloudUnavailable(f"cloud {url} unavailable after {endpoint.retries + 1} tries: {last}")
 
 
-def remote_augment(url: str, task_name: str, pairs, k: int, temperature: float, seed: int, thresholds: dict,
-                   decoding: str = "free", token: str | None = None, timeout: float = 600, retries: int = 3,
-                   backoff: float = 1.0):
-    """Steps 1-4 through server.py: upload D_u, get back (records, counts) as `cdcda.synthesize`
-    writes them (records with "kept" flags; counts with "generated" and "unparsable").
-    `decoding`: "free" or "structured" (`augment.augment`). token=None reads CDCDA_TOKEN."""
-    token = os.environ.get("CDCDA_TOKEN") if token is None else token
-    body = {"task": task_name, "pairs": [list(p) for p in pairs], "k": k, "temperature": temperature,
-            "seed": seed, "thresholds": thresholds, "decoding": decoding}
-    answer = post_json(url.rstrip("/") + "/v1/augment", body, token, timeout, retries, backoff)
+def remote_augment(server: Endpoint, task_name: str, pairs, settings: augment.Augmentation, seed: int):
+    """Steps 1-4 through the cloud service (server.py): upload D_u, get back (records, counts) as
+    `augment.synthesize` makes them (records with "kept" flags; counts with "generated" and
+    "unparsable")."""
+    body = {"task": task_name, "pairs": [list(p) for p in pairs], "k": settings.k,
+            "temperature": settings.temperature, "seed": seed, "thresholds": asdict(settings.thresholds),
+            "decoding": settings.augment_decoding}
+    answer = post_json(server, server.url.rstrip("/") + "/v1/augment", body)
     if not (isinstance(answer.get("records"), list) and isinstance(answer.get("counts"), dict)):
-        raise CloudError(f"{url}: the answer has no records/counts: {str(answer)[:200]}")
+        raise CloudError(f"{server.url}: the answer has no records/counts: {str(answer)[:200]}")
     return answer["records"], answer["counts"]
 
 
@@ -78,18 +92,16 @@ def chat_url(url: str) -> str:
     return url + ("" if url.endswith("/v1") else "/v1") + "/chat/completions"
 
 
-def openai_chat(url: str, model: str, conversations: list[list[dict]], max_tokens: int, temperature: float,
-                seed: int, api_key: str | None = None, stop: str = "", timeout: float = 120, retries: int = 3,
-                backoff: float = 1.0, concurrency: int = 4) -> list[str]:
+def openai_chat(api: Endpoint, model: str, conversations: list[list[dict]], max_tokens: int, temperature: float,
+                seed: int, stop: str = "") -> list[str]:
     """One reply per conversation from an OpenAI-compatible server (vLLM, or server.py), as the
     server wrote it. Conversation i is sent with seed + i, so the k copies of one augmentation
     prompt differ. A conversation that ends in an assistant message is continued (vLLM's
-    `continue_final_message`); `stop` ends a reply before that text. api_key=None reads
-    OPENAI_API_KEY. Up to `concurrency` requests are in flight at once (a thread pool;
-    --cloud-concurrency), so a batching server (vLLM) has several to decode together; the
-    replies come back in the conversations' order, and the seeds make them independent of it."""
-    api_key = os.environ.get("OPENAI_API_KEY") if api_key is None else api_key
-    endpoint = chat_url(url)
+    `continue_final_message`); `stop` ends a reply before that text. Up to `api.concurrency`
+    requests are in flight at once (a thread pool), so a batching server (vLLM) has several
+    to decode together; the replies come back in the conversations' order, and the seeds make
+    them independent of it."""
+    endpoint = chat_url(api.url)
 
     def one(i):
         body = {"model": model, "messages": conversations[i], "max_tokens": max_tokens,
@@ -98,16 +110,16 @@ def openai_chat(url: str, model: str, conversations: list[list[dict]], max_token
             body |= {"continue_final_message": True, "add_generation_prompt": False}
         if stop:
             body["stop"] = stop
-        answer = post_json(endpoint, body, api_key, timeout, retries, backoff)
+        answer = post_json(api, endpoint, body)
         try:
             return answer["choices"][0]["message"]["content"] or ""
         except (KeyError, IndexError, TypeError):
             raise CloudError(f"{endpoint}: not a chat completion: {str(answer)[:200]}") from None
-    with ThreadPoolExecutor(concurrency) as pool:
+    with ThreadPoolExecutor(api.concurrency) as pool:
         return list(pool.map(one, range(len(conversations))))
 
 
-def api_chat(url: str, model: str, api_key: str | None = None, **client):
+def api_chat(api: Endpoint, model: str):
     """`generate.chat` over an OpenAI-compatible server, for `augment.augment` (--cloud-api):
     chat(model, tokenizer, conversations, max_new_tokens, temperature, seed, ..., reply_prefix,
     stop) -> list[str]; the local model and tokenizer arguments are ignored. `reply_prefix`
@@ -117,7 +129,7 @@ def api_chat(url: str, model: str, api_key: str | None = None, **client):
              reply_prefix="", stop=""):
         prefixes = [reply_prefix] * len(conversations) if isinstance(reply_prefix, str) else list(reply_prefix)
         primed = [c + [{"role": "assistant", "content": p}] if p else c for c, p in zip(conversations, prefixes)]
-        texts = openai_chat(url, model, primed, max_new_tokens, temperature, seed, api_key, stop, **client)
+        texts = openai_chat(api, model, primed, max_new_tokens, temperature, seed, stop)
         return [(p + t).strip() for p, t in zip(prefixes, texts)]
     return chat
 

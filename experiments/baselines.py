@@ -4,7 +4,7 @@
   by a dense encoder (`retrieve_dense`; MiniLM by default, Contriever one flag away).
 - EDA-FT: Easy Data Augmentation (Wei and Zou, 2019) of the user's texts (`eda`), synonyms
   from Princeton WordNet 3.0 read straight from Debian's `wordnet-base` files (`load_wordnet`).
-- Speculative decoding lives with the other decoding code (`generate.speculative_generate`).
+- Speculative decoding is speculative.py.
 - RKD-FT: distillation from the cloud model with the token-level reverse KL of MiniLLM
   (Gu et al., 2024) (`reverse_kl`, `rkd_finetune`).
 """
@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-import generate
-import lora
+import train
 from errors import InputError
+from experiments import speculative
 
 # ----------------------------------------------------------------------------------------
 # Retrieval (RAG baselines)
@@ -248,9 +248,9 @@ def reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
 
 
 def response_reverse_kl(student, teacher, ids: torch.Tensor, labels: torch.Tensor, vocab_size: int):
-    """`lora.response_loss` with the reverse KL to the frozen teacher: ids, labels (B, T); only
+    """`train.response_loss` with the reverse KL to the frozen teacher: ids, labels (B, T); only
     the N positions that predict a labelled (response) token go through the output heads."""
-    keep = labels[:, 1:] != lora.IGNORE  # (B, T-1): position t predicts token t + 1
+    keep = labels[:, 1:] != train.IGNORE  # (B, T-1): position t predicts token t + 1
     student_logits = student.lm_head(student.model(ids)[:, :-1][keep])[:, :vocab_size]  # (N, V)
     with torch.no_grad():
         device = next(teacher.parameters()).device
@@ -259,10 +259,9 @@ def response_reverse_kl(student, teacher, ids: torch.Tensor, labels: torch.Tenso
     return reverse_kl(student_logits, teacher_logits, torch.ones(len(student_logits), device=student_logits.device))
 
 
-def rkd_finetune(student, teacher, tokenizer, examples: list[tuple[list[dict], str]], epochs: int = 2,
-                 lr: float = 2e-4, batch_size: int = 4, grad_accum: int = 1, max_length: int = 512,
+def rkd_finetune(student, teacher, tokenizer, examples: list[tuple[list[dict], str]], training: train.Training,
                  seed: int = 0, desc: str | None = None, teacher_tokenizer=None) -> list[float]:
-    """RKD-FT: `lora.finetune` with the reverse KL to the teacher's next-token distributions on
+    """RKD-FT: `train.finetune` with the reverse KL to the teacher's next-token distributions on
     the response positions (`response_reverse_kl`) in place of the cross-entropy to the response
     tokens: same examples, batching, seeded order, AdamW, clipping and divergence check.
 
@@ -272,13 +271,12 @@ def rkd_finetune(student, teacher, tokenizer, examples: list[tuple[list[dict], s
     vocabulary (Qwen2.5 pads to 151936). Returns the mean loss of each epoch.
     """
     if teacher_tokenizer is not None:
-        generate.check_shared_tokenizer(tokenizer, teacher_tokenizer)
+        speculative.check_shared_tokenizer(tokenizer, teacher_tokenizer)
     V = tokenizer.tokenizer.get_vocab_size()
     for name, model in (("student", student), ("teacher", teacher)):
         if model.config.vocab_size < V:
             raise ValueError(f"rkd_finetune: the {name} has {model.config.vocab_size} logits but the "
                              f"tokenizer has {V} tokens: the models do not share this tokenizer")
     teacher.eval()
-    return lora.finetune(student, tokenizer, examples, epochs=epochs, lr=lr, batch_size=batch_size,
-                         grad_accum=grad_accum, max_length=max_length, seed=seed, desc=desc or "RKD fine-tune",
-                         loss_fn=lambda model, ids, labels: response_reverse_kl(model, teacher, ids, labels, V))
+    return train.finetune(student, tokenizer, examples, training, seed=seed, desc=desc or "RKD fine-tune",
+                          loss_fn=lambda model, ids, labels: response_reverse_kl(model, teacher, ids, labels, V))

@@ -1,15 +1,15 @@
 """Table 3 (paper sec. 5.5): stored size, peak memory, time to first token and decoding speed of
 the cloud model and the personalized device model, before and after deployment, on this machine.
 
-    python efficiency.py [--cloud-model M] [--device-model M] [--runs 5] [--out DIR]
-    python efficiency.py --paper-shapes [--runs 5] [--new-tokens 16]
+    python -m experiments.efficiency [--cloud-model M] [--device-model M] [--runs 5] [--out DIR]
+    python -m experiments.efficiency --paper-shapes [--runs 5] [--new-tokens 16]
 
 Rows (each built and timed in a fresh process, so that one's memory cannot count for another):
 - cloud: the cloud LM as the pipeline runs it (fp32); with --paper-shapes Qwen2.5-3B-Instruct's
   shapes in bf16.
 - device, NF4 + LoRA: NF4 block linears with bf16 compute and an fp32 LoRA adapter (r = 16) on
   every block linear; embedding (tied head) and norms bf16. What the device trains.
-- device, deployed: that model after `deploy.deploy` (LoRA merged, int4 groups of 32 on torch's
+- device, deployed: that model after `deploy.deploy` (deployment/) (LoRA merged, int4 groups of 32 on torch's
   fused kernel, int8 embedding and head; nearest codes, untuned: gridtune.py changes only the
   values of the scales and zero points). What the device serves (MLC-LLM's role in the paper).
 - anchors with --paper-shapes, all Qwen2.5-0.5B-Instruct's shapes: the model in bf16 and fp32,
@@ -35,7 +35,6 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-import deploy
 import generate
 import hub
 import lora
@@ -43,6 +42,7 @@ import nf4
 import options
 import qwen2
 import report
+from deployment import deploy
 from errors import InputError
 
 # Qwen2.5's config.json values (REFERENCE.md): both tie the head to the embedding; q/k/v biases.
@@ -269,8 +269,8 @@ def main(argv=None) -> dict:
     p.add_argument("--out", default="runs", help="writes OUT/efficiency.json and .md (-paper-shapes with "
                    "--paper-shapes); OUT/NAME.partial.json as rows finish")
     args = p.parse_args(argv)
-    if not options.DEVICE.fullmatch(args.device):
-        p.error(f"--device {args.device!r}: use cpu, cuda or cuda:N")
+    if problem := options.device_problem(args.device):
+        p.error(problem)
     args.new_tokens = args.new_tokens or (16 if args.paper_shapes else 32)
     if args.runs < 1 or args.lora_r < 1 or args.new_tokens < 2:
         p.error("--runs and --lora-r must be at least 1, --new-tokens at least 2")
@@ -289,4 +289,4 @@ if __name__ == "__main__":
     try:
         main()
     except InputError as e:
-        sys.exit(f"efficiency.py: error: {e}")
+        sys.exit(f"python -m experiments.efficiency: error: {e}")

@@ -1,0 +1,187 @@
+"""The on-device fine-tuning of eq. 6: Delta W_u = argmin CE(M_device | D_u + D_u^filtered).
+
+`finetune` trains a model's LoRA adapters (`lora.py`, eq. 5) with cross-entropy on the
+response tokens of ChatML examples, AdamW over the adapter only. An example is encoded as
+the device will see it when it answers (`encode_example`: the chat template with the
+generation prompt, then the response and the end-of-turn token); a prompt too long for
+`max_length` loses the end of its user content (`fit_messages`), one rule for training and
+answering. `Training` holds the settings of step 5 (sec. 5.1: r = 16, alpha = 8).
+"""
+import math
+import random
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+IGNORE = -100  # label of a token that carries no loss (prompt, padding)
+MAX_GRAD_NORM = 1.0  # gradient clipping, as transformers' Trainer does by default
+
+
+@dataclass(frozen=True)
+class Training:
+    """Step 5's settings (eq. 5, 6); the field names are cdcda.py's options. The paper gives
+    r and alpha, no epochs or learning rate (README, "Decisions the paper leaves open")."""
+    lora_r: int = 16
+    lora_alpha: float = 8
+    epochs: int = 3
+    lr: float = 5e-4  # AdamW, no weight decay
+    batch_size: int = 4
+    max_length: int = 384  # tokens of prompt + response
+
+
+def fit_messages(tokenizer, messages: list[dict], budget: int) -> list[dict]:
+    """The messages with the last user message's content shortened at its end, so that the
+    rendered prompt (chat template + generation prompt) takes at most `budget` tokens; the
+    messages themselves when they already fit.
+
+    One rule for training (`encode_example`) and answering (the device's prompt before
+    generation), so the model answers the prompt shape it was trained on. What is kept: the
+    template, the system text, the content's start (LaMP's instruction comes first: "Generate a
+    headline for the following article: ...", "... review: ...") and the content's trailing
+    whitespace (appendix B's space before <|im_end|>); what goes: the end of the review, the
+    article, the abstract. Raises ValueError when the prompt without that content is already
+    over `budget`.
+    """
+    def length(msgs):
+        return len(tokenizer.encode(tokenizer.apply_chat_template(msgs, add_generation_prompt=True)))
+
+    over = length(messages) - budget
+    if over <= 0:
+        return messages
+    users = [i for i, m in enumerate(messages) if m["role"] == "user"]
+    if not users:
+        raise ValueError(f"the prompt takes {over + budget} tokens > {budget} and has no user content to shorten")
+    i = users[-1]
+    body = messages[i]["content"].rstrip()
+    tail = messages[i]["content"][len(body):]
+    ids = tokenizer.encode(body)
+    keep = len(ids) - over
+    while True:  # a cut can re-tokenize differently at its edge: measure again, cut again
+        kept = tokenizer.decode(ids[:keep]).rstrip() if keep > 0 else ""
+        fitted = messages[:i] + [{**messages[i], "content": kept + tail}] + messages[i + 1:]
+        over = length(fitted) - budget
+        if over <= 0:
+            return fitted
+        if keep <= 0:
+            raise ValueError(f"the chat template and the other messages alone take {over + budget} tokens, "
+                             f"more than the {budget} allowed; raise --max-length")
+        keep -= over
+
+
+def encode_example(tokenizer, messages: list[dict], response: str, max_length: int) -> tuple[list[int], int]:
+    """One training example -> (token ids, number of prompt tokens).
+
+    ids = chat_template(messages, add_generation_prompt=True) + response + <|im_end|>: the
+    prompt is what the model sees at inference, the rest is what it must produce. Longer than
+    `max_length`: the prompt gets max(max_length - response tokens, max_length // 2) tokens, its
+    user content shortened at its end (`fit_messages`: template, system text and instruction
+    stay), and the response gets the rest (cut at its end, losing its <|im_end|>, only when it
+    alone is longer than half of max_length).
+    """
+    end = tokenizer.encode(tokenizer.end_of_turn)  # <|im_end|> (ChatML), </s> (T5)
+    if len(end) != 1:
+        raise ValueError(f"tokenizer encodes {tokenizer.end_of_turn!r} as {end}, not as one special token")
+    answer = tokenizer.encode(response) + end
+    messages = fit_messages(tokenizer, messages, max(max_length - len(answer), max_length // 2))
+    prompt = tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+    return prompt + answer[: max_length - len(prompt)], len(prompt)
+
+
+def finetune(model: nn.Module, tokenizer, examples: list[tuple[list[dict], str]], training: Training,
+             seed: int = 0, desc: str | None = None, loss_fn=None) -> list[float]:
+    """Eq. 6: train the model's trainable (LoRA) parameters with cross-entropy on the response
+    tokens of `examples` [(ChatML prompt messages, response text), ...]. Returns the mean loss of
+    each epoch. `loss_fn(model, ids (B, T), labels (B, T)) -> scalar` replaces the cross-entropy
+    (default `response_loss`); RKD-FT passes the reverse KL to a teacher (baselines.py).
+
+    Batches of `batch_size` examples in a seeded shuffled order, right-padded (with a causal
+    mask a real token never sees the padding after it, so no attention mask is needed); logits
+    are computed only where a label is (the response), AdamW (no weight decay) steps on each
+    batch's mean loss, gradients clipped to norm 1. A NaN/inf loss or
+    gradient, or a loss above twice the first batch's (or above 2 ln V, twice that of uniform
+    guessing, if that is more) raises FloatingPointError before the optimizer steps on it, so
+    no broken adapter gets saved. Seeds torch's global RNG with `seed` (LoRA dropout).
+
+    Precision: no autocast. On an NF4 model (`nf4.quantize_model`) the base already computes in
+    bf16 and the fp32 adapters cast their input, so only the LoRA matmuls (rank r) run in fp32;
+    wrapping the step in torch.autocast(bf16) measured no faster on the CPU.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("finetune: the model has no trainable parameters; call lora.add_lora(model) first")
+    if not examples:
+        raise ValueError("finetune: no training examples")
+    max_length, batch_size = training.max_length, training.batch_size
+    encoded = [encode_example(tokenizer, messages, response, max_length) for messages, response in examples]
+    cut = sum(len(ids) >= max_length for ids, _ in encoded)
+    if cut:
+        print(f"finetune: {cut} of {len(encoded)} examples reach max_length={max_length}; "
+              "user contents cut at their end (see train.fit_messages)", file=sys.stderr)
+    device = params[0].device
+    optimizer = torch.optim.AdamW(params, lr=training.lr, weight_decay=0.0)
+    rng = random.Random(seed)
+    torch.manual_seed(seed)  # LoRA dropout
+    batches_per_epoch = math.ceil(len(encoded) / batch_size)
+    was_training = model.training
+    model.train()
+    epoch_losses, limit = [], None
+    with tqdm(total=training.epochs * batches_per_epoch, desc=desc or "fine-tune", unit="batch") as bar:
+        for epoch in range(training.epochs):
+            order = list(range(len(encoded)))
+            rng.shuffle(order)
+            total = 0.0
+            for i in range(batches_per_epoch):
+                batch = [encoded[j] for j in order[i * batch_size:(i + 1) * batch_size]]
+                ids, labels = right_pad(batch, tokenizer.pad_token_id, device)  # (B, T) each
+                loss = (loss_fn or response_loss)(model, ids, labels)
+                if limit is None:  # twice the first loss, or twice that of uniform guessing
+                    limit = 2 * max(loss.item(), math.log(model.config.vocab_size))
+                check_loss(loss, limit, f"epoch {epoch + 1}, batch {i + 1}")
+                loss.backward()
+                norm = torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
+                if not torch.isfinite(norm):
+                    raise FloatingPointError(f"finetune: gradient norm is {norm.item()} at epoch {epoch + 1}, "
+                                             f"batch {i + 1}; lower lr={training.lr}")
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                total += loss.item()
+                bar.update(1)
+                bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")
+            epoch_losses.append(total / batches_per_epoch)
+    model.train(was_training)
+    return epoch_losses
+
+
+def right_pad(batch: list[tuple[list[int], int]], pad_token_id: int, device="cpu"):
+    """[(ids, n_prompt), ...] -> ids (B, T_max), labels (B, T_max): labels are the ids on the
+    response tokens and IGNORE on the prompt and the padding."""
+    T = max(len(ids) for ids, _ in batch)
+    ids = torch.full((len(batch), T), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(batch), T), IGNORE, dtype=torch.long)
+    for row, (tokens, n_prompt) in enumerate(batch):
+        ids[row, : len(tokens)] = torch.tensor(tokens)
+        labels[row, n_prompt: len(tokens)] = torch.tensor(tokens[n_prompt:])
+    return ids.to(device), labels.to(device)
+
+
+def response_loss(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over the labelled positions: position t predicts
+    labels[t + 1]. Only those positions go through the output head (fp32 logits). An
+    encoder-decoder (t5.T5) computes its own (prompt to the encoder, response to the decoder)."""
+    if hasattr(model, "response_loss"):
+        return model.response_loss(ids, labels)
+    hidden = model.model(ids)  # (B, T, H)
+    target = labels[:, 1:]  # (B, T-1)
+    keep = target != IGNORE
+    logits = model.lm_head(hidden[:, :-1][keep])  # (N, V), N = response tokens in the batch
+    return F.cross_entropy(logits.float(), target[keep])
+
+
+def check_loss(loss: torch.Tensor, limit: float, where: str) -> None:
+    if not torch.isfinite(loss) or loss.item() > limit:
+        raise FloatingPointError(f"finetune: loss {loss.item()} at {where} (NaN/inf or above {limit:.1f}): "
+                                 "training diverged; lower the learning rate")
