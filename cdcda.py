@@ -173,17 +173,11 @@ class Pipeline:
 
 
 @dataclass
-class Run:
-    """What a method sees of one user: the data, the models, the settings, where to write."""
-    task: data.Task
+class Run(Pipeline):
+    """What a method sees of one user: the pipeline, the user's data, the seed, where to write."""
     user: data.User
     pairs: list  # D_u as (x, y)
     kept: list | None  # D_filtered, when a method needs synthetic data
-    device_model: torch.nn.Module  # NF4 M_base
-    tokenizer: qwen2.Tokenizer
-    cloud: augment.CloudLM | None
-    settings: Settings
-    device: str  # this process's: cuda:LOCAL_RANK under a launcher (runner.device_for)
     seed: int
     user_dir: Path
     losses: dict = field(default_factory=dict)  # method -> loss per epoch
@@ -263,7 +257,7 @@ def run_user(p: Pipeline, user: data.User, user_dir: Path) -> dict:
         kept = [(r["syn_input"], r["syn_output"]) for r in records if r["kept"]]
     if counts:
         result["counts"] = counts
-    run = Run(p.task, user, pairs, kept, p.device_model, p.tokenizer, p.cloud, p.settings, p.device, seed, user_dir)
+    run = Run(**vars(p), user=user, pairs=pairs, kept=kept, seed=seed, user_dir=user_dir)
     for method in p.settings.methods:
         t = time.time()
         result["predictions"][method] = p.methods[method].run(run)

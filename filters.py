@@ -4,26 +4,15 @@ A synthetic sample (x_syn, y_syn) generated from an original (x, y) is kept only
   SCF (eq. 2)  M(x => x_syn) >= eps_scf  and  M(x_syn => x) >= eps_scf   same meaning
   TDF (eq. 3)  ROUGE-L(x, x_syn) <= eps_tdf                               different wording
   LSF (eq. 4)  eps_min_len * len(x) <= len(x_syn) <= eps_max_len * len(x)  sensible length
-As in the equations, all three compare the inputs x only; the response y_syn is not checked
-here (for LaMP-1/2/3 it is a label or a rating, on which NLI or ROUGE mean nothing;
-unparseable generations are dropped earlier, by the augmentation step).
-LaMP inputs carry the task's instruction ("Generate a headline for the following article:
-{text}"; for LaMP-2 the 15-tag list too), and that shared text alone gives two unrelated
-inputs of the demo data a MiniLM cosine of about 0.5-0.8 and a ROUGE-L of 0.4-0.8. So x here
-is the user's text without the instruction (`cdcda.upload` cuts it before augmentation).
-len(text) = number of whitespace-separated words (`len(text.split())`): it counts
-punctuation-attached and non-ASCII words alike, which rouge tokens would not.
+As in the equations, all three compare the inputs x only (for LaMP-1/2/3 y is a label or a
+rating); x is the user's text without the task instruction (`cdcda.upload` cuts it: that shared
+text alone makes unrelated inputs look alike), and len() counts whitespace-separated words.
 
-The judge M is pluggable: a callable `judge(premises, hypotheses) -> list[float]` with a
-`.name` and a `.default_eps_scf`. `NLIJudge` is the paper's (an NLI cross-encoder's
-P(entailment)); `EmbeddingJudge` is the offline proxy (cosine similarity of
-all-MiniLM-L6-v2 sentence embeddings: symmetric, and not entailment).
-
-Default thresholds (the paper gives none): EPS_SCF_EMBEDDING = 0.6, EPS_SCF_NLI = 0.5
-(P(entailment) at least the other labels' combined mass), EPS_TDF = 0.75, and a length ratio
-in [0.5, 2.0]. They sit in the gaps that `bench/bench_filters.py` measures with
-all-MiniLM-L6-v2 on hand-written LaMP-style paraphrases, near-copies and unrelated texts;
-its figures and the reasoning are in RESULTS.md.
+The judge M is a callable `judge(premises, hypotheses) -> list[float]` with a `.name` and a
+`.default_eps_scf`: `NLIJudge` is the paper's (an NLI cross-encoder's P(entailment)),
+`EmbeddingJudge` the offline proxy (cosine of sentence embeddings: symmetric, not entailment).
+The paper gives no thresholds; the defaults sit in the gaps `bench/bench_filters.py` measures
+(README, "Decisions the paper leaves open"; figures in RESULTS.md).
 """
 from dataclasses import asdict, dataclass, field, replace
 

@@ -48,16 +48,10 @@ def write_atomic(path: Path, text: str) -> None:
 
 @contextmanager
 def exclusive(path: Path, what: str):
-    """Hold an exclusive lock on the file `path` for the block (fcntl.flock); wait if another
-    process holds it.
-
-    Why flock: the kernel attaches the lock to the open file, and closes every file of a
-    process that ends, however it ends (exit, exception, SIGKILL, out of memory), so a crashed
-    holder never leaves a stale lock behind: the next waiter gets it, finds no cached model,
-    and trains it itself. A lock made by creating a file (O_EXCL) or writing a pid into it
-    would outlive a killed holder and need a timeout or a human. Across machines the file must
-    be on a file system whose flock is shared between hosts (NFS v4; Lustre mounted -o flock).
-    """
+    """Hold an exclusive lock on the file `path` for the block; wait if another process holds it.
+    fcntl.flock, because the kernel releases it with its process however that ends (a SIGKILL
+    too): no stale lock, the next waiter makes what is missing. Across machines the file needs
+    a file system whose flock reaches all hosts (NFS v4; Lustre mounted -o flock)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
         try:

@@ -1,23 +1,13 @@
-"""Every target user of a run: this process's share of them (shards), resume, progress.
+"""The loop over a run's target users (cdcda.py runs one): shards, resume, the settings check.
 
-The method (cdcda.py) runs one user at a time; this is the loop around it, kept apart so the
-method reads top to bottom.
-
-Shards. Shard i of n takes the target users targets[i::n] (`share`): round-robin over the
-list `data.split_users` gives (most active first), so every shard gets long and short
-histories alike, and the share depends only on (i, n) and the data, never on timing. (i, n)
-comes from `--shard I/N`, else from the launcher the process runs under: torchrun's
-RANK / WORLD_SIZE, Slurm's SLURM_PROCID / SLURM_NTASKS (`shard_of`). With `--device cuda`
-each process takes the GPU of its launcher's local rank (LOCAL_RANK, SLURM_LOCALID):
-cuda:LOCAL_RANK (`device_for`). No process talks to another (no torch.distributed process
-group): they share only files; M_base and the history rewrites are made once, under a lock.
-
-Files. All shards write into one --out. A user's directory is written by the one shard that
-owns it: settings.json (the run's fingerprint: its settings but the evaluation-only ones), then
-result.json when the user is done (`each_user`). A re-run skips the users whose result.json has
-every method, and refuses an --out whose users were made with other settings
-(`check_settings`), before any work. The table is written once every target user is done
-(`finished`): by the last shard to finish, or by `python cdcda.py report`.
+Shard i of n takes targets[i::n] (`share`, round-robin over the most active first); (i, n)
+comes from `--shard I/N`, else torchrun's RANK / WORLD_SIZE or Slurm's SLURM_PROCID /
+SLURM_NTASKS (`shard_of`), and `--device cuda` becomes the launcher's local GPU (`device_for`).
+Processes share only files: all write into one --out, each user's directory by the shard that
+owns it, settings.json first (the run's fingerprint), result.json when the user is done. A
+re-run skips finished users and refuses other settings before any work (`check_settings`); the
+table is written once every target user is done (`finished`), by the last shard or by
+`python cdcda.py report`.
 """
 import json
 import os

@@ -1,46 +1,26 @@
 """LaMP data for cdcda: the six tasks, their appendix-B prompts, the two file formats, the demo.
 
-The paper (sec. 5.1) personalizes one on-device model per user on six LaMP tasks (LaMP-6 is
-private and left out). Each task is a `Task` in `TASKS` ("lamp1" ... "lamp7"): its profile
-fields, label list, metric kind, and its appendix-B prompt.
+Each task (sec. 5.1; LaMP-6 is private) is a `Task` in `TASKS` ("lamp1" ... "lamp7"): its
+profile fields, label list, metric kind and appendix-B prompt. `Task.messages(query_input,
+retrieved=())` is that prompt as ChatML messages (system, user; appendix B's `<lim_start>` is an
+OCR of `<|im_start|>`): the user message is the retrieved block ("field: value; ..." per item,
+newline-ended; empty unless a RAG row fills it) then LaMP's query input, which already holds
+the task instruction. Whitespace is kept as appendix B prints it (`Task.user_end`).
+`Task.pair(item)` turns a profile item into (input, output) in the format of the task's
+queries, so fine-tuning on the history teaches the query task (README, "Profile item ->
+training pair": lamp2 description -> tag, lamp3 review -> score, lamp4 article -> headline,
+lamp5 and lamp1 abstract -> title, lamp7 tweet -> the same tweet).
 
-Prompts (appendix B). `Task.messages(query_input, retrieved=())` returns ChatML messages
-`[{"role": "system", ...}, {"role": "user", ...}]`; the decoder's `apply_chat_template`
-renders them (appendix B's `<lim_start>` is an OCR of ChatML's `<|im_start|>`).
-- LaMP's query `input` already holds the task instruction ("Paraphrase the following tweet
-  without any explanation before or after it: ..."), so the user message is the retrieved
-  block (empty unless a RAG baseline fills it) followed by the query input as given.
-- Whitespace is kept as appendix B prints it: the system texts of LaMP-2..7 end in a space
-  ("... for the given movie. <|im_end|>"), LaMP-1's does not; the user message of LaMP-2..7
-  ends in a space after the query text, LaMP-1's does not (`Task.user_end`).
-- `{RETRIEVED USER HISTORY}`: `Task.format_history(items)` writes one line per profile item,
-  "field: value; field: value", and ends the block with a newline, so the query starts on the
-  next line as in appendix B. With no items the user message starts with the query itself.
-
-Training pairs. `Task.pair(item)` turns one profile item into (input, output) in the format
-of the task's queries, so fine-tuning on the history teaches the query task:
-- lamp2 description -> tag, lamp3 review text -> score, lamp4 article text -> headline,
-  lamp5 abstract -> title, each behind the same instruction text LaMP's queries use.
-- lamp7: profile items hold only the user's own tweet. Input = the paraphrase instruction +
-  the tweet, output = the same tweet: the pair teaches the user's wording, not a rewrite.
-- lamp1: a citation choice needs two candidates, so a single paper cannot form a query-format
-  pair; abstract -> title as OPPU does: it teaches the author's topics and vocabulary.
-
-Files. `load_users(task, data_dir)` reads every JSON file in `data_dir/<task>/` (e.g.
-`DIR/lamp7/`; None: the embedded demo `data/demo/lamp7/`; `data/stream/lamp7/users.json` is
-the lamp7 demo with the targets' histories written out to 48 tweets, for the buffer comparison);
-users of different files who share a profile item id are one person (`merge_people`):
-- `X_questions.json` + `X_outputs.json` (LaMP's official format; LaMP's LaMP_7/dev/
-  dev_questions.json and dev_outputs.json, train_* alike, go in as they are): questions
-  `[{id, input, profile: [...]}]`, outputs `{task: "LaMP_7", golds: [{id, output}]}`. Each
-  question carries its user's history; questions with identical profiles are one user
-  (user_id = the first such question's id), so a user can have several queries.
-- any other `*.json`: the per-user format (OPPU): `[{user_id, profile, query: [{id, input,
-  gold}]}]`.
-Bad files end in an `errors.InputError` naming the file, the record index and its id (no task
-directory, malformed JSON, a missing field, duplicate ids, a question without a gold, a gold
-outside the labels, ...); a profile item missing a field, a user with no history or no query
-is skipped with a warning.
+`load_users(task, data_dir)` reads every JSON file in `data_dir/<task>/` (None: the embedded
+demo, `data/demo/<task>/`; `data/stream/lamp7/` holds longer histories for the buffer
+comparison); users of different files who share a profile item id are one person
+(`merge_people`):
+- `X_questions.json` + `X_outputs.json`, LaMP's official format (`[{id, input, profile}]` and
+  `{task, golds: [{id, output}]}`): questions with identical profiles are one user (user_id =
+  the first such question's id), so a user can have several queries;
+- any other `*.json`: the per-user format (OPPU), `[{user_id, profile, query: [{id, input, gold}]}]`.
+Bad files end in an `errors.InputError` naming the file, the record index and its id; a profile
+item missing a field, a user with no history or no query is skipped with a warning.
 """
 import json
 import random

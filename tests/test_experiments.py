@@ -19,8 +19,8 @@ def make_run(tmp_path, profile, queries, device_model=None, tokenizer=None, clou
     task = data.get_task("lamp7")
     user = data.User("u1", profile, [data.Query(f"q{i}", task.pair_input.format(text=q), q) for i, q in enumerate(queries)])
     settings = options.parse(["--k", str(k)], methods.METHODS)
-    return cdcda.Run(task, user, cdcda.upload(task, user), kept, device_model, tokenizer, cloud, settings, "cpu",
-                     seed=7, user_dir=tmp_path)
+    return cdcda.Run(task, device_model, tokenizer, cloud, None, None, settings, methods.METHODS, cdcda.Steps(), "cpu",
+                     user, cdcda.upload(task, user), kept, seed=7, user_dir=tmp_path)
 
 
 @pytest.mark.parametrize("where", ["cloud", "device"])
