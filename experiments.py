@@ -345,6 +345,8 @@ def main(argv=None) -> dict:
     table1 = args.methods is not None or not (args.ablations or args.sweep_k or args.compare_buffers or args.table4)
     args.methods = ",".join(TABLE1) if args.methods in (None, "all") else args.methods
     args = options.check_args(p, args, METHODS)
+    if table1 and "eda-ft" in args.methods:  # before any work, not when Table 1 reaches its EDA-FT row
+        baselines.check_wordnet(WORDNET_DIR)
     if args.compare_buffers and args.buffer:
         p.error("--compare-buffers streams every user through its own buffers; drop --buffer")
     sizes = args.buffer_sizes.split(",")

@@ -77,8 +77,26 @@ def test_eda_pairs_add_k_variants_per_pair_with_the_response_kept(tmp_path, monk
         experiments.eda_pairs(run)
 
 
+def test_eda_ft_without_wordnet_stops_before_any_work_in_one_line(monkeypatch, tmp_path, capsys):
+    calls = []
+    monkeypatch.setattr(cdcda, "run", lambda args, methods: calls.append(args) or {"rows": {}})
+    monkeypatch.setattr(experiments, "WORDNET_DIR", str(tmp_path / "wordnet"))
+    for methods in ("all", "base,eda-ft"):
+        with pytest.raises(InputError) as e:
+            experiments.main(["--methods", methods, "--out", str(tmp_path)])
+        message = str(e.value)
+        assert "\n" not in message and str(tmp_path / "wordnet") in message and "data.noun" in message
+        assert "make wordnet" in message and "apt-get install wordnet-base" in message
+    assert not calls  # nothing ran
+    experiments.main(["--methods", "base,direct-ft", "--out", str(tmp_path)])  # no EDA-FT: no WordNet needed
+    monkeypatch.setattr(experiments, "WORDNET_DIR", str(WORDNET))
+    experiments.main(["--methods", "all", "--out", str(tmp_path)])
+    assert len(calls) == 2
+
+
 def test_methods_all_and_ablations_expand(monkeypatch, tmp_path):
     calls = []
+    monkeypatch.setattr(experiments, "WORDNET_DIR", str(WORDNET))  # Table 1's EDA-FT row checks it first
     monkeypatch.setattr(cdcda, "run", lambda args, methods: calls.append((args, methods)) or {"rows": {}})
     experiments.main(["--methods", "all", "--out", str(tmp_path)])
     args, methods = calls[-1]
