@@ -369,7 +369,9 @@ def run(args, methods=METHODS) -> dict:
         print(f"shard {shard.index}/{shard.count}: its {len(mine)} users are done; {len(missing)} of {len(targets)} "
               f"are not yet ({', '.join(missing)}); `python cdcda.py report --out {out}` writes the table when they are")
         return {"shard": f"{shard.index}/{shard.count}", "missing": missing}
-    return report.write(report.build(task, targets, results, common, labels), out)
+    rep = report.write(report.build(task, targets, results, common, labels), out)
+    report.write_extras(task, targets, results, args.methods, out)  # issue 23: LaMP's files, Table 5
+    return rep
 
 
 def main(argv=None) -> dict:

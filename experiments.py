@@ -4,9 +4,10 @@
     python experiments.py --task lamp7 --ablations     Table 2: RS, -DS, -LDA, -FT (`ABLATIONS`)
     python experiments.py --task lamp7 --sweep-k       Figure 2: CDCDA-PLM at k = 1, 3, 5, and its plot
     python experiments.py --task lamp7 --compare-buffers --data data/stream
+                                                       Qin et al.'s online buffer against the whole history
     python experiments.py --table4 lamp2,lamp7 --device-model google/flan-t5-base
                                                        Table 4: an encoder-decoder device model, +BM25 and CDCDA-PLM
-                                                       Qin et al.'s online buffer against the whole history
+    python experiments.py --table5 lamp2,lamp7         Table 5: the data's statistics, from OUT/<task> (run if unfinished)
 Every other option is cdcda.py's (one parser: cdcda's options plus these).
 
 Each row is a function of a `cdcda.Run` (one target user) in `METHODS`; the pipeline runs,
@@ -46,6 +47,7 @@ from pathlib import Path
 import matplotlib
 import torch
 
+import appendix
 import baselines
 import cdcda
 import data
@@ -309,6 +311,27 @@ def table4(args, tasks: list[str], root: Path) -> dict:
     return reports
 
 
+# ---------------------------------------------------------------- Table 5
+def table5(args, tasks: list[str], root: Path) -> dict:
+    """Table 5 (appendix A): each task's target users' test data and kept synthetic data, from the
+    run in root/<task> (Table 1's, or `python cdcda.py --task T --out root/T`). A task with no run
+    there is run with CDCDA-PLM alone, an unfinished one is finished (its own methods); a task
+    still unfinished after that (a shard's part, --plan) shows no row. The table in root/table5.md."""
+    rows, tokenizers = {}, set()
+    for task in tasks:
+        out = root / task
+        saved = appendix.run_args(out) if (out / "run.json").is_file() else None
+        if saved is None or report.finished(out, appendix.targets_of(saved)[1], saved.methods)[1]:
+            methods = [m for m in saved.methods if m in METHODS] if saved else ["cdcda"]
+            if "rows" not in cdcda.run(variant(args, task=task, methods=methods, out=str(out)), METHODS):
+                continue
+        rows[task] = appendix.table5_of_run(out)[1]
+        tokenizers.add(appendix.run_args(out).device_model)
+    if rows:
+        appendix.write_table5(rows, ", ".join(sorted(tokenizers)), root)
+    return rows
+
+
 # ---------------------------------------------------------------- the command
 def acceptance(rep: dict, out: Path) -> str:
     """The speculative row's acceptance rate (accepted / drafted tokens, all target users), put
@@ -341,8 +364,12 @@ def main(argv=None) -> dict:
     p.add_argument("--table4", nargs="?", const=",".join(PAPER_TABLE4), metavar="TASKS", help="Table 4: the "
                    "--device-model (a T5 such as google/flan-t5-base, or a decoder) +BM25 and CDCDA-PLM on TASKS "
                    "(default all six), in OUT/<task> (OUT default runs/table4), the table in OUT/table4.md")
+    p.add_argument("--table5", nargs="?", const=",".join(PAPER_TABLE4), metavar="TASKS", help="Table 5: the "
+                   "statistics of the runs in OUT/<task> (OUT default runs; a task not run is run with cdcda), "
+                   "in OUT/table5.md")
     args = p.parse_args(argv)
-    table1 = args.methods is not None or not (args.ablations or args.sweep_k or args.compare_buffers or args.table4)
+    table1 = args.methods is not None or not (args.ablations or args.sweep_k or args.compare_buffers or args.table4
+                                              or args.table5)
     args.methods = ",".join(TABLE1) if args.methods in (None, "all") else args.methods
     args = options.check_args(p, args, METHODS)
     if table1 and "eda-ft" in args.methods:  # before any work, not when Table 1 reaches its EDA-FT row
@@ -360,7 +387,7 @@ def main(argv=None) -> dict:
             p.error(f"--buffer-rows: no row {', '.join(unknown)}; the rows are {','.join(buffers)}")
         buffers = {r: buffers[r] for r in rows}
     experiment = {k: getattr(args, k) for k in ("ablations", "sweep_k", "compare_buffers", "buffer_sizes",
-                                                 "buffer_rows", "table4")}
+                                                 "buffer_rows", "table4", "table5")}
     for k in experiment:
         delattr(args, k)  # not pipeline settings: left out of the runs' settings fingerprints
     reports = {}
@@ -378,6 +405,9 @@ def main(argv=None) -> dict:
     if experiment["table4"]:
         tasks = [data.get_task(t).name for t in experiment["table4"].split(",")]
         reports["table4"] = table4(args, tasks, Path(args.out or "runs/table4"))
+    if experiment["table5"]:  # issue 23
+        reports["table5"] = table5(args, [data.get_task(t).name for t in experiment["table5"].split(",")],
+                                   Path(args.out or "runs"))
     return reports
 
 

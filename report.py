@@ -12,6 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
+import appendix
 import data
 import encoder
 import hub
@@ -129,8 +130,12 @@ def main(argv=None) -> dict:
     p.add_argument("--out", required=True, help="the run's output directory (holds run.json and users/)")
     p.add_argument("--bertscore-model", default=None, help="BERTScore backbone (default: the run's)")
     p.add_argument("--bertscore-layer", type=int, default=None, help="its layer (default: the run's)")
+    p.add_argument("--case-study", metavar="USER_ID", help="also OUT/case-study-USER_ID.md: the user's history, "
+                   "kept synthetic pairs and every method's answers (the paper's Figure 3)")
     given = p.parse_args(argv)
     out = Path(given.out)
+    if given.case_study:  # issue 23: the case study, before any scoring
+        return {"case_study": str(appendix.case_study(out, given.case_study))}
     if not (out / "run.json").is_file():
         raise InputError(f"{out / 'run.json'}: missing; --out must be the directory of a cdcda.py run")
     args = argparse.Namespace(**json.loads((out / "run.json").read_text()))
@@ -144,7 +149,9 @@ def main(argv=None) -> dict:
     if missing:
         raise InputError(f"{out}: {len(missing)} of {len(targets)} users are not finished: {', '.join(missing)}; "
                          "run the same command again (the same shard, for a sharded run) to finish them")
-    return write(build(task, targets, results, args, args.labels), out)
+    rep = write(build(task, targets, results, args, args.labels), out)
+    write_extras(task, targets, results, args.methods, out)  # issue 23: LaMP's files, Table 5
+    return rep
 
 
 def finished(out: Path, targets, methods) -> tuple[list[dict], list[str]]:
@@ -159,3 +166,33 @@ def finished(out: Path, targets, methods) -> tuple[list[dict], list[str]]:
         else:
             missing.append(user.user_id)
     return results, missing
+
+
+def lamp_files(task: data.Task, targets, results, methods, out: Path) -> list[Path]:
+    """LaMP's own files of a finished run, for its `eval/evaluation.py`: OUT/lamp/<method>.json per
+    method, `{"task": "LaMP_7", "golds": [{"id": query id, "output": prediction}]}`, and the golds
+    in the same form (OUT/lamp/golds.json), every target user's queries in order. None is written
+    when two queries share an id (LaMP's files key on it): the line says which."""
+    queries = [q for u in targets for q in u.queries]
+    ids = [q.id for q in queries]
+    if len(set(ids)) < len(ids):
+        twice = sorted({i for i in ids if ids.count(i) > 1})
+        print(f"LaMP's files not written: query ids {', '.join(twice[:5])} appear twice among the target users")
+        return []
+    def file(outputs) -> str:
+        return json.dumps({"task": task.lamp_name, "golds": [{"id": i, "output": o} for i, o in zip(ids, outputs)]},
+                          indent=1)
+    paths = {"golds": out / "lamp" / "golds.json"} | {m: out / "lamp" / f"{m}.json" for m in methods}
+    paths["golds"].parent.mkdir(parents=True, exist_ok=True)
+    hub.write_atomic(paths.pop("golds"), file([q.gold for q in queries]))
+    for method, path in paths.items():
+        hub.write_atomic(path, file([p for r in results for p in r["predictions"][method]]))
+    print(f"written: LaMP's files in {out / 'lamp'} (golds.json, " + ", ".join(p.name for p in paths.values()) + ")")
+    return list(paths.values())
+
+
+def write_extras(task: data.Task, targets, results, methods, out: Path) -> None:
+    """What a finished run's report writes beside results.md: LaMP's own files (`lamp_files`) and
+    the run's Table 5 (appendix.py, OUT/table5.md)."""
+    lamp_files(task, targets, results, methods, out)
+    appendix.write_table5(dict([appendix.table5_of_run(out)]), appendix.run_args(out).device_model, out)

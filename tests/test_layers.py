@@ -16,7 +16,7 @@ LAYERS = [  # bottom first; a module may import from its own layer or any layer 
     ["errors", "hub", "data", "nf4", "gptq", "smollm2"],  # leaves
     ["qwen2", "generate", "t5", "encoder", "lora", "metrics", "deploy", "gridtune"],  # models and maths
     ["filters", "online", "baselines", "cloud", "augment", "rewrite"],  # the paper's pieces
-    ["scale", "options", "report", "cdcda"],  # the method: shards and plan, its options, its report, the pipeline
+    ["scale", "options", "appendix", "report", "cdcda"],  # the method: shards and plan, its options, its report, the pipeline
     ["experiments", "server", "efficiency"] + sorted(f"bench/{p.stem}" for p in (ROOT / "bench").glob("*.py")),
 ]
 LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}
