@@ -18,11 +18,13 @@ import argparse
 import json
 from pathlib import Path
 
-import cloud
 import data
 import filters
 import hub
 import metrics
+import qwen2
+import smollm2
+import t5
 from errors import InputError
 
 # The paper's Table 5 (its LaMP data, Qwen2.5's tokenizer): # Q, # History, L_in, L_out of the
@@ -91,6 +93,12 @@ def records(out: Path, user_id: str) -> list[dict] | None:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else None
 
 
+def device_tokenizer(source: str) -> qwen2.Tokenizer:
+    """The device model's tokenizer alone (T5's or a decoder's, from its config.json), no weights."""
+    directory = smollm2.embedded_dir() if source == qwen2.EMBEDDED else hub.snapshot(source)
+    return (t5.Tokenizer if t5.family(source) is t5 else qwen2.Tokenizer).from_dir(directory)
+
+
 def table5_of_run(out: Path) -> tuple[str, dict]:
     """(task name, Table 5 row) of the run in `out`, from its run.json, its data and every target's
     synthetic.jsonl (the synthetic columns None when no target has one)."""
@@ -103,7 +111,7 @@ def table5_of_run(out: Path) -> tuple[str, dict]:
         raise InputError(f"{out}: users {', '.join(missing)} have no synthetic.jsonl yet; finish the run first")
     kept = None if missing else {uid: [(r["syn_input"], r["syn_output"]) for r in rs if r["kept"]]
                                  for uid, rs in found.items()}
-    return task.name, table5(task, targets, kept, cloud.load_tokenizer(args.device_model))
+    return task.name, table5(task, targets, kept, device_tokenizer(args.device_model))
 
 
 def write_table5(rows: dict, tokenizer_name: str, out: Path) -> str:
@@ -116,7 +124,7 @@ def write_table5(rows: dict, tokenizer_name: str, out: Path) -> str:
 
 
 # ---------------------------------------------------------------- the case study (Figure 3)
-def _text(value, limit: int = CELL) -> str:
+def md_cell(value, limit: int = CELL) -> str:
     """One Markdown table cell: one line, pipes escaped, cut at `limit` characters."""
     text = " ".join(str(value).split()).replace("|", "\\|")
     return text if len(text) <= limit else text[:limit - 3] + "..."
@@ -157,16 +165,16 @@ def case_study(out: Path, user_id: str) -> Path:
     lines = [f"# Case study (appendix C, Figure 3): user {user_id}, {task.name} ({task.title})", "",
              f"Run {out}: device model `{args.device_model}`, cloud model `{args.cloud_model}`.", "",
              f"## History ({min(HISTORY_SHOWN, len(user.profile))} of its {len(user.profile)} items)", ""]
-    lines += ["- " + _text("; ".join(f"{f}: {item[f]}" for f in task.profile_fields)) for item in
+    lines += ["- " + md_cell("; ".join(f"{f}: {item[f]}" for f in task.profile_fields)) for item in
               user.profile[:HISTORY_SHOWN]]
     lines += ["", *synthetic_section(records(out, user_id), args), "## Answers", ""]
     for i, q in enumerate(user.queries):
-        lines += [f"### Query {q.id}", "", _text(q.input, 2 * CELL), "", "| method | answer | score |",
-                  "| --- | --- | --- |", f"| gold | {_text(q.gold)} | |"]
+        lines += [f"### Query {q.id}", "", md_cell(q.input, 2 * CELL), "", "| method | answer | score |",
+                  "| --- | --- | --- |", f"| gold | {md_cell(q.gold)} | |"]
         for method, label in args.labels.items():
             if method in result["predictions"]:
                 answer = result["predictions"][method][i]
-                lines.append(f"| {label} | {_text(answer)} | {query_score(task, answer, q.gold)} |")
+                lines.append(f"| {label} | {md_cell(answer)} | {query_score(task, answer, q.gold)} |")
         lines.append("")
     target = out / f"case-study-{user_id}.md"
     hub.write_atomic(target, "\n".join(lines))
@@ -192,6 +200,6 @@ def synthetic_section(recs: list[dict] | None, args) -> list[str]:
                   f"[{args.eps_min_len}, {args.eps_max_len}] (eq. 4).", "",
                   "| from x | x_syn | y_syn | SCF x => x_syn | SCF x_syn => x | TDF ROUGE-L | LSF ratio |",
                   "| --- | --- | --- | --- | --- | --- | --- |"]
-    lines += [f"| {_text(r['input'], 120)} | {_text(r['syn_input'])} | {_text(r['syn_output'], 120)} " + _scores(r)
+    lines += [f"| {md_cell(r['input'], 120)} | {md_cell(r['syn_input'])} | {md_cell(r['syn_output'], 120)} " + _scores(r)
               for r in kept[:PAIRS_SHOWN]]
     return lines + [""]

@@ -36,12 +36,15 @@ def test_table5_counts_by_hand():
     assert empty["synthetic"] == 0 and empty["synthetic_in"] is None
 
 
-def test_table5_counts_tokens_without_special_tokens(tiny_model_dir):
-    tok = appendix.cloud.load_tokenizer(str(tiny_model_dir))  # SmolLM2's tokenizer
+def test_table5_counts_tokens_without_special_tokens(tiny_model_dir, tmp_path, t5_checkpoint):
+    tok = appendix.device_tokenizer(str(tiny_model_dir))  # SmolLM2's tokenizer
     task, targets = users()
     row = appendix.table5(task, targets, None, tok)
     assert row["query_out"] == sum(len(tok.encode(q.gold)) for u in targets for q in u.queries) / 3
     assert len(tok.encode("LETS GO")) == len(tok.tokenizer.encode("LETS GO", add_special_tokens=False).ids) >= 2
+    t5_checkpoint(tmp_path)  # a T5 device model: its own tokenizer class, no </s> counted
+    tok = appendix.device_tokenizer(str(tmp_path))
+    assert isinstance(tok, appendix.t5.Tokenizer) and 1 not in tok.encode("the cat sat")
 
 
 def test_table5_markdown_puts_the_papers_row_beside_ours():
@@ -62,5 +65,5 @@ def test_case_study_scores_each_answer_as_lamp_does(task, prediction, gold, scor
 
 
 def test_a_cell_is_one_escaped_line_cut_to_length():
-    assert appendix._text("a | b\nc") == "a \\| b c"
-    assert appendix._text("x" * 20, limit=10) == "xxxxxxx..."
+    assert appendix.md_cell("a | b\nc") == "a \\| b c"
+    assert appendix.md_cell("x" * 20, limit=10) == "xxxxxxx..."

@@ -167,7 +167,7 @@ def test_a_tiny_run_writes_lamps_files_table5_and_a_case_study(tiny_model_dir, t
         theirs = lamp_evaluate(out / "lamp" / "golds.json", out / "lamp" / f"{method}.json")
         assert theirs == pytest.approx({k: rep["rows"][method][k] for k in theirs}, abs=1e-12)
 
-    tok = appendix.cloud.load_tokenizer(str(tiny_model_dir))  # Table 5 of the run, in OUT/table5.md
+    tok = appendix.device_tokenizer(str(tiny_model_dir))  # Table 5 of the run, in OUT/table5.md
     golds = [q.gold for u in targets for q in u.queries]
     out_tokens = sum(len(tok.encode(g)) for g in golds) / len(golds)
     history = sum(len(u.profile) for u in targets) / 2
@@ -188,7 +188,7 @@ def test_a_tiny_run_writes_lamps_files_table5_and_a_case_study(tiny_model_dir, t
         assert f"| gold | {q.gold} | |" in text
         for method, label in (("base", "M_device (M_base, non-personalized)"), ("cdcda", "CDCDA-PLM")):
             answer = results[user.user_id]["predictions"][method][i]
-            cell = appendix._text(answer)  # one line, cut at 300 characters
+            cell = appendix.md_cell(answer)  # one line, cut at 300 characters
             assert f"| {label} | {cell} | R-1 {metrics.rouge_1(answer, q.gold):.2f} |" in text
     with pytest.raises(InputError) as e:
         cdcda.main(["report", "--out", str(out), "--case-study", "nobody"])
