@@ -7,6 +7,8 @@ data that actually ran (`models_used`: a stand-in says which of the paper's mode
 `python cdcda.py report --out DIR [--bertscore-model M] [--bertscore-layer L]` reads the
 run's options (OUT/run.json) and its users' result.json files and scores them again; it is
 also the merge of a sharded run (scale.py): the table of every user, or the users not yet done.
+Beside the table a finished run gets LaMP's own files and its Table 5 (`write_extras`);
+`--case-study USER_ID` writes one user's page instead (appendix.py, the paper's Figure 3).
 """
 import argparse
 import json
@@ -130,8 +132,8 @@ def main(argv=None) -> dict:
     p.add_argument("--out", required=True, help="the run's output directory (holds run.json and users/)")
     p.add_argument("--bertscore-model", default=None, help="BERTScore backbone (default: the run's)")
     p.add_argument("--bertscore-layer", type=int, default=None, help="its layer (default: the run's)")
-    p.add_argument("--case-study", metavar="USER_ID", help="also OUT/case-study-USER_ID.md: the user's history, "
-                   "kept synthetic pairs and every method's answers (the paper's Figure 3)")
+    p.add_argument("--case-study", metavar="USER_ID", help="instead of the report, OUT/case-study-USER_ID.md: "
+                   "the user's history, kept synthetic pairs and every method's answers (the paper's Figure 3)")
     given = p.parse_args(argv)
     out = Path(given.out)
     if given.case_study:  # issue 23: the case study, before any scoring
