@@ -14,7 +14,7 @@ $(VENV)/.installed-test: $(VENV)/.installed requirements-test.txt
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements-test.txt
 	touch $@
 
-.PHONY: demo test bench
+.PHONY: demo test bench wordnet
 demo: $(VENV)/.installed
 	$(PY) cdcda.py --task lamp7
 
@@ -25,3 +25,10 @@ bench: $(VENV)/.installed-test
 	$(PY) bench/bench_decoder.py
 	$(PY) bench/bench_adapt.py
 	$(PY) bench/bench_filters.py
+
+# EDA-FT's WordNet 3.0 (Table 1): Debian's wordnet-base puts its data.* files in /usr/share/wordnet.
+# No PyPI package ships them; apt-get needs root (sudo otherwise).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+wordnet:
+	test -f /usr/share/wordnet/data.noun || { $(SUDO) apt-get update -qq && \
+		$(SUDO) apt-get install -y -qq --no-install-recommends wordnet-base; }

@@ -314,7 +314,9 @@ def run(settings: Settings, methods=METHODS, steps: Steps = Steps()) -> dict:
         print(f"shard {shard.index}/{shard.count}: its {len(mine)} users are done; {len(missing)} of {len(targets)} "
               f"are not yet ({', '.join(missing)}); `python cdcda.py report --out {out}` writes the table when they are")
         return {"shard": f"{shard.index}/{shard.count}", "missing": missing}
-    return report.write(report.build(task, targets, results, settings, labels, device), out)
+    rep = report.write(report.build(task, targets, results, settings, labels, device), out)
+    report.lamp_files(task, targets, results, settings.methods, out)
+    return rep
 
 
 def main(argv=None) -> dict:

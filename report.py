@@ -7,6 +7,7 @@ data that actually ran (`models_used`: a stand-in says which of the paper's mode
 `python cdcda.py report --out DIR [--bertscore-model M] [--bertscore-layer L]` reads the
 run's options (OUT/run.json) and its users' result.json files and scores them again; it is
 also the merge of a sharded run (runner.py): the table of every user, or the users not yet done.
+Beside the table a finished run gets LaMP's own files (`lamp_files`), for LaMP's own scorer.
 """
 import argparse
 import json
@@ -149,4 +150,25 @@ def main(argv=None) -> dict:
     if missing:
         raise InputError(f"{out}: {len(missing)} of {len(targets)} users are not finished: {', '.join(missing)}; "
                          "run the same command again (the same shard, for a sharded run) to finish them")
-    return write(build(task, targets, results, settings, saved["labels"], given.device), out)
+    rep = write(build(task, targets, results, settings, saved["labels"], given.device), out)
+    lamp_files(task, targets, results, settings.methods, out)
+    return rep
+
+
+def lamp_files(task: data.Task, targets, results, methods, out: Path) -> None:
+    """LaMP's own files, for its `eval/evaluation.py`: OUT/lamp/<method>.json per method and the
+    golds alike (OUT/lamp/golds.json), `{"task": "LaMP_7", "golds": [{"id": query id, "output":
+    text}]}`, every target's queries in order. Not written when two queries share an id (the
+    files key on it): a line says which."""
+    queries = [q for u in targets for q in u.queries]
+    ids = [q.id for q in queries]
+    if twice := sorted({i for i in ids if ids.count(i) > 1}):
+        print(f"LaMP's files not written: query ids {', '.join(twice[:5])} appear twice among the target users")
+        return
+    outputs = {"golds": [q.gold for q in queries]} | {m: [p for r in results for p in r["predictions"][m]]
+                                                      for m in methods}
+    (out / "lamp").mkdir(parents=True, exist_ok=True)
+    for name, texts in outputs.items():
+        hub.write_atomic(out / "lamp" / f"{name}.json", json.dumps(
+            {"task": task.lamp_name, "golds": [{"id": i, "output": o} for i, o in zip(ids, texts)]}, indent=1))
+    print(f"written: LaMP's files in {out / 'lamp'} ({', '.join(f'{n}.json' for n in outputs)})")

@@ -1,10 +1,13 @@
 """What each deployment step costs in gold NLL, on the adapters a `python -m deployment` run saved
 (RESULTS.md, "Table 3 with deployment"): for each user and fine-tuned method, the NF4 + LoRA
 model, then its deployed copy with nearest codes, GPTQ codes, and either with the grids tuned
-(gridtune.py), each made as `deployment.__main__.deployed` makes it.
+(gridtune.py), each made as `deployment.__main__.deployed` makes it. "gptq-onepass" is GPTQ with
+every layer's X^T X collected in one pass through the unquantized model (the project's way before
+issue 23), against "gptq", the published block after block on the quantized blocks' outputs.
 
     .venv/bin/python bench/deploy_rounding.py --run runs/lamp7 --base <the run's M_base directory>
         [--rewrites <the run's rewrites .json>] [--users 702q1,705q1] [--tune-seed 0] [--out F.json]
+        [--variants nearest,gptq,gptq-onepass]
 
 The run prints its M_base directory ("M_base: cached ..." or "written ..."); its rewrites are in
 $CDCDA_CACHE/rewrites/ (LaMP-7 with --history-pairs rewrite). Slow: about 4 minutes per user and
@@ -25,9 +28,22 @@ import lora  # noqa: E402
 import nf4  # noqa: E402
 import qwen2  # noqa: E402
 import train  # noqa: E402
-from deployment import deploy, gridtune  # noqa: E402
+from deployment import deploy, gptq, gridtune  # noqa: E402
 
-VARIANTS = ("nearest", "gptq", "nearest+tune", "gptq+tune")
+VARIANTS = ("nearest", "gptq", "gptq-onepass", "nearest+tune", "gptq+tune", "gptq-onepass+tune")
+
+
+def one_pass_state(model, calibration) -> dict:
+    """The deployed state with GPTQ codes from one pass through the unquantized model: each
+    layer's X^T X / T as the NF4 + LoRA model computes it, no block quantized before another.
+    The grids are nearest rounding's (min-max of the weights, as for every rounding)."""
+    layers = [layer for _, _, layer in deploy.block_linears(model)]
+    hessians = gptq.input_hessians(layers, lambda: [model(torch.tensor([ids])) for ids in calibration])
+    state, names = deploy.portable_state(model), {id(m): n for n, m in model.named_modules()}
+    for layer, H in zip(layers, hessians):
+        codes = deploy.quantize(deploy.dense_weight(layer), deploy.GROUP_SIZE, H)[0]
+        state[f"{names[id(layer)]}.weight"] = deploy.pack(codes).cpu().contiguous()
+    return state
 
 
 def main():
@@ -38,7 +54,11 @@ def main():
     p.add_argument("--users", default=None, help="comma-separated user ids (default: every user of the run)")
     p.add_argument("--tune-seed", type=int, default=0)
     p.add_argument("--out", default=None, help="write the per-query gold NLL here (JSON)")
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {','.join(VARIANTS)}")
     args = p.parse_args()
+    variants = args.variants.split(",")
+    if unknown := set(variants) - set(VARIANTS):
+        p.error(f"--variants: no {', '.join(sorted(unknown))}; choose from {','.join(VARIANTS)}")
     run = Path(args.run)
     settings = json.loads((run / "run.json").read_text())
     task = data.get_task(settings["task"])
@@ -60,9 +80,11 @@ def main():
             calibration = [train.encode_example(tok, messages, y, max_length)[0]
                            for messages, y in cdcda.training_examples(task, trained_on)]
             nll = {"nf4+lora": cdcda.gold_nll(model, tok, task, user.queries, max_length)}
-            states = {r: deploy.portable_state(model, calibration=calibration if r == "gptq" else None)
-                      for r in ("nearest", "gptq")}
-            for variant in VARIANTS:
+            makers = {"nearest": lambda: deploy.portable_state(model),
+                      "gptq": lambda: deploy.portable_state(model, calibration=calibration),
+                      "gptq-onepass": lambda: one_pass_state(model, calibration)}
+            states = {r: make() for r, make in makers.items() if any(v.split("+")[0] == r for v in variants)}
+            for variant in variants:
                 rounding, _, tuned = variant.partition("+")
                 state = states[rounding]
                 if tuned:
@@ -77,7 +99,7 @@ def main():
         rows = [r for k, r in results.items() if k.endswith("/" + method)]
         ref = sum(sum(r["nf4+lora"]) for r in rows)
         print(f"all users, {method}: " + ", ".join(f"{v} {100 * (sum(sum(r[v]) for r in rows) / ref - 1):+.1f}%"
-                                                    for v in VARIANTS))
+                                                    for v in variants))
     if args.out:
         Path(args.out).write_text(json.dumps(results))
 

@@ -41,6 +41,7 @@ stores the portable form: codes two to a byte (even column in the high nibble) `
 (N, K/2) uint8, `scale` and `zero` (N, K/32) bf16; the codes are read back from a packed
 layer through the kernel itself (`Int4Linear.codes`).
 """
+import copy
 import json
 from pathlib import Path
 
@@ -221,28 +222,30 @@ def dense_weight(layer: nn.Module) -> torch.Tensor:
 
 def block_linears(model: nn.Module):
     """(parent module, attribute name, layer) for every linear layer of the decoder blocks."""
+    return [found for block in model.model.layers for found in linears(block)]
+
+
+def linears(block: nn.Module):
+    """(parent module, attribute name, layer) for every linear layer of one decoder block."""
     kinds = (nn.Linear, nf4.NF4Linear, lora.LoRALinear, Int4Linear)
-    return [(parent, name, child) for block in model.model.layers for parent in list(block.modules())
-            for name, child in list(parent.named_children())
+    return [(parent, name, child) for parent in list(block.modules()) for name, child in list(parent.named_children())
             if isinstance(child, kinds) and not isinstance(parent, lora.LoRALinear)]  # a LoRA's base: once
 
 
 def portable_state(model: nn.Module, group_size: int = GROUP_SIZE, calibration=None) -> dict:
     """The deployed model's tensors in the file's form, from a dense, NF4 or NF4 + LoRA model
-    (quantized here: GPTQ on the inputs the model's layers see on `calibration`, a list of token
-    id sequences, or nearest codes without it) or a deployed one (read back). Keys are the
+    (quantized here: GPTQ block after block on `calibration`, a list of token id sequences
+    (`gptq_blocks`), or nearest codes without it) or a deployed one (read back). Keys are the
     checkpoint's (`...q_proj.weight`, `.scale`, `.zero`, `.bias`; `model.embed_tokens.weight`,
     `.scale`; `lm_head.*` only when not tied; the norms)."""
     state, names = {}, {id(m): n for n, m in model.named_modules()}
-    layers = [layer for _, _, layer in block_linears(model) if not isinstance(layer, Int4Linear)]
-    hessians = dict(zip(map(id, layers), input_hessians(model, layers, calibration))) if calibration and layers else {}
-    for _, _, layer in tqdm(block_linears(model), desc="deploy: int4" + (" (GPTQ)" if hessians else ""), unit="layer",
-                            disable=not hessians):
+    rounded = gptq_blocks(model, calibration, group_size) if calibration else {}
+    for _, _, layer in block_linears(model):
         key = names[id(layer)]
         if isinstance(layer, Int4Linear):
             tensors = layer.portable()
         else:
-            codes, scale, zero = quantize(dense_weight(layer), group_size, hessians.pop(id(layer), None))
+            codes, scale, zero = rounded[id(layer)][:3] if rounded else quantize(dense_weight(layer), group_size)
             bias = layer.base.bias if isinstance(layer, lora.LoRALinear) else layer.bias
             tensors = {"weight": pack(codes), "scale": scale, "zero": zero}
             if bias is not None:
@@ -264,16 +267,51 @@ def portable_state(model: nn.Module, group_size: int = GROUP_SIZE, calibration=N
     return state
 
 
-def input_hessians(model: nn.Module, layers, calibration) -> list[torch.Tensor]:
-    """Each layer's X^T X / T while the model reads the calibration sequences (token id lists),
-    one at a time (fp32, on the CPU: the down projections' (K, K) dominate, about 10 MB a block
-    for SmolLM2-135M and 95 MB for Qwen2.5-0.5B)."""
-    device = model.model.norm.weight.device
+class _Captured(Exception):
+    """Raised by `gptq_blocks`' hook once the first block's inputs are caught: no need to go on."""
 
-    def run():
-        for ids in tqdm(calibration, desc="deploy: calibration", unit="seq"):
-            model(torch.tensor([ids], device=device))
-    return gptq.input_hessians(layers, run)
+
+def gptq_blocks(model: nn.Module, calibration, group_size: int = GROUP_SIZE) -> dict:
+    """GPTQ as published (Frantar et al. 2023, sec. 4 and their code's sequential loop): block after
+    block, each block's linear layers rounded against what the blocks before it, already quantized,
+    give it on the calibration sequences (token id lists, run one at a time). For block i: H = X^T X / T
+    of each linear from block i's own forward (NF4 + LoRA, unquantized) on those inputs
+    (`gptq.input_hessians`), codes by `quantize` on H, then block i with its linears deployed
+    (`Int4Linear`, as the deployed model computes) makes the inputs of block i + 1. Returns
+    id(layer) -> (codes, scale, zero, H) for every block linear not yet int4; the model is unchanged.
+    Hessians are fp32 on the CPU (the down projections' (K, K) dominate: about 10 MB a block for
+    SmolLM2-135M, 95 MB for Qwen2.5-0.5B, one block's at a time)."""
+    device, inputs = model.model.norm.weight.device, []  # per sequence: the block's (x, cos, sin, mask, cache)
+
+    def catch(module, args):
+        inputs.append(args)
+        raise _Captured
+    handle = model.model.layers[0].register_forward_pre_hook(catch)
+    try:
+        with torch.inference_mode():
+            for ids in tqdm(calibration, desc="deploy: GPTQ calibration", unit="seq"):
+                try:
+                    model(torch.tensor([ids], device=device))
+                except _Captured:
+                    pass
+    finally:
+        handle.remove()
+    rounded = {}
+    for block in tqdm(model.model.layers, desc="deploy: GPTQ", unit="block"):
+        layers = [layer for _, _, layer in linears(block) if not isinstance(layer, Int4Linear)]
+        hessians = gptq.input_hessians(layers, lambda: [block(*args) for args in inputs]) if layers else []
+        deployed = copy.deepcopy(block)
+        for (parent, name, _), layer in zip(linears(deployed), [layer for _, _, layer in linears(block)]):
+            if isinstance(layer, Int4Linear):
+                continue
+            H = hessians[layers.index(layer)]
+            codes, scale, zero = quantize(dense_weight(layer), group_size, H)
+            rounded[id(layer)] = (codes, scale, zero, H)
+            bias = layer.base.bias if isinstance(layer, lora.LoRALinear) else layer.bias
+            setattr(parent, name, Int4Linear(pack(codes), scale, zero, None if bias is None else bias.detach().to(DTYPE)))
+        with torch.inference_mode():
+            inputs = [(deployed(*args), *args[1:]) for args in inputs]  # the next block's inputs
+    return rounded
 
 
 def from_portable(config: qwen2.Config, state: dict, device="cpu", where: str = "deployed model") -> qwen2.Qwen2:

@@ -27,7 +27,8 @@ Choices here, as in the common recipes:
   unmodified weights, so every code lands on the grid the kernel computes with.
 
 The caller's grid is w' = (q - 8) s + z with q in 0..15 (deploy.py); `round_to_grid` gives the
-code for a weight.
+code for a weight. As the paper does, the caller quantizes a model block after block, each block's
+H taken on the inputs that the blocks before it, already quantized, produce (`deploy.gptq_blocks`).
 """
 import torch
 from torch import nn

@@ -6,6 +6,9 @@
     python -m experiments --table4 lamp2,lamp7 --device-model google/flan-t5-base
                                                        Table 4: an encoder-decoder device model (t5.py),
                                                        +BM25 and CDCDA-PLM
+    python -m experiments --table5 lamp2,lamp7         Table 5: the data's statistics, from OUT/<task> (run if
+                                                       unfinished; appendix.py)
+    python -m experiments --case-study USER --out DIR  Figure 3: one user's page of a finished run (appendix.py)
     python -m experiments.efficiency                   Table 3 (efficiency.py)
 Every other option is cdcda.py's (one parser: cdcda's options plus these). The rows are in
 methods.py; a T5 device model is loaded by t5.py, which `t5.family` hands the run.
@@ -22,8 +25,9 @@ import data
 import hub
 import options
 import report
+import runner
 from errors import InputError
-from experiments import t5
+from experiments import appendix, baselines, methods, t5
 from experiments.methods import ABLATIONS, GAMMA, METHODS, TABLE1
 
 # ---------------------------------------------------------------- Figure 2
@@ -94,6 +98,27 @@ def table4(settings: options.Settings, tasks: list[str], root: Path, steps: cdcd
     return reports
 
 
+# ---------------------------------------------------------------- Table 5 and Figure 3 (the appendices)
+def table5(settings: options.Settings, tasks: list[str], root: Path, steps: cdcda.Steps) -> dict:
+    """Table 5 (appendix A): each task's target users' test data and kept synthetic data, from the
+    run in root/<task> (Table 1's, or `python cdcda.py --task T --out root/T`). A task with no run
+    there is run with CDCDA-PLM alone, an unfinished one is finished (its own methods); a task
+    still unfinished after that (a shard's part) shows no row. The table in root/table5.md."""
+    rows, tokenizers = {}, set()
+    for task in tasks:
+        out = root / task
+        saved = appendix.run_settings(out)[0] if (out / "run.json").is_file() else None
+        if saved is None or runner.finished(out, appendix.targets_of(saved)[1], saved.methods)[1]:
+            chosen = tuple(m for m in saved.methods if m in METHODS) if saved else ("cdcda",)
+            if "rows" not in cdcda.run(replace(settings, task=task, methods=chosen, out=str(out)), METHODS, steps):
+                continue
+        rows[task] = appendix.table5_of_run(out)[1]
+        tokenizers.add(appendix.run_settings(out)[0].models.device_model)
+    if rows:
+        appendix.write_table5(rows, ", ".join(sorted(tokenizers)), root)
+    return rows
+
+
 # ---------------------------------------------------------------- the command
 def acceptance(rep: dict, out: Path) -> str:
     """The speculative row's acceptance rate (accepted / drafted tokens, all target users), put
@@ -118,10 +143,21 @@ def main(argv=None) -> dict:
     p.add_argument("--table4", nargs="?", const=",".join(PAPER_TABLE4), metavar="TASKS", help="Table 4: the "
                    "--device-model (a T5 such as google/flan-t5-base, or a decoder) +BM25 and CDCDA-PLM on TASKS "
                    "(default all six), in OUT/<task> (OUT default runs/table4), the table in OUT/table4.md")
+    p.add_argument("--table5", nargs="?", const=",".join(PAPER_TABLE4), metavar="TASKS", help="Table 5: the "
+                   "statistics of the runs in OUT/<task> (OUT default runs; a task not run is run with cdcda), "
+                   "in OUT/table5.md")
+    p.add_argument("--case-study", metavar="USER_ID", help="Figure 3: OUT/case-study-USER_ID.md of the finished "
+                   "run in --out (the user's history, kept synthetic pairs, every method's answers)")
     args = p.parse_args(argv)
-    table1 = args.methods is not None or not (args.ablations or args.sweep_k or args.table4)
+    if args.case_study:  # a finished run's page: no run, no other option
+        if not args.out:
+            p.error("--case-study: name the run's directory with --out")
+        return {"case_study": appendix.case_study(Path(args.out), args.case_study)}
+    table1 = args.methods is not None or not (args.ablations or args.sweep_k or args.table4 or args.table5)
     args.methods = ",".join(TABLE1) if args.methods in (None, "all") else args.methods
     settings = options.check(p, args, METHODS)
+    if table1 and "eda-ft" in settings.methods:  # before any work, not when Table 1 reaches its EDA-FT row
+        baselines.check_wordnet(methods.WORDNET_DIR)
     steps = cdcda.Steps(family=t5.family(settings.models.device_model))  # a T5 device model: Table 4
     if steps.family is t5 and (refused := [m for m in settings.methods if m in DECODER_ONLY]):
         p.error(f"--device-model {settings.models.device_model} is a T5: {', '.join(refused)} need a decoder")
@@ -131,14 +167,17 @@ def main(argv=None) -> dict:
         if "speculative" in rep.get("rows", {}):  # not a shard's answer
             report.write(rep, out, note=acceptance(rep, out), show=False)
     if args.ablations:
-        methods = {m: METHODS[m]._replace(label=label) for m, label in ABLATIONS.items()}
-        reports["ablations"] = cdcda.run(replace(settings, methods=tuple(methods), out=str(out / "ablations")),
-                                         methods, steps)
+        rows = {m: METHODS[m]._replace(label=label) for m, label in ABLATIONS.items()}
+        reports["ablations"] = cdcda.run(replace(settings, methods=tuple(rows), out=str(out / "ablations")), rows,
+                                         steps)
     if args.sweep_k:
         reports["sweep_k"] = sweep(settings, out / "sweep-k", steps)
     if args.table4:
         tasks = [data.get_task(t).name for t in args.table4.split(",")]
         reports["table4"] = table4(settings, tasks, Path(args.out or "runs/table4"), steps)
+    if args.table5:
+        tasks = [data.get_task(t).name for t in args.table5.split(",")]
+        reports["table5"] = table5(settings, tasks, Path(args.out or "runs"), steps)
     return reports
 
 

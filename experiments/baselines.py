@@ -99,6 +99,16 @@ no not only very just too can will would shall should may might must s t
 """.split())
 
 
+def check_wordnet(directory) -> None:
+    """One line (InputError) naming what is missing of WordNet 3.0's data.* files in `directory`
+    and how to get them: EDA-FT's runs call it before any work."""
+    root = Path(directory)
+    missing = [name for name in WORDNET_FILES if not (root / name).is_file()]
+    if missing:
+        raise InputError(f"EDA needs WordNet 3.0: {root} lacks {', '.join(missing)}; install Debian's wordnet-base "
+                         "(`make wordnet`, i.e. `apt-get install wordnet-base`), or leave eda-ft out of --methods")
+
+
 def load_wordnet(directory: str = "/usr/share/wordnet") -> dict[str, list[str]]:
     """lemma -> synonyms (the other lemmas of every synset it belongs to), from WordNet's
     `data.{noun,verb,adj,adv}` files.
@@ -109,12 +119,7 @@ def load_wordnet(directory: str = "/usr/share/wordnet") -> dict[str, list[str]]:
     their `(a)`. Debian installs the files with `apt-get install wordnet-base`.
     """
     root = Path(directory)
-    missing = [name for name in WORDNET_FILES if not (root / name).is_file()]
-    if missing:
-        raise InputError(
-            f"WordNet database not found: {root} lacks {', '.join(missing)}. "
-            f"Install it with `apt-get install wordnet-base` (files in /usr/share/wordnet) "
-            f"or pass the directory that holds WordNet 3.0's data.* files.")
+    check_wordnet(root)
     synonyms: dict[str, dict[str, None]] = {}  # dicts as ordered sets: deterministic order
     for name in WORDNET_FILES:
         for line_no, line in enumerate((root / name).read_text(encoding="utf-8").splitlines(), 1):

@@ -2,7 +2,7 @@
 
     memory = Encoder(shared(input_ids))                    # (B, S, d), bidirectional, once
     h      = Decoder(shared(decoder_ids), memory)          # (B, T, d), causal self + cross attention
-    logits = lm_head(h)                                    # (B, T, V); tied head: h * d_model^-0.5 first
+    logits = lm_head(h)                                    # (B, T, V); h * d_model^-0.5 first if scale_decoder_outputs
 
 Each block is pre-norm with residuals: x = x + Attn(LN(x)); [decoder: x = x + CrossAttn(LN(x), memory)];
 x = x + FF(LN(x)). The T5 ways (Raffel et al. 2020, sec. 2.1; v1.1's changes):
@@ -12,7 +12,10 @@ x = x + FF(LN(x)). The T5 ways (Raffel et al. 2020, sec. 2.1; v1.1's changes):
   Buckets: half exact offsets, half logarithmic up to max_distance; the encoder's are
   bidirectional (sign kept), the decoder's causal. Scores are q k^T + bias, NOT scaled by 1/sqrt(d).
 - FF is gated-GELU: wo(gelu_tanh(wi_0 x) * wi_1 x).
-- The LM head is its own matrix (tie_word_embeddings false, FlanT5); a tied head rescales first.
+- The LM head is its own matrix (FlanT5) or the embedding (tied). The decoder output is rescaled
+  by d_model^-0.5 only where `scale_decoder_outputs` says so (original T5: yes, v1.1 / FlanT5: no);
+  a config without that key (the hub's FlanT5 files) means it by `tie_word_embeddings`. transformers 5
+  writes every T5 as `tie_word_embeddings: true` and keeps the old meaning in `scale_decoder_outputs`.
 Module names are the Hugging Face safetensors keys (`encoder.block.0.layer.0.SelfAttention.q`).
 
 The pipeline's glue for a seq2seq device model is here, so the core's files stay as they are:
@@ -58,7 +61,8 @@ class Config:
     relative_attention_max_distance: int = 128
     layer_norm_epsilon: float = 1e-6
     feed_forward_proj: str = "gated-gelu"
-    tie_word_embeddings: bool = True        # HF's default; FlanT5's config.json says false
+    tie_word_embeddings: bool = True        # HF's default; the hub's FlanT5 config.json says false
+    scale_decoder_outputs: bool | None = None  # transformers 5's key; None (absent): = tie_word_embeddings
     decoder_start_token_id: int = 0
     pad_token_id: int = 0
     eos_token_id: int = 1
@@ -71,6 +75,8 @@ class Config:
         if self.feed_forward_proj not in ("gated-gelu", "gated-gelu_new"):
             raise InputError(f"feed_forward_proj {self.feed_forward_proj!r}: only T5 v1.1's 'gated-gelu' is supported")
         self.num_decoder_layers = self.num_decoder_layers or self.num_layers
+        if self.scale_decoder_outputs is None:  # a config written before transformers 5
+            self.scale_decoder_outputs = self.tie_word_embeddings
 
     from_json = classmethod(qwen2.Config.from_json.__func__)  # config.json -> Config, unknown keys ignored
     to_dict = qwen2.Config.to_dict
@@ -236,7 +242,7 @@ class T5(nn.Module):
 
     def decode(self, decoder_input_ids, cross: list, attention_mask=None, cache=None):
         """decoder ids (B, T) after `cache.seq_len` cached positions -> hidden (B, T, d), scaled
-        by d_model^-0.5 when the head is tied (T5's rule). Cross attention skips padding."""
+        by d_model^-0.5 when `scale_decoder_outputs` (T5's rule). Cross attention skips padding."""
         x = self.shared(decoder_input_ids)
         T, past = x.shape[1], cache.seq_len if cache is not None else 0
         bias = self.decoder.position_bias(past, T, past + T, x.device)  # (1, H, T, past + T)
@@ -250,7 +256,7 @@ class T5(nn.Module):
         if cache is not None:
             cache.seq_len += T
         x = self.decoder.final_layer_norm(x)
-        return x * self.config.d_model ** -0.5 if self.config.tie_word_embeddings else x
+        return x * self.config.d_model ** -0.5 if self.config.scale_decoder_outputs else x
 
     def forward(self, input_ids, decoder_input_ids, attention_mask=None):
         memory = self.encode(input_ids, attention_mask)
@@ -337,6 +343,8 @@ def load(source: str, dtype: str = "float32", device: str = "cpu"):
     directory = hub.snapshot(str(source))
     config = Config.from_json(directory)
     state = {k: v for k, v in hub.load_state_dict(directory).items() if k not in TIED_COPIES}
+    if config.tie_word_embeddings and "lm_head.weight" in state:  # a hub FlanT5 re-saved by transformers 5:
+        config.tie_word_embeddings = False  # "tied" in its config, its own head in the file (transformers uses it)
     if config.tie_word_embeddings:
         state["lm_head.weight"] = state["shared.weight"]
     with torch.device("meta"):

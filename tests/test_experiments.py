@@ -77,8 +77,26 @@ def test_eda_pairs_add_k_variants_per_pair_with_the_response_kept(tmp_path, monk
         methods.eda_pairs(run)
 
 
+def test_eda_ft_without_wordnet_stops_before_any_work_in_one_line(monkeypatch, tmp_path, capsys):
+    calls = []
+    monkeypatch.setattr(cdcda, "run", lambda settings, rows, steps: calls.append(settings) or {"rows": {}})
+    monkeypatch.setattr(methods, "WORDNET_DIR", str(tmp_path / "wordnet"))
+    for chosen in ("all", "base,eda-ft"):
+        with pytest.raises(InputError) as e:
+            experiments_main.main(["--methods", chosen, "--out", str(tmp_path)])
+        message = str(e.value)
+        assert "\n" not in message and str(tmp_path / "wordnet") in message and "data.noun" in message
+        assert "make wordnet" in message and "apt-get install wordnet-base" in message
+    assert not calls  # nothing ran
+    experiments_main.main(["--methods", "base,direct-ft", "--out", str(tmp_path)])  # no EDA-FT: no WordNet needed
+    monkeypatch.setattr(methods, "WORDNET_DIR", str(WORDNET))
+    experiments_main.main(["--methods", "all", "--out", str(tmp_path)])
+    assert len(calls) == 2
+
+
 def test_methods_all_and_ablations_expand(monkeypatch, tmp_path):
     calls = []
+    monkeypatch.setattr(methods, "WORDNET_DIR", str(WORDNET))  # Table 1's EDA-FT row checks it first
     monkeypatch.setattr(cdcda, "run", lambda settings, rows, steps: calls.append((settings, rows)) or {"rows": {}})
     experiments_main.main(["--methods", "all", "--out", str(tmp_path)])
     settings, rows = calls[-1]

@@ -5,6 +5,8 @@ error than nearest rounding on correlated inputs, in a layer and in a deployed m
 No library serves as the oracle here: torchao's GPTQ runs on CUDA only and llmcompressor's
 needs `datasets` (pyarrow) and transformers <= 5.17; `reference_codes` below is written from
 the equations, not from the Cholesky form the module uses."""
+import copy
+
 import pytest
 import torch
 
@@ -149,3 +151,40 @@ def test_deploying_with_calibration_lowers_the_models_error():
     def err(deployed):
         return ((deployed(held_out).float() - want).norm() / want.norm()).item()
     assert err(deploy.deploy(model, calibration=calibration)) < 0.9 * err(deploy.deploy(model))
+
+
+@torch.inference_mode()
+def test_gptq_blocks_feed_each_block_what_the_quantized_blocks_before_it_give():
+    """Frantar et al.'s order: block i's Hessians come from the inputs that blocks 0..i-1, already
+    deployed, produce. Held against a by-hand reference that runs the whole model for each block,
+    with the blocks before it swapped for their deployed layers; and against the one-pass
+    collection through the unquantized model, which agrees on block 0 only."""
+    model = nf4_lora_model(tied=True)
+    torch.manual_seed(1)
+    calibration = [torch.randint(0, 96, (n,)).tolist() for n in (24, 9, 17, 30)]
+    rounded = deploy.gptq_blocks(model, calibration)
+    originals = [layer for _, _, layer in deploy.block_linears(model)]
+    assert set(rounded) == set(map(id, originals))
+
+    def run(net):
+        return lambda: [net(torch.tensor([ids])) for ids in calibration]
+    one_pass = dict(zip(map(id, originals), gptq.input_hessians(originals, run(model))))
+    reference = copy.deepcopy(model)
+    for i, block in enumerate(reference.model.layers):
+        found = deploy.linears(block)
+        hessians = gptq.input_hessians([layer for _, _, layer in found], run(reference))
+        for (parent, name, layer), H, original in zip(found, hessians, deploy.linears(model.model.layers[i])):
+            codes, scale, zero, got = rounded[id(original[2])]
+            torch.testing.assert_close(got, H, rtol=1e-5, atol=1e-6)
+            assert torch.equal(codes, deploy.quantize(deploy.dense_weight(layer), 32, H)[0])
+            change = ((got - one_pass[id(original[2])]).norm() / H.norm()).item()
+            assert change < 1e-6 if i == 0 else change > 1e-2  # block 1 sees block 0's rounding
+            bias = layer.base.bias if isinstance(layer, deploy.lora.LoRALinear) else layer.bias
+            setattr(parent, name, deploy.Int4Linear(deploy.pack(codes), scale, zero,
+                                                    None if bias is None else bias.to(deploy.DTYPE)))
+    state = deploy.portable_state(model, calibration=calibration)  # what the pipeline deploys: these codes
+    key = "model.layers.1.mlp.down_proj"
+    layer = model.get_submodule(key)
+    assert torch.equal(state[f"{key}.weight"], deploy.pack(rounded[id(layer)][0]))
+    assert not torch.equal(rounded[id(layer)][0], deploy.quantize(deploy.dense_weight(layer), 32,
+                                                                  one_pass[id(layer)])[0])

@@ -71,6 +71,57 @@ def test_logits_equal_transformers(tmp_path, t5_checkpoint, tied):
     assert torch.allclose(row, ours[1:2], atol=1e-5, rtol=0)
 
 
+def written_forms(tmp_path, t5_checkpoint) -> dict:
+    """One tiny FlanT5 in the three forms a loader meets: "hub" (the hub's FlanT5 files:
+    tie_word_embeddings false, no scale_decoder_outputs key, its own lm_head.weight), "resaved"
+    (that model loaded and written by the installed transformers' save_pretrained: tie true,
+    scale_decoder_outputs false, still its own head) and "fresh" (a FlanT5 built and saved by
+    transformers 5: tie true, scale false, one shared matrix). name -> directory."""
+    transformers = pytest.importorskip("transformers")
+    t5_checkpoint(tmp_path / "hub")
+    config = json.loads((tmp_path / "hub" / "config.json").read_text())
+    del config["scale_decoder_outputs"]  # the hub's files predate the key
+    (tmp_path / "hub" / "config.json").write_text(json.dumps(config))
+    ref = transformers.T5ForConditionalGeneration.from_pretrained(tmp_path / "hub")
+    ref.save_pretrained(tmp_path / "resaved")
+    fresh = transformers.T5ForConditionalGeneration(transformers.T5Config(**config))
+    fresh.load_state_dict({k: v for k, v in ref.state_dict().items() if k != "lm_head.weight"}, strict=False)
+    fresh.save_pretrained(tmp_path / "fresh")
+    for name in ("resaved", "fresh"):
+        for file in ("tokenizer.json", "tokenizer_config.json"):
+            (tmp_path / name / file).write_bytes((tmp_path / "hub" / file).read_bytes())
+    return {name: tmp_path / name for name in ("hub", "resaved", "fresh")}
+
+
+def test_every_written_form_of_a_flan_t5_loads_as_transformers_reads_it(tmp_path, t5_checkpoint):
+    """transformers 5 writes a FlanT5 as `tie_word_embeddings: true, scale_decoder_outputs: false`:
+    the decoder output must not be rescaled, and a head stored in the file is the head."""
+    transformers = pytest.importorskip("transformers")
+    forms = written_forms(tmp_path, t5_checkpoint)
+    written = {name: json.loads((d / "config.json").read_text()) for name, d in forms.items()}
+    assert written["hub"]["tie_word_embeddings"] is False and "scale_decoder_outputs" not in written["hub"]
+    assert all(written[n]["tie_word_embeddings"] is True and written[n]["scale_decoder_outputs"] is False
+               for n in ("resaved", "fresh"))
+    ids, mask, dec = batch(written["hub"]["vocab_size"])
+    for name, directory in forms.items():
+        ref = transformers.T5ForConditionalGeneration.from_pretrained(directory).eval()
+        model, tok = t5.load(directory)
+        assert model.config.scale_decoder_outputs is False
+        assert (model.lm_head.weight is model.shared.weight) == (name == "fresh")
+        with torch.no_grad():
+            ours = model(ids, dec, mask)
+            theirs = ref(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
+            scale = max(1.0, theirs.abs().max().item())  # the fresh form's tied head gives logits near 30
+            assert torch.allclose(ours, theirs, atol=1e-5 * scale, rtol=0), name
+            t5.save_pretrained(model, tok, tmp_path / f"ours-{name}")  # and ours, as transformers reads it
+            again = transformers.T5ForConditionalGeneration.from_pretrained(tmp_path / f"ours-{name}").eval()
+            assert torch.allclose(again(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits, ours,
+                                  atol=1e-5 * scale, rtol=0), name
+    scaled = t5.Config(vocab_size=8, d_model=4, d_kv=2, d_ff=4, num_layers=1, num_heads=2)
+    assert scaled.scale_decoder_outputs is True  # no key, tied (HF's default): the original T5's rescaling
+    assert t5.Config(**scaled.to_dict() | {"scale_decoder_outputs": False}).scale_decoder_outputs is False
+
+
 def test_save_and_load_round_trip(tmp_path, t5_checkpoint):
     t5_checkpoint(tmp_path / "a")
     model, tok = t5.load(tmp_path / "a")
