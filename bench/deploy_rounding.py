@@ -41,7 +41,7 @@ def one_pass_state(model, calibration) -> dict:
     hessians = gptq.input_hessians(layers, lambda: [model(torch.tensor([ids])) for ids in calibration])
     state, names = deploy.portable_state(model), {id(m): n for n, m in model.named_modules()}
     for layer, H in zip(layers, hessians):
-        codes = deploy.quantize(deploy.dense_weight(layer), deploy.GROUP_SIZE, H)[0]
+        codes = gptq.quantize_layer(deploy.dense_weight(layer), H)[0]
         state[f"{names[id(layer)]}.weight"] = deploy.pack(codes).cpu().contiguous()
     return state
 
@@ -81,7 +81,7 @@ def main():
                            for messages, y in cdcda.training_examples(task, trained_on)]
             nll = {"nf4+lora": cdcda.gold_nll(model, tok, task, user.queries, max_length)}
             makers = {"nearest": lambda: deploy.portable_state(model),
-                      "gptq": lambda: deploy.portable_state(model, calibration=calibration),
+                      "gptq": lambda: deploy.portable_state(model, rounded=gptq.gptq_blocks(model, calibration)),
                       "gptq-onepass": lambda: one_pass_state(model, calibration)}
             states = {r: make() for r, make in makers.items() if any(v.split("+")[0] == r for v in variants)}
             for variant in variants:

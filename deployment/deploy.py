@@ -1,47 +1,26 @@
 """Deployment after personalization (paper sec. 5.5, Table 3): merge the user's LoRA into its
-base, store the merged model in 4 bits, and decode with torch's fused 4-bit kernels.
+base, store the merged model in 4 bits, and decode with torch's fused 4-bit kernels (the paper
+serves with MLC-LLM, whose q4f16_1 is group-quantized too; README, "Deployment").
 
-NF4 + LoRA is what the device trains on (nf4.py, lora.py); it dequantizes every weight before
-every matmul, which batch-1 decoding pays at each token. The paper's Table 3 comes from MLC-LLM,
-which merges the adapter and serves a group-quantized model (q4f16_1) with fused kernels. This
-module is that step in PyTorch:
-
-1. merge: W = dequantize(NF4 base) + (alpha / r) B A  (`lora.LoRALinear.merged_weight`, in fp32,
-   not the base's bf16, which rounds away much of a small delta: RESULTS.md), for every
-   linear layer of the decoder blocks.
-2. block linears, int4 in groups of 32 along the input dimension, asymmetric min-max with a
-   bf16 scale and a bf16 zero point per group (the scheme of torch's int4 kernels, as gpt-fast
-   and torchao use them). For a group w_1..w_32 of one output row:
+1. merge: W = dequantize(NF4 base) + (alpha / r) B A (`lora.LoRALinear.merged_weight`, in fp32:
+   bf16 would round away much of a small delta) for every linear layer of the decoder blocks.
+2. block linears: int4 in groups of 32 along the input dimension, a bf16 scale and zero point
+   per group (torch's int4 kernels' scheme). For a group w_1..w_32 of one output row:
 
        s = bf16((w_max - w_min) / 15)                 z = bf16(w_min + 8 s)
        q_i = clamp(round((w_i - z) / s) + 8, 0, 15)   w'_i = (q_i - 8) s + z
 
-   so w_min maps to code 0 and w_max to code 15, and |w'_i - w_i| <= s / 2 up to the bf16
-   rounding of s and z; a constant group gets s = 0, code 8 and w' = z = w. That is nearest
-   rounding; given calibration inputs (the pipeline uses the pairs the adapter was trained on),
-   GPTQ (gptq.py) picks the codes on the same grid instead, trading a larger weight error for a
-   smaller error in the layer's outputs on those inputs; the pipeline then tunes the scales and
-   zero points (gridtune.py), which this module leaves to its caller. Stored: 4 bits
-   per weight plus 2 x 16 bits per 32 weights = 5 bits (0.625 bytes) per weight. MLC-LLM's
-   q4f16_1 is the same group size with an fp16 scale and no zero point (symmetric,
-   w' = (q - 7) s, 4.5 bits per weight); the zero point costs 0.5 bit per weight and uses all
-   16 codes on a skewed group.
-3. embedding and head, int8 per row (symmetric): s_v = bf16(max_i |E_vi| / 127),
-   q_vi = clamp(round(E_vi / s_v), -127, 127), E'_vi = q_vi s_v. A tied head is the same
-   tensor (stored once); it runs through torch's int8 weight-only kernel on CPU (dequantized
-   before the matmul on CUDA). Norms and biases stay bf16; compute is bf16.
+   (nearest codes; a constant group gets s = 0, code 8, w' = w). With calibration inputs GPTQ
+   picks the codes on the same grid instead (gptq.py, `gptq_blocks`); gridtune.py tunes the
+   grids afterwards. 5 bits per weight.
+3. embedding and head: int8 per row, s_v = bf16(max_i |E_vi| / 127), a tied head stored once.
+   Norms and biases stay bf16; compute is bf16.
 
-Kernels: on CPU `aten._weight_int4pack_mm_for_cpu(x (M, K) bf16, packed, 32, scales_and_zeros
-(K/32, N, 2) bf16)` with the weight from `aten._convert_weight_to_int4pack_for_cpu(codes int32
-(N, K), inner_k_tiles)`; on CUDA `aten._weight_int4pack_mm` with the weight from
-`aten._convert_weight_to_int4pack(codes as uint8 (N, K/2), inner_k_tiles)`. Both compute
-x @ ((q - 8) s + z)^T; the CPU kernel needs N a multiple of 16. The packed layouts are private
-to torch (the CPU's is not the plain nibble order, and the CUDA one differs), so the file
-stores the portable form: codes two to a byte (even column in the high nibble) `weight`
-(N, K/2) uint8, `scale` and `zero` (N, K/32) bf16; the codes are read back from a packed
-layer through the kernel itself (`Int4Linear.codes`).
+Kernels: `aten._weight_int4pack_mm_for_cpu` on CPU, `aten._weight_int4pack_mm` on CUDA, each
+computing x @ ((q - 8) s + z)^T from its own private packed layout; the file stores the portable
+form instead, codes two to a byte (even column in the high nibble) `weight` (N, K/2) uint8, `scale`
+and `zero` (N, K/32) bf16, read back from a packed layer through the kernel (`Int4Linear.codes`).
 """
-import copy
 import json
 from pathlib import Path
 
@@ -50,13 +29,11 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
-from tqdm import tqdm
 
 import hub
 import lora
 import nf4
 import qwen2
-from deployment import gptq
 from errors import InputError
 
 GROUP_SIZE = 32
@@ -66,11 +43,9 @@ FORMAT = "cdcda-deployed-int4"
 
 
 # ---------------------------------------------------------------- int4 groups (the block linears)
-def quantize(weight: torch.Tensor, group_size: int = GROUP_SIZE, hessian: torch.Tensor | None = None):
-    """(N, K) float -> (codes uint8 (N, K) in 0..15, scale bf16 (N, K/g), zero bf16 (N, K/g)),
-    the module docstring's scheme; K must be a multiple of `group_size`. The grid is min-max
-    per group; each weight gets its nearest code, or with `hessian` (K, K), the inputs'
-    X^T X / T, the codes GPTQ picks on that grid (gptq.py)."""
+def grid(weight: torch.Tensor, group_size: int = GROUP_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, K) float -> the min-max grid of each group, (scale bf16 (N, K/g), zero bf16 (N, K/g));
+    K must be a multiple of `group_size`."""
     N, K = weight.shape
     if K % group_size:
         raise ValueError(f"deploy.quantize: in_features {K} is not a multiple of the group size {group_size}")
@@ -79,10 +54,22 @@ def quantize(weight: torch.Tensor, group_size: int = GROUP_SIZE, hessian: torch.
         raise ValueError(f"deploy.quantize: weight of shape {(N, K)} has NaN or inf values")
     lo, hi = w.amin(dim=2), w.amax(dim=2)  # (N, G)
     scale = ((hi - lo) / 15).to(DTYPE)  # 0 for a constant group: every code 8, w' = z = w
-    zero = (lo + 8 * scale.float()).to(DTYPE)
-    if hessian is not None:
-        return gptq.quantize(weight, hessian, scale, zero), scale, zero
-    codes = gptq.round_to_grid(w, scale.float()[..., None], zero.float()[..., None])
+    return scale, (lo + 8 * scale.float()).to(DTYPE)
+
+
+def round_to_grid(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """Nearest code 0..15 of w on the grid (q - 8) s + z (a zero scale gives code 8)."""
+    step = torch.where(scale == 0, 1.0, scale)
+    return (torch.round((w - zero) / step) + 8).clamp(0, 15)
+
+
+def quantize(weight: torch.Tensor, group_size: int = GROUP_SIZE):
+    """(N, K) float -> (codes uint8 (N, K) in 0..15, scale, zero), the module docstring's scheme:
+    each weight's nearest code on its group's grid (GPTQ's codes: gptq.quantize_layer)."""
+    scale, zero = grid(weight, group_size)
+    N, K = weight.shape
+    w = weight.detach().float().reshape(N, K // group_size, group_size)
+    codes = round_to_grid(w, scale.float()[..., None], zero.float()[..., None])
     return codes.to(torch.uint8).reshape(N, K), scale, zero
 
 
@@ -232,14 +219,13 @@ def linears(block: nn.Module):
             if isinstance(child, kinds) and not isinstance(parent, lora.LoRALinear)]  # a LoRA's base: once
 
 
-def portable_state(model: nn.Module, group_size: int = GROUP_SIZE, calibration=None) -> dict:
+def portable_state(model: nn.Module, group_size: int = GROUP_SIZE, rounded: dict | None = None) -> dict:
     """The deployed model's tensors in the file's form, from a dense, NF4 or NF4 + LoRA model
-    (quantized here: GPTQ block after block on `calibration`, a list of token id sequences
-    (`gptq_blocks`), or nearest codes without it) or a deployed one (read back). Keys are the
-    checkpoint's (`...q_proj.weight`, `.scale`, `.zero`, `.bias`; `model.embed_tokens.weight`,
-    `.scale`; `lm_head.*` only when not tied; the norms)."""
+    (quantized here: nearest codes, or those in `rounded`, id(layer) -> (codes, scale, zero, ...),
+    as `gptq.gptq_blocks` gives them) or a deployed one (read back). Keys are the checkpoint's
+    (`...q_proj.weight`, `.scale`, `.zero`, `.bias`; `model.embed_tokens.weight`, `.scale`;
+    `lm_head.*` only when not tied; the norms)."""
     state, names = {}, {id(m): n for n, m in model.named_modules()}
-    rounded = gptq_blocks(model, calibration, group_size) if calibration else {}
     for _, _, layer in block_linears(model):
         key = names[id(layer)]
         if isinstance(layer, Int4Linear):
@@ -265,53 +251,6 @@ def portable_state(model: nn.Module, group_size: int = GROUP_SIZE, calibration=N
             state[f"model.layers.{i}.{norm}.weight"] = getattr(block, norm).weight.detach().to(DTYPE).cpu()
     state["model.norm.weight"] = model.model.norm.weight.detach().to(DTYPE).cpu()
     return state
-
-
-class _Captured(Exception):
-    """Raised by `gptq_blocks`' hook once the first block's inputs are caught: no need to go on."""
-
-
-def gptq_blocks(model: nn.Module, calibration, group_size: int = GROUP_SIZE) -> dict:
-    """GPTQ as published (Frantar et al. 2023, sec. 4 and their code's sequential loop): block after
-    block, each block's linear layers rounded against what the blocks before it, already quantized,
-    give it on the calibration sequences (token id lists, run one at a time). For block i: H = X^T X / T
-    of each linear from block i's own forward (NF4 + LoRA, unquantized) on those inputs
-    (`gptq.input_hessians`), codes by `quantize` on H, then block i with its linears deployed
-    (`Int4Linear`, as the deployed model computes) makes the inputs of block i + 1. Returns
-    id(layer) -> (codes, scale, zero, H) for every block linear not yet int4; the model is unchanged.
-    Hessians are fp32 on the CPU (the down projections' (K, K) dominate: about 10 MB a block for
-    SmolLM2-135M, 95 MB for Qwen2.5-0.5B, one block's at a time)."""
-    device, inputs = model.model.norm.weight.device, []  # per sequence: the block's (x, cos, sin, mask, cache)
-
-    def catch(module, args):
-        inputs.append(args)
-        raise _Captured
-    handle = model.model.layers[0].register_forward_pre_hook(catch)
-    try:
-        with torch.inference_mode():
-            for ids in tqdm(calibration, desc="deploy: GPTQ calibration", unit="seq"):
-                try:
-                    model(torch.tensor([ids], device=device))
-                except _Captured:
-                    pass
-    finally:
-        handle.remove()
-    rounded = {}
-    for block in tqdm(model.model.layers, desc="deploy: GPTQ", unit="block"):
-        layers = [layer for _, _, layer in linears(block) if not isinstance(layer, Int4Linear)]
-        hessians = gptq.input_hessians(layers, lambda: [block(*args) for args in inputs]) if layers else []
-        deployed = copy.deepcopy(block)
-        for (parent, name, _), layer in zip(linears(deployed), [layer for _, _, layer in linears(block)]):
-            if isinstance(layer, Int4Linear):
-                continue
-            H = hessians[layers.index(layer)]
-            codes, scale, zero = quantize(dense_weight(layer), group_size, H)
-            rounded[id(layer)] = (codes, scale, zero, H)
-            bias = layer.base.bias if isinstance(layer, lora.LoRALinear) else layer.bias
-            setattr(parent, name, Int4Linear(pack(codes), scale, zero, None if bias is None else bias.detach().to(DTYPE)))
-        with torch.inference_mode():
-            inputs = [(deployed(*args), *args[1:]) for args in inputs]  # the next block's inputs
-    return rounded
 
 
 def from_portable(config: qwen2.Config, state: dict, device="cpu", where: str = "deployed model") -> qwen2.Qwen2:
@@ -345,12 +284,12 @@ def from_portable(config: qwen2.Config, state: dict, device="cpu", where: str = 
     return model.eval()
 
 
-def deploy(model: nn.Module, group_size: int = GROUP_SIZE, device=None, calibration=None) -> qwen2.Qwen2:
+def deploy(model: nn.Module, group_size: int = GROUP_SIZE, device=None, rounded: dict | None = None) -> qwen2.Qwen2:
     """Step 1-3 of the module docstring on a dense, NF4 or NF4 + LoRA model: a new deployed
-    model on `device` (default: the model's), rounded by GPTQ when `calibration` (token id
-    sequences, e.g. what the adapter was trained on) is given. The input model is left as it was."""
+    model on `device` (default: the model's), with the codes of `rounded` where given (GPTQ's).
+    The input model is left as it was."""
     device = device or model.model.norm.weight.device
-    return from_portable(model.config, portable_state(model, group_size, calibration), device)
+    return from_portable(model.config, portable_state(model, group_size, rounded), device)
 
 
 def stored_bytes(model: nn.Module) -> dict:

@@ -26,21 +26,21 @@ Choices here, as in the common recipes:
 - the group grid (scale and zero point) is the caller's, fixed before rounding from the
   unmodified weights, so every code lands on the grid the kernel computes with.
 
-The caller's grid is w' = (q - 8) s + z with q in 0..15 (deploy.py); `round_to_grid` gives the
-code for a weight. As the paper does, the caller quantizes a model block after block, each block's
-H taken on the inputs that the blocks before it, already quantized, produce (`deploy.gptq_blocks`).
+The grid is deploy.py's, w' = (q - 8) s + z with q in 0..15 (`quantize_layer`). As the paper does,
+a model is quantized block after block, each block's H taken on the inputs that the blocks before
+it, already quantized, produce (`gptq_blocks`).
 """
+import copy
+
 import torch
 from torch import nn
+from tqdm import tqdm
+
+import lora
+from deployment import deploy
 
 DAMP = 0.01
 BLOCK = 128
-
-
-def round_to_grid(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-    """Nearest code 0..15 of w on the grid (q - 8) s + z (a zero scale gives code 8)."""
-    step = torch.where(scale == 0, 1.0, scale)
-    return (torch.round((w - zero) / step) + 8).clamp(0, 15)
 
 
 def input_hessians(layers: list[nn.Module], run) -> list[torch.Tensor]:
@@ -89,10 +89,65 @@ def quantize(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor, z
         end = min(start + block, K)
         errors = torch.empty(N, end - start, device=W.device)
         for i in range(start, end):
-            q = round_to_grid(W[:, i], s[:, i], z[:, i])
+            q = deploy.round_to_grid(W[:, i], s[:, i], z[:, i])
             codes[:, i] = q
             e = (W[:, i] - ((q - 8) * s[:, i] + z[:, i])) / U[i, i]
             W[:, i + 1:end] -= e[:, None] * U[i, i + 1:end]
             errors[:, i - start] = e
         W[:, end:] -= errors @ U[start:end, end:]
     return codes[:, torch.argsort(order)].to(torch.uint8)
+
+
+def quantize_layer(weight: torch.Tensor, hessian: torch.Tensor, group_size: int = deploy.GROUP_SIZE):
+    """(N, K) float -> (codes uint8 (N, K), scale, zero): deploy.py's min-max grid, GPTQ's codes on
+    it for inputs whose X^T X / T is `hessian` (K, K)."""
+    scale, zero = deploy.grid(weight, group_size)
+    return quantize(weight, hessian, scale, zero), scale, zero
+
+
+class _Captured(Exception):
+    """Raised by `gptq_blocks`' hook once the first block's inputs are caught: no need to go on."""
+
+
+def gptq_blocks(model: nn.Module, calibration, group_size: int = deploy.GROUP_SIZE) -> dict:
+    """GPTQ as published (Frantar et al. 2023, sec. 4 and their code's sequential loop): block after
+    block, each block's linear layers rounded against what the blocks before it, already quantized,
+    give it on the calibration sequences (token id lists, run one at a time). For block i: H = X^T X / T
+    of each linear from block i's own forward (NF4 + LoRA, unquantized) on those inputs
+    (`input_hessians`), codes by `quantize_layer` on H, then block i with its linears deployed
+    (`Int4Linear`, as the deployed model computes) makes the inputs of block i + 1. Returns
+    id(layer) -> (codes, scale, zero, H) for every block linear not yet int4; the model is unchanged.
+    Hessians are fp32 on the CPU (the down projections' (K, K) dominate: about 10 MB a block for
+    SmolLM2-135M, 95 MB for Qwen2.5-0.5B, one block's at a time)."""
+    device, inputs = model.model.norm.weight.device, []  # per sequence: the block's (x, cos, sin, mask, cache)
+
+    def catch(module, args):
+        inputs.append(args)
+        raise _Captured
+    handle = model.model.layers[0].register_forward_pre_hook(catch)
+    try:
+        with torch.inference_mode():
+            for ids in tqdm(calibration, desc="deploy: GPTQ calibration", unit="seq"):
+                try:
+                    model(torch.tensor([ids], device=device))
+                except _Captured:
+                    pass
+    finally:
+        handle.remove()
+    rounded = {}
+    for block in tqdm(model.model.layers, desc="deploy: GPTQ", unit="block"):
+        layers = [layer for _, _, layer in deploy.linears(block) if not isinstance(layer, deploy.Int4Linear)]
+        hessians = input_hessians(layers, lambda: [block(*args) for args in inputs]) if layers else []
+        deployed = copy.deepcopy(block)
+        for (parent, name, _), layer in zip(deploy.linears(deployed), [layer for _, _, layer in deploy.linears(block)]):
+            if isinstance(layer, deploy.Int4Linear):
+                continue
+            H = hessians[layers.index(layer)]
+            codes, scale, zero = quantize_layer(deploy.dense_weight(layer), H, group_size)
+            rounded[id(layer)] = (codes, scale, zero, H)
+            bias = layer.base.bias if isinstance(layer, lora.LoRALinear) else layer.bias
+            setattr(parent, name, deploy.Int4Linear(deploy.pack(codes), scale, zero,
+                                                     None if bias is None else bias.detach().to(deploy.DTYPE)))
+        with torch.inference_mode():
+            inputs = [(deployed(*args), *args[1:]) for args in inputs]  # the next block's inputs
+    return rounded

@@ -4,28 +4,21 @@
     h      = Decoder(shared(decoder_ids), memory)          # (B, T, d), causal self + cross attention
     logits = lm_head(h)                                    # (B, T, V); h * d_model^-0.5 first if scale_decoder_outputs
 
-Each block is pre-norm with residuals: x = x + Attn(LN(x)); [decoder: x = x + CrossAttn(LN(x), memory)];
-x = x + FF(LN(x)). The T5 ways (Raffel et al. 2020, sec. 2.1; v1.1's changes):
-- LN is RMS-style: x / sqrt(mean(x^2) + eps) * weight, no mean subtracted, no bias (fp32 variance).
-- No absolute positions: a learned scalar per head and relative-position bucket is added to the
-  attention scores; the first block of each stack owns the table, every block reuses its bias.
-  Buckets: half exact offsets, half logarithmic up to max_distance; the encoder's are
-  bidirectional (sign kept), the decoder's causal. Scores are q k^T + bias, NOT scaled by 1/sqrt(d).
-- FF is gated-GELU: wo(gelu_tanh(wi_0 x) * wi_1 x).
-- The LM head is its own matrix (FlanT5) or the embedding (tied). The decoder output is rescaled
-  by d_model^-0.5 only where `scale_decoder_outputs` says so (original T5: yes, v1.1 / FlanT5: no);
-  a config without that key (the hub's FlanT5 files) means it by `tie_word_embeddings`. transformers 5
-  writes every T5 as `tie_word_embeddings: true` and keeps the old meaning in `scale_decoder_outputs`.
-Module names are the Hugging Face safetensors keys (`encoder.block.0.layer.0.SelfAttention.q`).
+Blocks are pre-norm with residuals: x = x + Attn(LN(x)); [decoder: x = x + CrossAttn(LN(x), memory)];
+x = x + FF(LN(x)). The T5 ways (Raffel et al. 2020, sec. 2.1; v1.1's changes): LN is RMS-style
+(no mean, no bias, fp32 variance); no absolute positions but a learned scalar per head and
+relative-position bucket added to the scores (half exact offsets, half logarithmic up to
+max_distance; the encoder's bidirectional), owned by each stack's first block, and scores NOT
+scaled by 1/sqrt(d); FF is gated-GELU, wo(gelu_tanh(wi_0 x) * wi_1 x). The LM head is its own
+matrix (FlanT5) or the embedding (tied); the decoder output is rescaled by d_model^-0.5 only where
+`scale_decoder_outputs` says so (original T5: yes, v1.1 / FlanT5: no); a config without that key
+(the hub's FlanT5 files) means it by `tie_word_embeddings` (transformers 5 writes every T5 as tied
+and keeps the old meaning in `scale_decoder_outputs`). Module names are the safetensors keys.
 
-The pipeline's glue for a seq2seq device model is here, so the core's files stay as they are:
-`family` picks t5 or qwen2 from a model's config.json (experiments/ passes it to the run);
-`T5.blocks` and `T5.lora_targets` tell `nf4.quantize_model` / `lora.add_lora` what to wrap;
-`T5.response_loss` is eq. 6 for seq2seq (CE on the decoder's target tokens, the prompt is the
-encoder's input); `T5.new_tokens` is what `generate.chat` decodes with for it. The prompt is the
-appendix-B text as plain text (`Tokenizer`); LaMP-7's history rewrites (`rewrite.py`) are then
-written by the T5 itself, from the same prompt as plain text.
-Dropout (T5's 0.1 in training) is not implemented: fine-tuning here is LoRA, as for the decoder.
+The pipeline's glue is here too, so the core stays as it is: `family` picks t5 or qwen2 from a
+config.json (experiments/ hands it to the run); `T5.blocks` / `T5.lora_targets` say what NF4 and
+LoRA wrap; `T5.response_loss` is eq. 6 for seq2seq; `T5.new_tokens` is how `generate.chat`
+decodes it; the prompt is the appendix-B text as plain text (`Tokenizer`). No dropout (LoRA).
 """
 import json
 import math

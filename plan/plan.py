@@ -40,7 +40,7 @@ import qwen2
 import rewrite
 import runner
 import train
-from deployment import __main__ as deployment
+from deployment import methods as deployment
 from errors import InputError
 from experiments import methods as experiments, t5
 

@@ -12,7 +12,7 @@ import generate
 import lora
 import nf4
 import qwen2
-from deployment import __main__ as run_deployment, deploy, gridtune
+from deployment import __main__ as run_deployment, deploy, gptq, gridtune
 from errors import InputError
 
 
@@ -257,9 +257,9 @@ def test_the_merge_keeps_a_small_delta_that_bf16_would_round_away():
 def test_deploy_answers_with_the_deployed_model_and_reports_both(tiny_model_dir, tmp_path, monkeypatch, fake_cloud,
                                                                  tiny_args, rounding):
     monkeypatch.setenv("CDCDA_CACHE", str(tmp_path / "cache"))
-    calibrations, tuned, real_state, real_tune = [], [], deploy.portable_state, gridtune.tune
-    monkeypatch.setattr(deploy, "portable_state", lambda model, *a, **kw: "calibration" in kw
-                        and calibrations.append(kw["calibration"]) or real_state(model, *a, **kw))
+    calibrations, tuned, real_blocks, real_tune = [], [], gptq.gptq_blocks, gridtune.tune
+    monkeypatch.setattr(gptq, "gptq_blocks", lambda model, calibration, *a: calibrations.append(calibration)
+                        or real_blocks(model, calibration, *a))
     monkeypatch.setattr(gridtune, "tune", lambda model, state, calibration, *a, **kw: tuned.append(calibration)
                         or real_tune(model, state, calibration, *a, **kw))
     argv = tiny_args(tiny_model_dir, tmp_path / "run") + ["--methods", "cdcda", "--deploy-rounding", rounding]
@@ -267,7 +267,7 @@ def test_deploy_answers_with_the_deployed_model_and_reports_both(tiny_model_dir,
     counts = [json.loads((d / "result.json").read_text())["counts"] for d in (tmp_path / "run" / "users").iterdir()]
     assert sorted(map(len, tuned)) == sorted(c["generated"] // 3 + c["kept"] for c in counts)  # the grids tuned
     # on the inputs CDCDA-PLM trained on: the user's pairs (k = 3 candidates each) and the kept ones
-    assert calibrations == (tuned if rounding == "gptq" else [None] * len(tuned))  # GPTQ on the same
+    assert calibrations == (tuned if rounding == "gptq" else [])  # GPTQ on the same
     assert list(rep["rows"]) == ["cdcda", "cdcda-deployed"]
     made = [json.loads((d / "result.json").read_text())["settings"] for d in (tmp_path / "run" / "users").iterdir()]
     assert all(m == {"cdcda": {}, "cdcda-deployed": {"deploy_rounding": rounding, "deploy_tune_epochs": 3}}

@@ -10,8 +10,7 @@ import copy
 import pytest
 import torch
 
-from deployment import deploy
-from deployment import gptq
+from deployment import deploy, gptq
 from test_deploy import nf4_lora_model
 
 
@@ -35,7 +34,7 @@ def test_two_columns_by_hand():
     s, z = integer_grid(2)
     codes = gptq.quantize(W, H, s, z, damp=0)
     assert codes.tolist() == [[0, 3]]
-    assert gptq.round_to_grid(W, s, z).tolist() == [[0, 2]]
+    assert deploy.round_to_grid(W, s, z).tolist() == [[0, 2]]
     assert loss(W, codes, s, z, H) == pytest.approx(0.28)
     assert loss(W, torch.tensor([[0, 2]]), s, z, H) == pytest.approx(0.48)
 
@@ -65,7 +64,7 @@ def reference_codes(W, H, scale, zero, damp):
     order = torch.argsort(torch.diagonal(H), descending=True, stable=True).tolist()
     W, codes, done = W0.clone(), torch.zeros_like(W0), []
     for q in order:
-        codes[:, q] = gptq.round_to_grid(W[:, q], s[:, q], z[:, q])
+        codes[:, q] = deploy.round_to_grid(W[:, q], s[:, q], z[:, q])
         done.append(q)
         rest = [j for j in order if j not in done]
         if rest:
@@ -99,7 +98,7 @@ def test_uncorrelated_inputs_give_nearest_rounding():
     codes, scale, zero = deploy.quantize(W, 32)
     H = torch.diag(torch.rand(64) + 0.5)  # no column can make up for another
     assert torch.equal(gptq.quantize(W, H, scale, zero), codes)
-    assert torch.equal(deploy.quantize(W, 32, hessian=H)[0], codes)
+    assert torch.equal(gptq.quantize_layer(W, H, 32)[0], codes)
 
 
 def test_lower_output_error_than_nearest_rounding():
@@ -107,7 +106,7 @@ def test_lower_output_error_than_nearest_rounding():
     W = torch.randn(32, 128)
     X, H = correlated(1000, 128, 0)
     codes, scale, zero = deploy.quantize(W, 32)
-    smart = deploy.quantize(W, 32, hessian=H)[0]
+    smart = gptq.quantize_layer(W, H, 32)[0]
     assert smart.max() <= 15
     out = X @ W.T
     err_nearest = (X @ deploy.dequantize(codes, scale, zero).T - out).pow(2).mean()
@@ -150,7 +149,7 @@ def test_deploying_with_calibration_lowers_the_models_error():
 
     def err(deployed):
         return ((deployed(held_out).float() - want).norm() / want.norm()).item()
-    assert err(deploy.deploy(model, calibration=calibration)) < 0.9 * err(deploy.deploy(model))
+    assert err(deploy.deploy(model, rounded=gptq.gptq_blocks(model, calibration))) < 0.9 * err(deploy.deploy(model))
 
 
 @torch.inference_mode()
@@ -162,7 +161,7 @@ def test_gptq_blocks_feed_each_block_what_the_quantized_blocks_before_it_give():
     model = nf4_lora_model(tied=True)
     torch.manual_seed(1)
     calibration = [torch.randint(0, 96, (n,)).tolist() for n in (24, 9, 17, 30)]
-    rounded = deploy.gptq_blocks(model, calibration)
+    rounded = gptq.gptq_blocks(model, calibration)
     originals = [layer for _, _, layer in deploy.block_linears(model)]
     assert set(rounded) == set(map(id, originals))
 
@@ -176,15 +175,15 @@ def test_gptq_blocks_feed_each_block_what_the_quantized_blocks_before_it_give():
         for (parent, name, layer), H, original in zip(found, hessians, deploy.linears(model.model.layers[i])):
             codes, scale, zero, got = rounded[id(original[2])]
             torch.testing.assert_close(got, H, rtol=1e-5, atol=1e-6)
-            assert torch.equal(codes, deploy.quantize(deploy.dense_weight(layer), 32, H)[0])
+            assert torch.equal(codes, gptq.quantize_layer(deploy.dense_weight(layer), H, 32)[0])
             change = ((got - one_pass[id(original[2])]).norm() / H.norm()).item()
             assert change < 1e-6 if i == 0 else change > 1e-2  # block 1 sees block 0's rounding
             bias = layer.base.bias if isinstance(layer, deploy.lora.LoRALinear) else layer.bias
             setattr(parent, name, deploy.Int4Linear(deploy.pack(codes), scale, zero,
                                                     None if bias is None else bias.to(deploy.DTYPE)))
-    state = deploy.portable_state(model, calibration=calibration)  # what the pipeline deploys: these codes
+    state = deploy.portable_state(model, rounded=rounded)  # what the pipeline deploys: these codes
     key = "model.layers.1.mlp.down_proj"
     layer = model.get_submodule(key)
     assert torch.equal(state[f"{key}.weight"], deploy.pack(rounded[id(layer)][0]))
-    assert not torch.equal(rounded[id(layer)][0], deploy.quantize(deploy.dense_weight(layer), 32,
+    assert not torch.equal(rounded[id(layer)][0], gptq.quantize_layer(deploy.dense_weight(layer),
                                                                   one_pass[id(layer)])[0])

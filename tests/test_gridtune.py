@@ -7,8 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from deployment import deploy
-from deployment import gridtune
+from deployment import deploy, gptq, gridtune
 from test_deploy import nf4_lora_model, reference_logits
 
 
@@ -56,7 +55,7 @@ def test_tuning_moves_only_the_grids_and_brings_the_model_closer():
     torch.manual_seed(1)
     calibration = torch.randint(0, 96, (8, 24)).tolist()
     held_out = torch.randint(0, 96, (4, 24)).tolist()
-    state = deploy.portable_state(model, calibration=calibration)
+    state = deploy.portable_state(model, rounded=gptq.gptq_blocks(model, calibration))
     tuned = gridtune.tune(model, state, calibration, epochs=3)
     with pytest.raises(ValueError, match="no calibration"):
         gridtune.tune(model, state, [])
