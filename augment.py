@@ -22,6 +22,7 @@ from errors import InputError
 AUGMENT_PROMPT = ("Generate an Input and Response pairs semantically similar to the following "
                   "example, no need to explain. Input: [{x}], Response: [{y}].")  # sec. 4, verbatim
 REPLY_PREFIX = "Input: ["  # the start of the cloud's reply (see `augment`)
+SCAFFOLD = "], Response: ["  # what structured decoding writes where the input stops
 AUGMENT_SLACK = 32  # tokens beyond ceil(eps_max_len * longest): the closing "].", tokenization at the edges
 AUGMENT_BATCH = 32  # generations per batch: batched decoding reads the weights once per step for all rows
 
@@ -109,9 +110,9 @@ def augment(cloud: CloudLM, pairs, settings: Augmentation, seed: int, task: data
     The cloud's reply is started with REPLY_PREFIX ("Input: ["): the 135M stand-in answers
     the bare prompt mostly in prose, which parses as nothing. --augment-decoding structured
     decodes the whole shape instead of hoping for it: the input is sampled up to its "]",
-    then "], Response: [" is written for the model and the response sampled up to its "]"
-    (same prompt, model and temperature; only the scaffolding is forced), so the filters
-    judge content, not format. `cloud.chat` is `generate.chat` or, for --cloud-api,
+    then "], Response: [" is written for the model and the response sampled up to its "]",
+    in one pass from the same cache (`generate.chat`'s scaffold; same prompt, model and
+    temperature; only the scaffolding is forced), so the filters judge content, not format. `cloud.chat` is `generate.chat` or, for --cloud-api,
     `cloud.api_chat`'s (the same priming and stops over the API). Generation stops at
     ceil(eps_max_len * longest) + AUGMENT_SLACK tokens, `longest` the tokens of the longest
     example's "Input: [x], Response: [y]" (structured: of the longest x, then of the longest
@@ -126,12 +127,10 @@ def augment(cloud: CloudLM, pairs, settings: Augmentation, seed: int, task: data
         return generation_budget(cloud.tokenizer, texts, settings.thresholds.eps_max_len)
     reply = functools.partial(cloud.chat or generate.chat, cloud.model, cloud.tokenizer,
                               temperature=settings.temperature, batch_size=AUGMENT_BATCH)
-    if settings.augment_decoding == "structured":
-        inputs = reply(prompts, budget([x for x, _ in pairs]), seed=seed, desc="augment (cloud): inputs",
-                       reply_prefix=REPLY_PREFIX, stop="]")
-        texts = [text + "]" for text in reply(prompts, budget([y for _, y in pairs]), seed=seed + 1,
-                                              desc="augment (cloud): responses", stop="]",
-                                              reply_prefix=[x + "], Response: [" for x in inputs])]
+    if settings.augment_decoding == "structured":  # one pass: the scaffold where the input stops
+        texts = [text + "]" for text in reply(prompts, budget([x for x, _ in pairs]), seed=seed, stop="]",
+                                              desc="augment (cloud)", reply_prefix=REPLY_PREFIX,
+                                              scaffold=SCAFFOLD, scaffold_tokens=budget([y for _, y in pairs]))]
     else:
         texts = reply(prompts, budget([f"Input: [{x}], Response: [{y}]" for x, y in pairs]), seed=seed,
                       desc="augment (cloud)", reply_prefix=REPLY_PREFIX)

@@ -8,6 +8,7 @@ what runs it token by token:
 Speculative decoding (Table 1's row) is experiments/speculative.py.
 """
 import functools
+import hashlib
 
 import torch
 from tqdm import tqdm
@@ -27,55 +28,94 @@ def left_pad(sequences: list[list[int]], pad_token_id: int, device="cpu"):
 
 
 
-def sample(logits, temperature: float, top_p: float = 1.0, generator=None):
+def sample(logits, temperature, top_p: float = 1.0, generator=None):
     """Next token (B,) from logits (B, V): argmax at temperature 0; else multinomial sampling
-    (§5.1: tau_temp = 0.7) from softmax(logits / temperature), restricted to the smallest set of
-    most likely tokens whose probability reaches top_p (nucleus sampling, Holtzman et al. 2020)."""
-    if temperature == 0:
+    (sec. 5.1: tau_temp = 0.7) from softmax(logits / temperature), restricted to the smallest set
+    of most likely tokens whose probability reaches top_p (nucleus sampling, Holtzman et al.
+    2020). `temperature`: one for all rows or a tensor (B,); `generator`: one, or a list with each
+    row's own, so that a row's draws do not depend on the rows beside it."""
+    temperature = torch.as_tensor(temperature, dtype=torch.float, device=logits.device).expand(logits.shape[0])
+    hot = temperature > 0
+    if not bool(hot.any()):
         return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)  # (B, V)
+    probs = torch.softmax(logits.float() / temperature.clamp(min=1e-6)[:, None], dim=-1)  # (B, V)
     if top_p < 1.0:
         sorted_p, order = probs.sort(dim=-1, descending=True)
         outside = sorted_p.cumsum(-1) - sorted_p >= top_p  # the tokens before it already reach top_p
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p.masked_fill(outside, 0.0))
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    if isinstance(generator, list):
+        drawn = torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generator)])
+    else:
+        drawn = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return torch.where(hot, drawn, logits.argmax(-1))
 
 
 @torch.inference_mode()
-def generate(model: Qwen2, input_ids, max_new_tokens: int, temperature: float = 0.7, top_p: float = 1.0,
-             eos_token_id=..., attention_mask=None, generator=None):
-    """Continue input_ids (B, T), left padded, -> (B, T + n), n <= max_new_tokens.
+def generate(model: Qwen2, input_ids, max_new_tokens: int, temperature=0.7, top_p: float = 1.0,
+             eos_token_id=..., attention_mask=None, generator=None, copies=None, scaffold=None,
+             scaffold_tokens: int = 0):
+    """Continue input_ids (B, T), left padded -> (R, T + n), n <= the new tokens of the longest row.
 
-    eos_token_id: int or list; `...` = model.config.eos_token_id; None = never stop. A row that
-    produced an eos id is continued with the first eos id; decoding ends when all rows have.
+    copies: how many replies each prompt gets (default one each; R their sum, the rows in order):
+    a prompt is prefilled once and its keys and values copied to its replies (step 2's k samples,
+    as vLLM's `n`). temperature and generator: one, or one per reply (`sample`). eos_token_id:
+    int or list; `...` = model.config.eos_token_id; None = never stop. A finished row leaves the
+    batch (no more compute) and is filled with the first eos id. scaffold: {id that ends a reply,
+    or None for its running out of max_new_tokens: the ids written in its place}; a reply's first
+    end then writes them and the reply goes on from the same cache for up to scaffold_tokens more
+    (structured augmentation's "], Response: [", augment.py); then the return is (ids, where each
+    reply's second phase starts among its new ids).
     """
     if eos_token_id is ...:
         eos_token_id = model.config.eos_token_id
     eos = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
     B, T = input_ids.shape
     device = input_ids.device
-    cache = KVCache(model.config, B, T + max_new_tokens, model.model.norm.weight.dtype, device)  # the compute dtype
-    if attention_mask is not None and bool(attention_mask.all()):
-        attention_mask = None  # no padding: plain causal attention is faster
-    if attention_mask is not None:
-        attention_mask = torch.cat([attention_mask.long(), attention_mask.new_ones(B, max_new_tokens)], 1)
-    out = torch.empty(B, T + max_new_tokens, dtype=torch.long, device=device)
-    out[:, :T] = input_ids
-    eos_ids = torch.tensor(eos, dtype=torch.long, device=device)
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    tokens, n = input_ids, T
-    for _ in range(max_new_tokens):
-        hidden = model.model(tokens, None if attention_mask is None else attention_mask[:, :n], cache)
-        next_token = sample(model.lm_head(hidden[:, -1]), temperature, top_p, generator)  # (B,)
-        if eos:
-            next_token = torch.where(done, eos[0], next_token)
-            done |= torch.isin(next_token, eos_ids)
-        out[:, n] = next_token
+    copies = torch.ones(B, dtype=torch.long) if copies is None else torch.as_tensor(copies)
+    total = max_new_tokens + (max(map(len, scaffold.values())) + scaffold_tokens if scaffold else 0)
+    cache = KVCache(model.config, B, T + total, model.model.norm.weight.dtype, device)  # the compute dtype
+    padded = attention_mask is not None and not bool(attention_mask.all())  # else plain causal attention
+    mask = torch.cat([attention_mask.long(), attention_mask.new_ones(B, total)], 1) if padded else None
+    logits = model.lm_head(model.model(input_ids, None if mask is None else mask[:, :T], cache)[:, -1])  # (B, V)
+    rows = torch.arange(B).repeat_interleave(copies).to(device)  # each reply's prompt
+    cache.k, cache.v, logits = cache.k[:, rows], cache.v[:, rows], logits[rows]  # the prefill, copied
+    mask = None if mask is None else mask[rows]
+    R = len(rows)
+    temperature = torch.as_tensor(temperature, dtype=torch.float).expand(R).to(device)
+    out = torch.full((R, T + total), eos[0] if eos else 0, dtype=torch.long, device=device)
+    out[:, :T] = input_ids[rows]
+    live = torch.arange(R, device=device)  # the replies still in the batch, in its order
+    spent, phase, forced, resumed = [0] * R, [0] * R, [[] for _ in range(R)], [None] * R
+    n = T
+    for _ in range(total):
+        gens = [generator[i] for i in live.tolist()] if isinstance(generator, list) else generator
+        tokens = sample(logits, temperature[live], top_p, gens).tolist()
+        done = []
+        for j, i in enumerate(live.tolist()):
+            if not forced[i]:
+                spent[i] += 1
+                ended = tokens[j] in eos
+                if not (ended or spent[i] >= (max_new_tokens if phase[i] == 0 else scaffold_tokens)):
+                    continue
+                if not scaffold or phase[i] == 1:
+                    done.append(j)
+                    continue
+                forced[i], phase[i], spent[i] = list(scaffold.get(tokens[j] if ended else None, scaffold[None])), 1, 0
+                if not ended:  # the first phase ends: its scaffold is written in place of its end id,
+                    continue  # or after the last token its budget allowed
+            tokens[j] = forced[i].pop(0)  # a scaffold id, written, not sampled
+            resumed[i] = None if forced[i] else n + 1 - T  # where the second phase's sampling starts
+        out[live, n] = torch.tensor(tokens, device=device)
         n += 1
-        if eos and bool(done.all()):
+        keep = torch.tensor([j for j in range(len(live)) if j not in done], dtype=torch.long, device=device)
+        if len(keep) == 0:
             break
-        tokens = next_token[:, None]
-    return out[:, :n]
+        if len(keep) < len(live):  # finished replies leave the batch
+            live, cache.k, cache.v = live[keep], cache.k[:, keep], cache.v[:, keep]
+            mask = None if mask is None else mask[keep]
+        ids = out[live, n - 1][:, None]  # (R', 1)
+        logits = model.lm_head(model.model(ids, None if mask is None else mask[:, :n], cache)[:, -1])
+    return (out[:, :n], resumed) if scaffold else out[:, :n]
 
 
 @functools.lru_cache(maxsize=8)
@@ -101,34 +141,75 @@ def reply_text(tokenizer: Tokenizer, new_ids: list[int], stop: str = "") -> tupl
     return (text.split(stop)[0] if stop else text), end
 
 
+def reply_generator(seed: int, index: int, device="cpu") -> torch.Generator:
+    """Reply `index`'s own generator, seeded from (seed, index) through a hash: the replies of
+    nearby seeds or indexes draw unrelated streams."""
+    digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
+    return torch.Generator(device).manual_seed(int.from_bytes(digest, "little") >> 1)
+
+
+def scaffold_ids(tokenizer: Tokenizer, stop: str, scaffold: str) -> dict:
+    """`generate`'s scaffold for a reply stopped at `stop`: an id holding the stop text keeps its
+    own text before it ("foo" of "foo]."), then the scaffold; an end-of-turn id, or running out
+    of tokens (None), gives the scaffold alone."""
+    alone = tokenizer.encode(scaffold)
+    return ({None: alone} | {i: alone for i in tokenizer.eos_token_ids}
+            | {i: tokenizer.encode(tokenizer.decode([i]).split(stop)[0] + scaffold)
+               for i in (stop_token_ids(tokenizer, stop) if stop else ())})
+
+
 def chat(model: Qwen2, tokenizer: Tokenizer, conversations: list[list[dict]], max_new_tokens: int = 64,
-         temperature: float = 0.7, seed: int = 0, batch_size: int = 8, desc: str | None = None,
-         reply_prefix: str | list[str] = "", stop: str = "") -> list[str]:
+         temperature=0.7, seed: int = 0, batch_size: int = 8, desc: str | None = None,
+         reply_prefix: str | list[str] = "", stop: str = "", scaffold: str = "", scaffold_tokens: int = 0) -> list[str]:
     """Reply to each conversation (ChatML messages); the text up to the end-of-turn token, stripped.
 
-    Conversations are batched by prompt length (less padding); one generator seeded with `seed`.
-    `reply_prefix` (one for all, or one per conversation) is written as the start of the
-    assistant's turn and kept in the reply: it steers a small model into a format. `stop` ends
-    a reply before the first occurrence of that text (OpenAI's `stop`).
+    Replies to the same prompt (step 2's k samples of one pair) share one prefill (`generate`'s
+    copies); batches hold about `batch_size` replies of prompts of similar length. Reply i samples
+    from its own generator (`reply_generator(seed, i)`), so it does not depend on the others or
+    on batch_size. `temperature`: one, or one per conversation. `reply_prefix` (one for all, or
+    one per conversation) is written as the start of the assistant's turn and kept in the reply:
+    it steers a small model into a format. `stop` ends a reply before the first occurrence of
+    that text (OpenAI's `stop`). `scaffold`: where a reply first ends (its stop, its end of turn
+    or max_new_tokens) the scaffold's text is written and the reply goes on for up to
+    scaffold_tokens more tokens to its next end; it keeps both parts and the scaffold.
     """
     new_tokens = getattr(model, "new_tokens", None)  # an encoder-decoder (t5.T5) decodes its own way
     prefixes = [reply_prefix] * len(conversations) if isinstance(reply_prefix, str) else list(reply_prefix)
-    if new_tokens and any(prefixes):
-        raise ValueError("generate.chat: a reply prefix needs a decoder-only model")
+    temperatures = torch.as_tensor(temperature, dtype=torch.float).expand(len(conversations))
+    if new_tokens and (any(prefixes) or scaffold):
+        raise ValueError("generate.chat: a reply prefix or a scaffold needs a decoder-only model")
     device = next(model.parameters()).device
-    prompts = [tokenizer.encode(tokenizer.apply_chat_template(c) + p) for c, p in zip(conversations, prefixes)]
-    ends = end_ids(tokenizer, stop)
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    generator = torch.Generator(device).manual_seed(seed)
+    prompts = [tuple(tokenizer.encode(tokenizer.apply_chat_template(c) + p)) for c, p in zip(conversations, prefixes)]
+    groups = {}  # prompt -> the conversations asking it
+    for i in sorted(range(len(prompts)), key=lambda i: len(prompts[i])):
+        groups.setdefault(prompts[i], []).append(i)
+    batches, batch = [], []
+    for group in groups.values():  # a prompt's replies stay together, in batches of about batch_size
+        batch.append(group)
+        if sum(map(len, batch)) >= batch_size:
+            batches, batch = batches + [batch], []
+    generators = [reply_generator(seed, i, device) for i in range(len(prompts))]
+    kwargs = dict(eos_token_id=end_ids(tokenizer, stop))
+    if scaffold:
+        kwargs |= dict(scaffold=scaffold_ids(tokenizer, stop, scaffold), scaffold_tokens=scaffold_tokens or max_new_tokens)
     replies = [""] * len(prompts)
-    with tqdm(total=len(prompts), desc=desc, unit="conv") as bar:
-        for start in range(0, len(order), batch_size):
-            rows = order[start:start + batch_size]
-            ids, mask = left_pad([prompts[i] for i in rows], tokenizer.pad_token_id, device)
-            kwargs = dict(eos_token_id=ends, attention_mask=mask, generator=generator)
-            out = (new_tokens(ids, max_new_tokens, temperature, **kwargs) if new_tokens
-                   else generate(model, ids, max_new_tokens, temperature, **kwargs)[:, ids.shape[1]:])
-            for i, new in zip(rows, out.tolist()):
-                replies[i] = (prefixes[i] + reply_text(tokenizer, new, stop)[0]).strip()
+    with tqdm(total=len(prompts), desc=desc, unit="reply") as bar:
+        for batch in batches + ([batch] if batch else []):
+            rows = [i for group in batch for i in group]
+            ids, mask = left_pad([list(prompts[group[0]]) for group in batch], tokenizer.pad_token_id, device)
+            args = dict(kwargs, attention_mask=mask, generator=[generators[i] for i in rows])
+            if new_tokens:
+                copies = torch.tensor([len(group) for group in batch], device=device)
+                out, resumed = new_tokens(ids.repeat_interleave(copies, 0), max_new_tokens, temperatures[rows],
+                                          **args | dict(attention_mask=mask.repeat_interleave(copies, 0))), None
+            else:
+                out = generate(model, ids, max_new_tokens, temperatures[rows], copies=[len(g) for g in batch], **args)
+                out, resumed = out if scaffold else (out, None)
+                out = out[:, ids.shape[1]:]
+            for j, (i, new) in enumerate(zip(rows, out.tolist())):
+                r = resumed[j] if resumed else None  # the first part and the scaffold are kept whole
+                text = reply_text(tokenizer, new, stop)[0] if r is None else (
+                    tokenizer.decode(new[:r]) + reply_text(tokenizer, new[r:], stop)[0])
+                replies[i] = (prefixes[i] + text).strip()
             bar.update(len(rows))
     return replies

@@ -76,12 +76,11 @@ def rewrite_all(model, tok, texts: list[str], judge, thresholds: filters.Thresho
     """{text: the rewrite the judge scores closest in meaning among those that pass, or ""}."""
     prompts = [[{"role": "user", "content": REWRITE_PROMPT.format(text=t)}] for t in texts]
     budget = max(len(tok.encode(t)) for t in texts) + 16
-    outs = (generate.chat(model, tok, prompts, budget, temperature=0.0, batch_size=augment.AUGMENT_BATCH,
-                          desc="rewrite history (device)")
-            + generate.chat(model, tok, prompts * samples, budget, temperature=0.7, seed=0,
-                            batch_size=augment.AUGMENT_BATCH, desc="rewrite history (device, sampled)"))
+    outs = generate.chat(model, tok, [p for p in prompts for _ in range(1 + samples)], budget,  # one prefill each
+                         temperature=[0.0, *[0.7] * samples] * len(texts), seed=0, batch_size=augment.AUGMENT_BATCH,
+                         desc="rewrite history (device)")
     outs = [LABEL.sub("", o.split("\n")[0]).strip().strip('"') for o in outs]
-    sources = texts * (samples + 1)
+    sources = [t for t in texts for _ in range(1 + samples)]
     sel = augment.select([(t, t) for t in sources], [(o, t) for o, t in zip(outs, sources)], judge,
                          replace(thresholds, eps_tdf=1.0 - 1e-6))  # TDF here only rejects exact copies
     rewrites, best = {t: "" for t in texts}, {}

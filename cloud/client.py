@@ -122,15 +122,20 @@ def openai_chat(api: Endpoint, model: str, conversations: list[list[dict]], max_
 def api_chat(api: Endpoint, model: str):
     """`generate.chat` over an OpenAI-compatible server, for `augment.augment` (--cloud-api):
     chat(model, tokenizer, conversations, max_new_tokens, temperature, seed, ..., reply_prefix,
-    stop) -> list[str]; the local model and tokenizer arguments are ignored. `reply_prefix`
-    starts the assistant's turn as in process: it is sent as a final assistant message to be
-    continued, and kept in the reply."""
+    stop, scaffold, scaffold_tokens) -> list[str]; the local model and tokenizer arguments are
+    ignored. `reply_prefix` starts the assistant's turn as in process: it is sent as a final
+    assistant message to be continued, and kept in the reply; a scaffold is written after the
+    first reply and continued by a second request (seeds after the first requests')."""
     def chat(_model, _tokenizer, conversations, max_new_tokens=64, temperature=0.7, seed=0, batch_size=8, desc=None,
-             reply_prefix="", stop=""):
+             reply_prefix="", stop="", scaffold="", scaffold_tokens=0):
         prefixes = [reply_prefix] * len(conversations) if isinstance(reply_prefix, str) else list(reply_prefix)
         primed = [c + [{"role": "assistant", "content": p}] if p else c for c, p in zip(conversations, prefixes)]
-        texts = openai_chat(api, model, primed, max_new_tokens, temperature, seed, stop)
-        return [(p + t).strip() for p, t in zip(prefixes, texts)]
+        texts = [p + t for p, t in zip(prefixes, openai_chat(api, model, primed, max_new_tokens, temperature, seed, stop))]
+        if scaffold:  # the API cannot write into a reply: the scaffold starts a second request
+            primed = [c + [{"role": "assistant", "content": t + scaffold}] for c, t in zip(conversations, texts)]
+            texts = [t + scaffold + more for t, more in zip(texts, openai_chat(
+                api, model, primed, scaffold_tokens or max_new_tokens, temperature, seed + len(texts), stop))]
+        return [t.strip() for t in texts]
     return chat
 
 

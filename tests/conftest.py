@@ -84,12 +84,11 @@ def fake_cloud(monkeypatch):
         if not desc.startswith("augment"):
             return real_chat(model, tokenizer, conversations, *args, **kw)
         pairs = [c[-1]["content"].split("Input: [")[1].split("], Response: [") for c in conversations]
-        if not isinstance(kw["reply_prefix"], str):  # structured decoding, the responses
-            return [prefix + y[:-2] for prefix, (_, y) in zip(kw["reply_prefix"], pairs)]
         assert kw["reply_prefix"] == augment.REPLY_PREFIX
         out = [replies[i % 3].format(rx=" ".join(reversed(x.split())), y=y[:-2]) for i, (x, y) in enumerate(pairs)]
-        if kw.get("stop"):  # structured decoding, the inputs: up to their "]"
-            return [o.split("]")[0] if o.startswith("Input: [") else augment.REPLY_PREFIX + o for o in out]
+        if kw.get("scaffold"):  # structured decoding: the input up to its "]", the scaffold, the response
+            return [(o.split("]")[0] if o.startswith("Input: [") else augment.REPLY_PREFIX + o) + kw["scaffold"]
+                    + y[:-2] for o, (_, y) in zip(out, pairs)]
         return out
     monkeypatch.setattr(generate, "chat", chat)
 

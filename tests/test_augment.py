@@ -120,14 +120,15 @@ def test_make_judge_names_the_option():
 
 def test_structured_augmentation_always_yields_the_pair_shape(tiny_model_dir, monkeypatch):
     """A random model writes prose; structured decoding still returns "Input: [x], Response: [y]"
-    for every generation: the input stops at its "]", the response is primed and stops at its "]"."""
+    for every generation, in one pass: the input stops at its "]", the scaffold is written in its
+    place and the response goes on from the same cache to its "]"."""
     model, tok = qwen2.load(str(tiny_model_dir))
-    seen, real = [], generate.chat
-    monkeypatch.setattr(generate, "chat", lambda *a, **kw: seen.append(kw) or real(*a, **kw))
+    seen, texts, real = [], [], generate.chat
+    monkeypatch.setattr(generate, "chat", lambda *a, **kw: seen.append(kw) or texts.extend(real(*a, **kw)) or texts)
     pairs = [("rain again", "ugh rain smh"), ("big game tonight", "LETS GO big game")]
     out = augment.augment(augment.CloudLM(model, tok), pairs, augment.Augmentation(k=2, temperature=1.0), 0)
-    originals, candidates, unparsable = out.originals, out.candidates, out.unparsable
-    assert [kw["stop"] for kw in seen] == ["]", "]"] and seen[0]["reply_prefix"] == augment.REPLY_PREFIX
-    primed = seen[1]["reply_prefix"]
-    assert len(primed) == 4 and all(p.startswith("Input: [") and p.endswith("], Response: [") for p in primed)
-    assert unparsable + len(candidates) == 4 and len(originals) == len(candidates)
+    assert len(seen) == 1 and seen[0]["stop"] == "]" and seen[0]["scaffold"] == augment.SCAFFOLD
+    assert seen[0]["reply_prefix"] == augment.REPLY_PREFIX and len(texts) == 4
+    assert all(t.startswith("Input: [") and t.count("], Response: [") == 1 and "]" not in t.split("Response: [")[1]
+               for t in texts)
+    assert out.unparsable + len(out.candidates) == 4 and len(out.originals) == len(out.candidates)

@@ -95,3 +95,39 @@ def test_reply_text_cuts_at_the_end_of_turn_or_the_stop_text(tiny_model_dir):
     assert generate.reply_text(tok, tok.encode("ab") + [end] + tok.encode("cd")) == ("ab", len(tok.encode("ab")))
     text, index = generate.reply_text(tok, ids, stop="]")
     assert text == "ab" and "]" in tok.decode([ids[index]])
+
+
+def test_shared_prefill_scaffold_and_leaving_rows_see_what_a_full_recompute_sees(tiny_model, monkeypatch):
+    """Two prompts (left padded), three and two replies each from one prefill; a reply's first
+    phase ends at an end id (9, 10) or after 3 tokens, its scaffold is written in the end id's
+    place (or after the third token) and it goes on for up to 4 more; finished replies leave.
+    Every distribution a reply samples from equals the model's on the reply's own tokens
+    recomputed from scratch, and no forward runs a finished reply."""
+    model = tiny_model(7, vocab=16)
+    prompts, T = [[1, 2, 3, 4, 5], [6, 7]], 5
+    ids, mask = generate.left_pad(prompts, pad_token_id=0)
+    seen, widths, real_sample, real_forward = [], [], generate.sample, model.model.forward
+    monkeypatch.setattr(generate, "sample", lambda logits, *a: seen.append(logits.clone()) or real_sample(logits, *a))
+    monkeypatch.setattr(model.model, "forward", lambda x, *a: widths.append(x.shape[0]) or real_forward(x, *a))
+    scaffold = {None: [14, 15], 10: [14, 15], 9: [13, 14, 15]}  # id 9 keeps "its own text" 13
+    generators = [torch.Generator().manual_seed(s) for s in range(5)]
+    out, resumed = generate.generate(model, ids, 3, temperature=1.5, eos_token_id=[9, 10], attention_mask=mask,
+                                     generator=generators, copies=[3, 2], scaffold=scaffold, scaffold_tokens=4)
+    assert out[:3, :T].tolist() == [ids[0].tolist()] * 3 and out[3:, :T].tolist() == [ids[1].tolist()] * 2
+    assert len({tuple(row) for row in out[:, T:].tolist()}) > 2  # each reply its own draws
+    prompt_of, length = [0, 0, 0, 1, 1], []
+    for r in range(5):
+        new, start = out[r, T:].tolist(), resumed[r]
+        assert 2 <= start <= 3 + 3 and new[start - 2:start] == [14, 15]  # the scaffold, then the second phase
+        last = next((j for j in range(start, start + 4) if new[j] in (9, 10)), start + 3)
+        length.append(last + 1)  # the steps it sampled at, the prefill's included
+        assert all(t == 9 for t in new[last + 1:])  # a finished reply is filled with the first end id
+    assert len(seen) == max(length)
+    assert widths == [2] + [sum(step < n for n in length) for step in range(1, len(seen))]  # one prefill per prompt
+    for step, logits in enumerate(seen):
+        sampling = [r for r in range(5) if step < length[r]]
+        assert logits.shape[0] == len(sampling)  # finished replies have left the batch
+        for j, r in enumerate(sampling):
+            with torch.no_grad():
+                full = model(torch.tensor([prompts[prompt_of[r]] + out[r, T:T + step].tolist()]))[0, -1]
+            assert torch.allclose(logits[j], full, atol=1e-5), (r, step)

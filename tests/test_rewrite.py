@@ -49,19 +49,19 @@ def test_neutral_rewrites_keeps_the_closest_passing_rewrite(tiny_model_dir, tmp_
     calls = []
 
     def chat(model, tok, conversations, max_new_tokens, temperature=0.7, **kw):
-        calls.append(temperature)
-        return [replies[temperature][c[-1]["content"].split("Text: ")[1]] for c in conversations]
+        calls.append(list(temperature))  # one call: each tweet's greedy and sampled rewrites, one prefill
+        return [replies[t][c[-1]["content"].split("Text: ")[1]] for c, t in zip(conversations, temperature)]
     monkeypatch.setattr(generate, "chat", chat)
     task = data.get_task("lamp7")
     users = [data.User("u", [{"text": "ngl the team won again fr"}, {"text": "rain all day ugh"}], [])]
     thresholds = filters.Thresholds(eps_scf=0.3)
     got = rewrite.neutral_rewrites(task, users, str(tiny_model_dir), FakeJudge(), thresholds, "cpu", samples=1)
     assert got == {"ngl the team won again fr": "the team won again", "rain all day ugh": ""}
-    assert calls == [0.0, 0.7]
+    assert calls == [[0.0, 0.7, 0.0, 0.7]]
     cached = list((tmp_path / "rewrites").glob("lamp7-*.json"))
     assert len(cached) == 1 and json.loads(cached[0].read_text()) == got
     assert rewrite.neutral_rewrites(task, users, str(tiny_model_dir), FakeJudge(), thresholds, "cpu",
-                                    samples=1) == got and calls == [0.0, 0.7]  # from the cache
+                                    samples=1) == got and len(calls) == 1  # from the cache
 
 
 @pytest.mark.parametrize("text, expected", [("Rewrite: the team won", "the team won"),
