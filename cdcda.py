@@ -154,6 +154,7 @@ class Steps:
     cloud: Callable | None = None  # () -> the augment.CloudLM of step 2 (default: in process)
     select: Callable | None = None  # step 3: (originals, candidates) -> filters.Selection
     synthesize: Callable | None = None  # steps 2-3 elsewhere: (task, pairs, augmentation, seed, times) -> records, counts
+    share: Callable | None = None  # the target users this process runs (scale/: a shard); default all
 
 
 @dataclass
@@ -169,7 +170,7 @@ class Pipeline:
     settings: Settings
     methods: dict
     steps: Steps
-    device: str  # this process's: cuda:LOCAL_RANK under a launcher (runner.device_for)
+    device: str
 
 
 @dataclass
@@ -206,12 +207,6 @@ class Method(NamedTuple):
     label: str  # the row's name in the report
     run: Callable[[Run], list[str]]  # one user's predictions, one per query
     synthetic: bool  # needs D_filtered (steps 2-4 run first)
-    settings: tuple[str, ...] = ()  # the options of `Settings.extra` that change this row alone
-
-
-def row_settings(settings: Settings, methods) -> dict:
-    """{method: the values of the options that change its row alone}, checked row by row on a re-run."""
-    return {m: {name: settings.extra[name] for name in methods[m].settings} for m in settings.methods}
 
 
 METHODS = {
@@ -263,7 +258,6 @@ def run_user(p: Pipeline, user: data.User, user_dir: Path) -> dict:
         result["predictions"][method] = p.methods[method].run(run)
         times[method] = time.time() - t
     result["losses"], result["gold_nll"], result["times"] = run.losses, run.nll, times
-    result["settings"] = row_settings(p.settings, p.methods)
     hub.write_atomic(user_dir / "result.json", json.dumps(result, indent=1))
     return result
 
@@ -289,31 +283,28 @@ def prepare(task: data.Task, users, others, settings: Settings, methods, steps: 
 
 
 def run(settings: Settings, methods=METHODS, steps: Steps = Steps()) -> dict:
-    """Every target user of the task (this shard's: runner.py) through every method of
-    settings.methods, then the report once every target user is done."""
-    task, out = data.get_task(settings.task), Path(settings.out)
-    shard = runner.shard_of(settings.shard)
-    device = runner.device_for(settings.device, shard)
+    """Every target user of the task (or this process's share: `steps.share`) through every
+    method of settings.methods (runner.py), then the report once every target user is done."""
+    task, out, device = data.get_task(settings.task), Path(settings.out), settings.device
     users = data.load_users(task.name, settings.data)
     report.announce(task, settings, users)
     targets, others = data.split_users(users, min(settings.users, len(users)), settings.user_selection, settings.seed)
-    mine = runner.share(targets, shard)
+    mine = steps.share(targets) if steps.share else targets
     print(f"  users: {len(targets)} targets ({settings.user_selection}), {len(others)} others train M_base"
-          + (f"; shard {shard.index}/{shard.count} runs {len(mine)} of them on {device}" if shard.count > 1 else ""))
+          + (f"; this process runs {len(mine)} of them on {device}" if len(mine) < len(targets) else ""))
     options.check_models(settings, task, methods, steps.family, cloud_here=steps.synthesize is None)
-    rows, labels = row_settings(settings, methods), {m: methods[m].label for m in settings.methods}
-    fingerprint = options.fingerprint(settings, rows={name for m in methods.values() for name in m.settings})
-    runner.check_settings(out, targets, fingerprint, rows)
+    fingerprint, labels = options.fingerprint(settings), {m: methods[m].label for m in settings.methods}
+    runner.check_settings(out, targets, fingerprint)
     out.mkdir(parents=True, exist_ok=True)
     hub.write_atomic(out / "run.json", json.dumps(options.flat(settings) | {"labels": labels}, indent=1))
     pipeline = prepare(task, users, others, settings, methods, steps, device)
-    runner.each_user(out, targets, shard, fingerprint, settings.methods,
+    runner.each_user(out, mine, targets, fingerprint, settings.methods,
                      lambda user, user_dir: run_user(pipeline, user, user_dir))
     results, missing = runner.finished(out, targets, settings.methods)
-    if missing:  # other shards' users: the last shard to finish writes the table
-        print(f"shard {shard.index}/{shard.count}: its {len(mine)} users are done; {len(missing)} of {len(targets)} "
-              f"are not yet ({', '.join(missing)}); `python cdcda.py report --out {out}` writes the table when they are")
-        return {"shard": f"{shard.index}/{shard.count}", "missing": missing}
+    if missing:  # other processes' users: the last one to finish writes the table
+        print(f"this process's {len(mine)} users are done; {len(missing)} of {len(targets)} are not yet "
+              f"({', '.join(missing)}); `python cdcda.py report --out {out}` writes the table when they are")
+        return {"missing": missing}
     rep = report.write(report.build(task, targets, results, settings, labels, device), out)
     report.lamp_files(task, targets, results, settings.methods, out)
     return rep

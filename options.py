@@ -1,12 +1,10 @@
 """The command line of cdcda.py, defined once: every option, its default, its valid range.
 
-`parser()` builds cdcda.py's parser; an extra adds its own options to the same parser
-(experiments/, deployment/, online/, plan/), and the cloud service takes `add_filter_options`
-(the judge and the thresholds of eq. 2-4), so a default lives in one place. `check` checks
-every value and every combination that cannot make sense before any work starts, fills in
-the models (the embedded stand-ins by default, the paper's with --paper), and returns the
-settings as frozen dataclasses whose field names are the options' (`Settings`);
-`check_models` finds every model a run will load before it trains anything.
+`parser()` builds it (an extra adds its own options to it; the cloud service takes
+`add_filter_options`), `check` refuses what cannot make sense before any work, fills in the
+models (the embedded stand-ins, or the paper's with --paper) and returns the settings as frozen
+dataclasses whose field names are the options' (`Settings`); `check_models` finds every model a
+run will load before it trains anything.
 """
 import argparse
 import math
@@ -23,7 +21,6 @@ import filters
 import hub
 import qwen2
 import rewrite
-import runner
 import smollm2
 import train
 from errors import InputError
@@ -62,13 +59,12 @@ class Settings:
     training: train.Training
     out: str
     device: str
-    shard: str | None = None  # I/N, else the launcher's (runner.shard_of)
     extra: dict = field(default_factory=dict)  # an extra's own options (online/, deployment/), by name
     roles: dict = field(default_factory=dict)  # what an extra adds to the report's list of what ran
 
 
 # not in the settings check of a re-run: evaluation-only (`report` changes them), per process
-UNCHECKED = ("out", "users", "methods", "bertscore_model", "bertscore_layer", "device", "shard", "roles")
+UNCHECKED = ("out", "users", "methods", "bertscore_model", "bertscore_layer", "device", "roles")
 
 
 def build(cls, values: dict):
@@ -87,11 +83,10 @@ def flat(settings) -> dict:
     return out
 
 
-def fingerprint(settings: Settings, rows=()) -> dict:
+def fingerprint(settings: Settings) -> dict:
     """What a re-run into the same --out must share with the run that made its files: the
-    settings but UNCHECKED and the extra options named in `rows` (checked row by row)."""
-    values = {k: v for k, v in flat(settings).items() if k not in UNCHECKED}
-    return values | {"extra": {k: v for k, v in settings.extra.items() if k not in rows}}
+    settings but UNCHECKED, an extra's own options included (a deployed row's rounding too)."""
+    return {k: v for k, v in flat(settings).items() if k not in UNCHECKED}
 
 
 def add_filter_options(p: argparse.ArgumentParser) -> None:
@@ -140,9 +135,6 @@ def parser(methods) -> argparse.ArgumentParser:
     p.add_argument("--lora-r", type=int, default=training.lora_r)
     p.add_argument("--lora-alpha", type=float, default=training.lora_alpha)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--shard", default=None, metavar="I/N", help="run shard I of N of the target users into the "
-                   "shared --out (default: from torchrun's RANK/WORLD_SIZE or Slurm's SLURM_PROCID/SLURM_NTASKS, "
-                   "else all users); runner.py")
     return p
 
 
@@ -195,10 +187,6 @@ def check(p: argparse.ArgumentParser, args, methods, extra: tuple[str, ...] = ()
     check_ranges(p, args, RANGES)
     if args.eps_min_len > args.eps_max_len:
         p.error(f"--eps-min-len {args.eps_min_len} above --eps-max-len {args.eps_max_len}: eq. 4 would keep nothing")
-    try:
-        runner.shard_of(args.shard)
-    except InputError as e:
-        p.error(str(e))
     if problem := device_problem(args.device):
         p.error(problem)
     if args.out and Path(args.out).exists() and not Path(args.out).is_dir():

@@ -1,89 +1,32 @@
-"""The loop over a run's target users (cdcda.py runs one): shards, resume, the settings check.
+"""The loop over a run's target users (cdcda.py runs one): resume, the settings check, progress.
 
-Shard i of n takes targets[i::n] (`share`, round-robin over the most active first); (i, n)
-comes from `--shard I/N`, else torchrun's RANK / WORLD_SIZE or Slurm's SLURM_PROCID /
-SLURM_NTASKS (`shard_of`), and `--device cuda` becomes the launcher's local GPU (`device_for`).
-Processes share only files: all write into one --out, each user's directory by the shard that
-owns it, settings.json first (the run's fingerprint), result.json when the user is done. A
-re-run skips finished users and refuses other settings before any work (`check_settings`); the
-table is written once every target user is done (`finished`), by the last shard or by
-`python cdcda.py report`.
+A user's directory under --out holds settings.json (the run's fingerprint) from the start and
+result.json once the user is done (`each_user`). A re-run skips finished users and refuses other
+settings before any work (`check_settings`). Several processes may share one --out, each running
+its share of the users (scale/: shards); the table is written once every target user is done
+(`finished`), by the last process or by `python cdcda.py report`.
 """
 import json
-import os
-import re
 import time
 from pathlib import Path
-from typing import Callable, NamedTuple
-
-import torch
+from typing import Callable
 
 import hub
 from errors import InputError
 
-LAUNCHERS = (("RANK", "WORLD_SIZE", "LOCAL_RANK"), ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"))
-SPEC = re.compile(r"(\d+)/(\d+)")
-
-
-class Shard(NamedTuple):
-    index: int  # i in 0..count-1
-    count: int  # n
-    local_rank: int | None  # the launcher's process index on this machine; None without a launcher
-
-
-def shard_of(spec: str | None, environ=os.environ) -> Shard:
-    """`--shard I/N`, else torchrun's or Slurm's variables, else the whole run (0/1)."""
-    local = next((int(environ[v]) for _, _, v in LAUNCHERS if environ.get(v, "").isdigit()), None)
-    if spec:
-        m = SPEC.fullmatch(spec)
-        if not m or not int(m[1]) < int(m[2]):
-            raise InputError(f"--shard {spec!r}: use I/N with 0 <= I < N, e.g. 0/8")
-        return Shard(int(m[1]), int(m[2]), local)
-    for rank, size, _ in LAUNCHERS:
-        if rank in environ and size in environ:
-            if not (environ[rank].isdigit() and environ[size].isdigit() and int(environ[rank]) < int(environ[size])):
-                raise InputError(f"{rank}={environ[rank]!r}, {size}={environ[size]!r}: not a shard of the run")
-            return Shard(int(environ[rank]), int(environ[size]), local)
-    return Shard(0, 1, local)
-
-
-def device_for(device: str, shard: Shard, visible: int | None = None) -> str:
-    """--device cuda under a launcher -> cuda:LOCAL_RANK, one GPU per process of a machine;
-    cuda:0 when the launcher left this process one GPU to see (Slurm's --gpus-per-task,
-    CUDA_VISIBLE_DEVICES per process). `visible`: torch.cuda.device_count() unless given.
-    Any other --device as given."""
-    if device != "cuda" or shard.local_rank is None:
-        return device
-    visible = torch.cuda.device_count() if visible is None else visible
-    return "cuda:0" if visible == 1 else f"cuda:{shard.local_rank}"
-
-
-def share(targets: list, shard: Shard) -> list:
-    """This shard's target users: every n-th, starting at the i-th."""
-    return targets[shard.index::shard.count]
-
-
-def check_settings(out: Path, targets, fingerprint: dict, rows: dict) -> None:
-    """Before any work: every target user already under `out` was made with these settings,
-    and each of its finished rows with the values `rows` gives that row ({method: {option:
-    value}}); a re-run with other settings would mix two runs' files in one table."""
+def check_settings(out: Path, targets, fingerprint: dict) -> None:
+    """Before any work: every target user already under `out` was made with these settings (a
+    re-run with other settings would mix two runs' files in one table)."""
     for user in targets:
         path = out / "users" / user.user_id / "settings.json"
         if path.is_file() and {k: v for k, v in json.loads(path.read_text()).items()
                                if k in fingerprint} != fingerprint:  # an older run's file held more
             raise InputError(f"{path}: written by a run with other settings; use another --out or delete it")
-        done = path.with_name("result.json")
-        made = json.loads(done.read_text()).get("settings", {}) if done.is_file() else {}
-        for method, values in rows.items():
-            if method in made and made[method] != values:
-                raise InputError(f"{done}: its {method} row was made with {made[method]}, this run asks for "
-                                 f"{values}; use another --out or delete the user's result.json")
 
 
-def each_user(out: Path, targets, shard: Shard, fingerprint: dict, methods, work: Callable) -> None:
-    """`work(user, user_dir)` for each of this shard's target users that is not done yet (its
+def each_user(out: Path, mine, targets, fingerprint: dict, methods, work: Callable) -> None:
+    """`work(user, user_dir)` for each of `mine` (this process's target users) not done yet (its
     result.json lacks one of `methods`), with a line of progress and an ETA for each."""
-    mine = share(targets, shard)
     seconds = []  # of each user run here, for the ETA
     for i, user in enumerate(mine):
         user_dir = out / "users" / user.user_id
@@ -116,10 +59,10 @@ def finished(out: Path, targets, methods) -> tuple[list[dict], list[str]]:
 
 
 def progress(done_here: int, mine: int, trained: int, elapsed: float, done_all: int, total: int) -> str:
-    """'3/10 users of this shard done, 17/40 of the run, ETA 12 min': the ETA is this shard's
-    remaining users times the mean seconds of the users it trained in this process."""
+    """'3/10 users of this process done, 17/40 of the run, ETA 12 min': the ETA is its remaining
+    users times the mean seconds of the users it trained."""
     eta = f", ETA {clock(elapsed / trained * (mine - done_here))}" if trained and done_here < mine else ""
-    return f"{done_here}/{mine} users of this shard done, {done_all}/{total} of the run{eta}"
+    return f"{done_here}/{mine} users of this process done, {done_all}/{total} of the run{eta}"
 
 
 def clock(seconds: float) -> str:

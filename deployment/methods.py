@@ -13,7 +13,7 @@ import train
 from cdcda import Method, Run, download
 from deployment import deploy, gptq, gridtune
 
-OPTIONS = ("deploy_rounding", "deploy_tune_epochs")  # they change the deployed rows alone
+OPTIONS = ("deploy_rounding", "deploy_tune_epochs")  # Settings.extra: a re-run must share them
 
 
 def deployed(run: Run, method: str, pairs) -> list[str]:
@@ -35,7 +35,7 @@ def deployed(run: Run, method: str, pairs) -> list[str]:
 METHODS = {
     **cdcda.METHODS,
     "direct-ft-deployed": Method("Direct-FT, deployed (int4)", lambda run: deployed(run, "direct-ft", run.pairs),
-                                 False, OPTIONS),
+                                 False),
     "cdcda-deployed": Method("CDCDA-PLM, deployed (int4)",
-                             lambda run: deployed(run, "cdcda", download(run.pairs, run.kept)), True, OPTIONS),
+                             lambda run: deployed(run, "cdcda", download(run.pairs, run.kept)), True),
 }

@@ -66,13 +66,13 @@ def test_rs_draws_the_kept_count_and_no_ds_takes_every_candidate(tmp_path):
 
 
 def test_eda_pairs_add_k_variants_per_pair_with_the_response_kept(tmp_path, monkeypatch):
-    monkeypatch.setattr(experiments, "WORDNET_DIR", str(WORDNET))
+    monkeypatch.setattr(methods, "WORDNET_DIR", str(WORDNET))
     run = make_run(tmp_path, [{"text": "the cat saw a film"}, {"text": "my dog likes the movie"}], ["q"], k=3)
     pairs = methods.eda_pairs(run)
     assert pairs[:2] == run.pairs and len(pairs) == 2 + 2 * 3
     assert [y for _, y in pairs[2:]] == [run.pairs[0][1]] * 3 + [run.pairs[1][1]] * 3
     assert methods.eda_pairs(run) == pairs  # seeded
-    monkeypatch.setattr(experiments, "WORDNET_DIR", str(tmp_path / "none"))
+    monkeypatch.setattr(methods, "WORDNET_DIR", str(tmp_path / "none"))
     with pytest.raises(InputError, match="apt-get install wordnet-base"):
         methods.eda_pairs(run)
 
@@ -111,7 +111,7 @@ def test_methods_all_and_ablations_expand(monkeypatch, tmp_path):
 
 def test_every_new_method_end_to_end_tiny(tiny_model_dir, tmp_path, monkeypatch, fake_cloud, tiny_args):
     monkeypatch.setenv("CDCDA_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(experiments, "WORDNET_DIR", str(WORDNET))
+    monkeypatch.setattr(methods, "WORDNET_DIR", str(WORDNET))
     trained, real_personalize = [], cdcda.personalize
     monkeypatch.setattr(cdcda, "personalize", lambda model, tok, task, pairs, training, seed, desc: trained.append(
         (desc, len(pairs))) or real_personalize(model, tok, task, pairs, training, seed, desc))

@@ -13,7 +13,6 @@ import data
 import generate
 import lora
 import nf4
-import options
 import qwen2
 import train
 from deployment import __main__ as run_deployment
@@ -268,7 +267,7 @@ def test_pipeline_end_to_end_on_a_tiny_t5(tmp_path, monkeypatch, tiny_model_dir,
     argv = tiny_args(tiny_model_dir, tmp_path / "run")
     argv[argv.index("--device-model") + 1] = str(tmp_path / "flan")
     argv[argv.index("--max-length") + 1] = "160"
-    rep = experiments.main(argv + ["--table4", "lamp7"])["table4"]
+    rep = experiments_main.main(argv + ["--table4", "lamp7"])["table4"]
     assert set(rep["lamp7"]["rows"]) == {"device+bm25", "cdcda"}
     for row in rep["lamp7"]["rows"].values():
         assert 0 <= row["rouge1"] <= 1

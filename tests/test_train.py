@@ -4,7 +4,6 @@ import pytest
 import torch
 from safetensors import safe_open
 
-import data
 import hub
 import lora
 import nf4

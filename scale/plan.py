@@ -1,9 +1,9 @@
-"""`python -m plan`: what a run will do and how long it will take, before it runs.
+"""`python -m scale --plan`: what a run will do and how long it will take, before it runs.
 
 Running the paper's experiments at scale (100 users on each of six tasks) starts here. It takes
-the run's own options, those of the extras that change the cost (`--buffer N`, `--deploy`
-with its `--deploy-tune-epochs`) and any method of theirs (Table 1's, the deployed rows), and
-counts with the functions the run calls: the history pairs of `cdcda.upload` (LaMP-7: on the
+the run's own options, those that change the cost (`--buffer N`, `--deploy` with its
+`--deploy-tune-epochs`) and any row of Table 1 or a deployed row, and counts with the
+functions the run calls: the history pairs of `cdcda.upload` (LaMP-7: on the
 cached history rewrites, `rewrite.texts_and_cache`), M_base's `cdcda.base_pairs`, the cloud's
 `augment.generation_budget`, the tokens of `train.encode_example`. Per target user:
 
@@ -22,7 +22,6 @@ times its tuning tokens at the training rate. It trains nothing and writes nothi
 """
 import json
 import math
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -41,8 +40,8 @@ import rewrite
 import runner
 import train
 from deployment import methods as deployment
-from errors import InputError
 from experiments import methods as experiments, t5
+from scale import shards
 
 METHODS = {**experiments.METHODS, **deployment.METHODS}
 ANSWER_ONLY = {"base", "cloud", "cloud+bm25", "device+bm25", "cloud+dense", "device+dense", "cloud+contriever",
@@ -120,13 +119,13 @@ def counts(settings: options.Settings, task: data.Task, user: data.User, rewrite
             "answer tokens": len(methods) * len(user.queries) * cdcda.ANSWER_TOKENS[task.name]}
 
 
-def plan(settings: options.Settings, shard: runner.Shard) -> dict:
+def plan(settings: options.Settings, shard: shards.Shard) -> dict:
     """The counts of every target user, M_base's and the rewrites', and the estimated times."""
     task = data.get_task(settings.task)
     users = data.load_users(task.name, settings.data)
     targets, others = data.split_users(users, min(settings.users, len(users)), settings.user_selection, settings.seed)
     done = {r["user_id"] for r in runner.finished(Path(settings.out), targets, settings.methods)[0]}
-    models, device = settings.models, runner.device_for(settings.device, shard)
+    models, device = settings.models, settings.device
     family = t5.family(models.device_model)
     device_model, tok = family.load(models.device_model, "float32", device)
     rewrites, todo = None, []
@@ -174,7 +173,7 @@ def plan(settings: options.Settings, shard: runner.Shard) -> dict:
     totals = {key: sum(r[key] for r in rows.values()) for key in next(iter(rows.values()))}
     estimate = {}
     for case in ("none kept", "all kept"):
-        per_shard = [sum(seconds(rows[u.user_id], case) for u in runner.share(targets, runner.Shard(i, shard.count, None))
+        per_shard = [sum(seconds(rows[u.user_id], case) for u in shards.share(targets, shards.Shard(i, shard.count, None))
                          if u.user_id not in done) for i in range(shard.count)]
         estimate[case] = {"per user": sum(seconds(r, case) for r in rows.values()) / len(rows),
                           "one process": setup + sum(per_shard), f"{shard.count} shard(s)": setup + max(per_shard)}
@@ -188,21 +187,4 @@ def plan(settings: options.Settings, shard: runner.Shard) -> dict:
     for case, times in estimate.items():
         print(f"  estimated, {case}: " + ", ".join(f"{k} {runner.clock(v)}" for k, v in times.items()))
     return {"users": rows, "totals": totals, "shared": shared, "rates": rate, "estimate": estimate,
-            "shard_users": [u.user_id for u in runner.share(targets, shard)]}
-
-
-def main(argv=None) -> dict:
-    p = options.parser(METHODS)
-    p.description = "the size and estimated time of a run with these options (cdcda.py's, and the extras' below)"
-    p.add_argument("--buffer", type=int, default=0, metavar="N", help="as `python -m online --buffer N`")
-    p.add_argument("--deploy", action="store_true", help="as `python -m deployment`: each fine-tuned row deployed")
-    p.add_argument("--deploy-tune-epochs", type=int, default=3, help="as `python -m deployment`")
-    args = p.parse_args(argv)
-    options.check_ranges(p, args, {"buffer": (lambda v: v >= 0, "at least 0"),
-                                   "deploy_tune_epochs": (lambda v: v >= 0, "at least 0")})
-    settings = options.check(p, args, METHODS, extra=("buffer", "deploy_tune_epochs"))
-    if args.deploy:
-        settings = replace(settings, methods=tuple(x for m in settings.methods for x in (m, f"{m}-deployed")
-                                                   if x in METHODS))
-    return plan(settings, runner.shard_of(settings.shard))
-
+            "shard_users": [u.user_id for u in shards.share(targets, shard)]}
