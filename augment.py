@@ -1,12 +1,9 @@
 """The cloud's part of CDCDA-PLM (paper sec. 4): step 2, augment, and step 3, select.
 
-The cloud LM gets the paper's prompt (eq. 1) for each of the user's (x, y) pairs and writes
-k samples at T = 0.7 (`augment`); `parse_pair` reads the "Input: ..., Response: ..." pair out
-of each generation; `select` keeps the candidates that pass SCF, TDF and LSF (eq. 2-4,
-`filters.select`) with the judge `make_judge` builds. `synthesize` is the two steps together,
-as the pipeline (cdcda.py) runs them in process and the cloud service (server/) runs them for
-a device; the cloud LM is in process or behind an OpenAI-compatible server (`cloud.api_chat`).
-"""
+The cloud LM gets the paper's prompt (eq. 1) for each of the user's (x, y) pairs and writes k
+samples at T = 0.7 (`augment`); `parse_pair` reads the pair out of each reply; `select` keeps
+the candidates that pass SCF, TDF and LSF (eq. 2-4, filters.py) with the judge `make_judge`
+builds; `synthesize` is the two steps together, in process or on the cloud service (cloud/)."""
 import functools
 import math
 import re
@@ -77,14 +74,11 @@ def _clean(s: str) -> str:
 
 
 def parse_pair(text: str) -> tuple[str, str] | None:
-    """The first "Input: ..., Response: ..." pair in a generation, or None when there is none.
-
-    The input runs from "Input:" to "Response:" ("[...]" around it dropped, nested brackets
-    kept). The response ends at the first of: the bracket that closes its "[" (an unclosed one
-    is a cut-off generation: None), a second "Input:" anywhere, the end of its line when it is
-    not bracketed, or commentary ("Explanation:", "Note:", "Reason:"). Markdown bold, quotes
-    and a trailing comma/period are dropped from both parts; either part empty gives None.
-    """
+    """The first "Input: ..., Response: ..." pair in a generation, or None. The input runs from
+    "Input:" to "Response:" (its "[...]" dropped, nested brackets kept); the response ends at its
+    closing bracket (unclosed: a cut-off reply, None), a second "Input:", its line's end when not
+    bracketed, or commentary ("Explanation:", "Note:"). Bold, quotes and a trailing comma or period
+    are dropped; an empty part gives None."""
     m = _INPUT.search(text)
     r = _RESPONSE.search(text, m.end()) if m else None
     if r is None:
@@ -107,19 +101,14 @@ def parse_pair(text: str) -> tuple[str, str] | None:
 def augment(cloud: CloudLM, pairs, settings: Augmentation, seed: int, task: data.Task | None = None) -> Candidates:
     """Step 2 (eq. 1): k samples per pair from the cloud LM with the paper's prompt.
 
-    The cloud's reply is started with REPLY_PREFIX ("Input: ["): the 135M stand-in answers
-    the bare prompt mostly in prose, which parses as nothing. --augment-decoding structured
-    decodes the whole shape instead of hoping for it: the input is sampled up to its "]",
-    then "], Response: [" is written for the model and the response sampled up to its "]",
-    in one pass from the same cache (`generate.chat`'s scaffold; same prompt, model and
-    temperature; only the scaffolding is forced), so the filters judge content, not format. `cloud.chat` is `generate.chat` or, for --cloud-api,
-    `cloud.api_chat`'s (the same priming and stops over the API). Generation stops at
-    ceil(eps_max_len * longest) + AUGMENT_SLACK tokens, `longest` the tokens of the longest
-    example's "Input: [x], Response: [y]" (structured: of the longest x, then of the longest
-    y): a candidate as long as eq. 4's upper bound (--eps-max-len) allows is never cut off.
-    Generations without a parsable pair are dropped and counted as unparsable, parsed ones
-    whose response `task.valid_output` rejects (a lamp2 tag or lamp3 score outside the task's
-    labels) are dropped and counted as off_label (none without `task`)."""
+    The reply is started with REPLY_PREFIX ("Input: ["): the 135M stand-in answers the bare prompt
+    mostly in prose. --augment-decoding structured decodes the whole shape instead of hoping for it:
+    the input is sampled up to its "]", then SCAFFOLD ("], Response: [") is written and the response
+    sampled up to its "]", in one pass from the same cache (`generate.chat`'s scaffold), so the
+    filters judge content, not format. `cloud.chat` is `generate.chat`, or `cloud.api_chat`'s over an
+    API. A part may take ceil(eps_max_len * longest) + AUGMENT_SLACK tokens (`generation_budget`), so
+    a candidate as long as eq. 4 allows is never cut off. Replies with no parsable pair count as
+    unparsable; a response `task.valid_output` rejects (a lamp2 tag, a lamp3 score) as off_label."""
     k = settings.k
     prompts = [[{"role": "user", "content": AUGMENT_PROMPT.format(x=x, y=y)}] for x, y in pairs for _ in range(k)]
 

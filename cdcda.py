@@ -6,15 +6,10 @@ The paper's five steps (sec. 4), each a function named after it, run for every t
   3. select       SCF, TDF, LSF (eq. 2-4) keep D_filtered                      (augment.py, filters.py)
   4. download     D_u + D_filtered come back to the device
   5. personalize  LoRA on the NF4 task base model M_base, cross-entropy (eq. 5, 6) (lora.py, train.py)
-then the device answers the user's queries offline and `report.py` scores them. M_base (sec. 4,
-"On-device LM personalization fine-tuning") is trained once per task on the users who are not
-targets, merged and cached (`base_model`). `run_user` takes one user through every method of
-`METHODS`; `run` does it for every target user (the loop, with shards and resume, is
-runner.py). `python cdcda.py report --out DIR` scores a finished run again without training.
-
-The extras (README: the core and its extras) extend this from above: their own options and
-`METHODS` entries, and `Steps` for what they put in place of the method's own parts.
-"""
+then the device answers the user's queries offline and report.py scores them. M_base is trained
+once per task on the users who are not targets (`base_model`); `run_user` takes one user through
+every method of `METHODS`; `run` every target user (the loop: runner.py). The extras (README)
+extend this from above with their own options, `METHODS` entries and `Steps`."""
 import copy
 import functools
 import hashlib
@@ -49,11 +44,9 @@ ANSWER_TOKENS = {"lamp1": 8, "lamp2": 12, "lamp3": 4, "lamp4": 32, "lamp5": 48, 
 
 # ---------------------------------------------------------------- the five steps (sec. 4)
 def upload(task: data.Task, user: data.User, rewrites: dict | None = None) -> list[tuple[str, str]]:
-    """Step 1: the user's history D_u as (x, y) pairs; x is the content the instruction wraps
-    (the tweet, the article), so augmentation and the filters see the user's text, not the
-    task instruction every pair shares. `rewrites` (--history-pairs rewrite, LaMP-7): x is the
-    device's neutral rewrite of the tweet (`rewrite.history_pair`); a user none of whose items
-    has one keeps the identity pairs."""
+    """Step 1: the user's history D_u as (x, y) pairs, x the user's content without the task
+    instruction (the tweet, the article: what augmentation and the filters compare); LaMP-7 with
+    `rewrites`: x the device's neutral rewrite of the tweet (a user with none: identity pairs)."""
     pairs = [p for p in (rewrite.history_pair(task, item, rewrites) for item in user.profile) if p]
     if not pairs:
         print(f"  {user.user_id}: no history item has a rewrite; its identity pairs are used")
@@ -84,9 +77,8 @@ def training_examples(task: data.Task, pairs) -> list[tuple[list[dict], str]]:
 
 def answer(model, tokenizer, task: data.Task, queries, temperature: float, seed: int, max_length: int,
            desc: str) -> list[str]:
-    """The device answers the user's queries offline with the appendix-B prompt, a long one
-    shortened as in training (`train.fit_messages`: the user content's end goes, the template
-    and the instruction stay; the prompt gets what `train.encode_example` gives it)."""
+    """The device answers the queries offline with the appendix-B prompt, a long one shortened as in
+    training (`train.fit_messages`)."""
     budget = max(max_length - ANSWER_TOKENS[task.name], max_length // 2)
     conversations = [train.fit_messages(tokenizer, task.messages(q.input), budget) for q in queries]
     return generate.chat(model, tokenizer, conversations, max_new_tokens=ANSWER_TOKENS[task.name],
@@ -95,10 +87,9 @@ def answer(model, tokenizer, task: data.Task, queries, temperature: float, seed:
 
 @torch.inference_mode()
 def gold_nll(model, tokenizer, task: data.Task, queries, max_length: int) -> list[float]:
-    """Per query: the mean cross-entropy (nats per token) of its gold answer and <|im_end|>
-    after the appendix-B prompt, teacher-forced, as eq. 6 scores a training response. It says
-    how likely the model finds what the user actually wrote, so it tells models apart even
-    when their sampled answers are the same. Lower is better."""
+    """Per query: the mean cross-entropy (nats per token) of its gold answer and end of turn after
+    the appendix-B prompt, teacher-forced as eq. 6 scores a response: how likely the model finds what
+    the user wrote, which tells models apart when their sampled answers are alike. Lower is better."""
     device = next(model.parameters()).device
     nll = []
     for q in queries:
@@ -110,18 +101,16 @@ def gold_nll(model, tokenizer, task: data.Task, queries, max_length: int) -> lis
 
 # ---------------------------------------------------------------- M_base
 def base_pairs(task: data.Task, others, rewrites: dict | None) -> list[tuple[str, str]]:
-    """M_base's training set (sec. 4: "fine-tune a general LM on a public, standard dataset"):
-    the non-target users' history pairs and their queries with their golds (LaMP's supervised
-    examples)."""
+    """M_base's training set (sec. 4: "fine-tune a general LM on a public, standard dataset"): the
+    non-target users' history pairs and their queries with golds (LaMP's supervised examples)."""
     pairs = [p for u in others for p in (rewrite.history_pair(task, item, rewrites) for item in u.profile) if p]
     return pairs + [(q.input, q.gold) for u in others for q in u.queries]
 
 
 def base_model(task: data.Task, others, settings: Settings, device: str, family=qwen2,
                rewrites: dict | None = None) -> Path:
-    """M_base: the device model LoRA-tuned on `base_pairs`, merged, cached. Done "on the cloud"
-    in the paper (no data of the target users), so at full precision. The cache key covers the
-    device model, the training data and the settings; processes sharing the cache train it once."""
+    """M_base: the device model LoRA-tuned on `base_pairs`, merged and cached (keyed by the model,
+    the data and the settings); "on the cloud" in the paper, so at full precision."""
     pairs, source = base_pairs(task, others, rewrites), settings.models.device_model
     training = replace(settings.training, epochs=settings.base_epochs)
     key = hashlib.sha256(json.dumps([source, pairs, training.epochs, training.lr, training.lora_r,

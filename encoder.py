@@ -1,17 +1,8 @@
-"""A small BERT / RoBERTa encoder: sentence embeddings, NLI entailment, token embeddings.
-
-Three uses in cdcda, one forward pass:
-- eq. 2's judge: an NLI cross-encoder (the paper: WANLI, `alisawuffles/roberta-large-wanli`,
-  a RobertaForSequenceClassification) gives P(entailment | premise, hypothesis);
-  offline, the embedded all-MiniLM-L6-v2 gives cosine similarities instead (filters.py).
-- BERTScore (metrics.py): contextual token embeddings (paper: roberta-large).
-- retrieval: mean-pooled, L2-normalised sentence embeddings (what sentence-transformers
-  does for all-MiniLM-L6-v2).
-
-Module attribute names are the checkpoint keys of HF's BertModel / RobertaModel (and of
-*ForSequenceClassification, whose body sits under "bert." / "roberta."), so
-`hub.check_state_dict` + `load_state_dict(strict=True)` load the safetensors as they are.
-"""
+"""A small BERT / RoBERTa encoder, one forward for three uses: eq. 2's judge (an NLI
+cross-encoder's P(entailment); the paper's WANLI RoBERTa, or offline the cosine of the embedded
+all-MiniLM-L6-v2's sentence embeddings, filters.py), BERTScore's token embeddings (metrics.py),
+and mean-pooled sentence embeddings. Module names are the checkpoint keys of HF's BertModel /
+RobertaModel (*ForSequenceClassification's body under "bert." / "roberta.")."""
 import importlib.util
 import json
 from dataclasses import dataclass, field, fields
@@ -183,13 +174,9 @@ def embedded_dir() -> Path:
 
 def load(source: str = EMBEDDED, dtype: str = "float32", device: str = "cpu"):
     """-> (model, tokenizer). `source`: "all-minilm-l6-v2", a hub-style directory or a hub id.
-
-    A config whose `architectures` names a *ForSequenceClassification gives a
-    `SequenceClassifier`, anything else an `Encoder` (the "bert."/"roberta." prefix of a
-    pretraining checkpoint is stripped). Dropped on purpose, never silently needed: the
-    masked-LM heads `lm_head.*`/`cls.*` (unused here) and the `embeddings.position_ids` /
-    `embeddings.token_type_ids` index buffers older transformers saved (no weights).
-    """
+    A *ForSequenceClassification config gives a `SequenceClassifier`, anything else an `Encoder`
+    (a pretraining checkpoint's "bert."/"roberta." prefix stripped); the masked-LM heads and the
+    index buffers older transformers saved are dropped on purpose."""
     directory = embedded_dir() if source == EMBEDDED else hub.snapshot(source)
     config = Config.from_dict(hub.load_config(directory))
     unused = ("lm_head.", "cls.")
@@ -234,8 +221,7 @@ def _body(model) -> Encoder:
 def sentence_embeddings(model, tokenizer: Tokenizer, texts: list[str], batch_size: int = 32,
                         normalize: bool = True) -> torch.Tensor:
     """Mean of the last hidden states over real tokens ([CLS]/[SEP] included, as
-    sentence-transformers pools), L2-normalised -> (N, H) float32. `normalize=False` keeps the
-    raw mean, as Contriever (Izacard et al., 2021) scores by unnormalised dot product."""
+    sentence-transformers pools) -> (N, H) float32, L2-normalised unless `normalize=False`."""
     device, out = next(model.parameters()).device, [None] * len(texts)
     for idx, chunk in _batches(texts, batch_size):
         enc = {k: v.to(device) for k, v in tokenizer(chunk).items()}
@@ -276,9 +262,8 @@ def entailment_probs(model, tokenizer: Tokenizer, premises: list[str], hypothese
 @torch.inference_mode()
 def token_embeddings(model, tokenizer: Tokenizer, texts: list[str], layer: int | None = None,
                      batch_size: int = 32) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Hidden states of `layer` (0 = embeddings, default the last) for each text's real tokens,
-    special ones ([CLS]/[SEP], <s>/</s>) included -> list of (embeddings (n_tokens_i, H)
-    float32, is_special (n_tokens_i,) bool): BERTScore's inputs (metrics.bertscore_f1)."""
+    """Hidden states of `layer` (0 = embeddings, default the last) for each text's tokens -> list
+    of (embeddings (n_i, H) float32, is_special (n_i,) bool): BERTScore's inputs."""
     body, out = _body(model), [None] * len(texts)
     layer = body.config.num_hidden_layers if layer is None else layer
     if not 0 <= layer <= body.config.num_hidden_layers:

@@ -4,16 +4,10 @@ A synthetic sample (x_syn, y_syn) generated from an original (x, y) is kept only
   SCF (eq. 2)  M(x => x_syn) >= eps_scf  and  M(x_syn => x) >= eps_scf   same meaning
   TDF (eq. 3)  ROUGE-L(x, x_syn) <= eps_tdf                               different wording
   LSF (eq. 4)  eps_min_len * len(x) <= len(x_syn) <= eps_max_len * len(x)  sensible length
-As in the equations, all three compare the inputs x only (for LaMP-1/2/3 y is a label or a
-rating); x is the user's text without the task instruction (`cdcda.upload` cuts it: that shared
-text alone makes unrelated inputs look alike), and len() counts whitespace-separated words.
-
-The judge M is a callable `judge(premises, hypotheses) -> list[float]` with a `.name` and a
-`.default_eps_scf`: `NLIJudge` is the paper's (an NLI cross-encoder's P(entailment)),
-`EmbeddingJudge` the offline proxy (cosine of sentence embeddings: symmetric, not entailment).
-The paper gives no thresholds; the defaults sit in the gaps `bench/bench_filters.py` measures
-(README, "Decisions the paper leaves open"; figures in RESULTS.md).
-"""
+As in the equations only the inputs are compared, without the task instruction (`cdcda.upload`);
+len() counts words. The judge M: `NLIJudge` (the paper's) or `EmbeddingJudge` (the offline
+proxy, a cosine: symmetric, not entailment). The paper gives no thresholds; README says where
+the defaults come from."""
 from dataclasses import asdict, dataclass, field, replace
 
 import encoder
@@ -53,9 +47,8 @@ class NLIJudge:
 
 
 class EmbeddingJudge:
-    """PROXY for M_NLI when no NLI model is available: cosine similarity of mean-pooled
-    sentence embeddings, in [-1, 1], used as-is. Symmetric, so both directions of eq. 2 get
-    the same score; it measures topical similarity, not entailment."""
+    """PROXY for M_NLI when no NLI model is available: the cosine of mean-pooled sentence
+    embeddings, as-is; symmetric (both directions of eq. 2 alike) and topical, not entailment."""
 
     default_eps_scf = EPS_SCF_EMBEDDING
 
@@ -111,10 +104,8 @@ def length_ratio(x: str, x_syn: str, eps_min_len: float, eps_max_len: float) -> 
 
 @dataclass
 class Selection:
-    """What `select` returns. `kept`: the surviving (x_syn, y_syn) pairs, in input order.
-    `records`: one JSON-ready dict per candidate (see `select`). `counts`: "candidates",
-    "kept", "rejected" and "rejected_scf" / "rejected_tdf" / "rejected_lsf" (a candidate
-    failing two filters counts under both, so these can sum to more than "rejected")."""
+    """What `select` returns: the kept (x_syn, y_syn) pairs in input order, one JSON-ready record per
+    candidate, the counts (a candidate failing two filters counts under both "rejected_*")."""
     kept: list[tuple[str, str]]
     records: list[dict]
     counts: dict
@@ -125,14 +116,10 @@ def select(originals: list[tuple[str, str]], candidates: list[tuple[str, str]], 
            thresholds: Thresholds = Thresholds()) -> Selection:
     """Apply SCF, TDF and LSF to every candidate (paper sec. 4, "Synthetic data selection").
 
-    originals[i] = (x, y) is the profile pair candidates[i] = (x_syn, y_syn) was generated
-    from (repeat an original for each of its k samples); `thresholds.eps_scf` None takes the
-    judge's `default_eps_scf`. All three filters are evaluated for every candidate (so the
-    counts say what each filter alone would reject); the judge runs once over the whole
-    batch, both directions together. Each record:
-      {"input", "output", "syn_input", "syn_output", "scf_forward", "scf_backward",
-       "rouge_l", "length_ratio", "scf", "tdf", "lsf", "kept"}
-    """
+    candidates[i] = (x_syn, y_syn) was generated from originals[i] = (x, y); eps_scf None is the
+    judge's default. Every filter runs on every candidate (the counts say what each alone rejects),
+    the judge once over the batch, both directions. Each record: {"input", "output", "syn_input",
+    "syn_output", "scf_forward", "scf_backward", "rouge_l", "length_ratio", "scf", "tdf", "lsf", "kept"}."""
     if len(originals) != len(candidates):
         raise ValueError(f"select: {len(originals)} originals but {len(candidates)} candidates")
     t = replace(thresholds, eps_scf=judge.default_eps_scf) if thresholds.eps_scf is None else thresholds

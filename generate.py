@@ -1,12 +1,8 @@
-"""Decoding with the decoder of `qwen2.py`: sampling, `generate`, `chat`.
-
-As gpt-fast splits them, the model file holds the network and its loading; this file holds
-what runs it token by token:
-- `sample`: greedy at temperature 0, else softmax(logits / T) with optional nucleus (top-p).
-- `generate`: batched, left-padded decoding with a preallocated `qwen2.KVCache`.
-- `chat`: ChatML conversations in, the replies' text out (the end-of-turn cut in `reply_text`).
-Speculative decoding (Table 1's row) is experiments/speculative.py.
-"""
+"""Decoding with the decoder of `qwen2.py` (as gpt-fast splits them: the model file holds the
+network, this file what runs it token by token): `sample` (greedy, or softmax(logits / T) with
+top-p), `generate` (batched, left-padded, a preallocated `qwen2.KVCache`; a prompt's replies
+from one prefill, scaffolds, finished rows leaving) and `chat` (ChatML in, replies' text out).
+Speculative decoding (Table 1's row) is experiments/speculative.py."""
 import functools
 import hashlib
 
@@ -29,11 +25,9 @@ def left_pad(sequences: list[list[int]], pad_token_id: int, device="cpu"):
 
 
 def sample(logits, temperature, top_p: float = 1.0, generator=None):
-    """Next token (B,) from logits (B, V): argmax at temperature 0; else multinomial sampling
-    (sec. 5.1: tau_temp = 0.7) from softmax(logits / temperature), restricted to the smallest set
-    of most likely tokens whose probability reaches top_p (nucleus sampling, Holtzman et al.
-    2020). `temperature`: one for all rows or a tensor (B,); `generator`: one, or a list with each
-    row's own, so that a row's draws do not depend on the rows beside it."""
+    """Next token (B,) from logits (B, V): argmax at temperature 0; else a draw from softmax(logits
+    / T) (sec. 5.1: T = 0.7), cut to the top-p nucleus (Holtzman et al. 2020). `temperature`: one,
+    or one per row (B,); `generator`: one, or each row's own (its draws then ignore the others)."""
     temperature = torch.as_tensor(temperature, dtype=torch.float, device=logits.device).expand(logits.shape[0])
     hot = temperature > 0
     if not bool(hot.any()):
@@ -54,18 +48,15 @@ def sample(logits, temperature, top_p: float = 1.0, generator=None):
 def generate(model: Qwen2, input_ids, max_new_tokens: int, temperature=0.7, top_p: float = 1.0,
              eos_token_id=..., attention_mask=None, generator=None, copies=None, scaffold=None,
              scaffold_tokens: int = 0):
-    """Continue input_ids (B, T), left padded -> (R, T + n), n <= the new tokens of the longest row.
+    """Continue input_ids (B, T), left padded -> (R, T + n), n <= the longest reply's new tokens.
 
-    copies: how many replies each prompt gets (default one each; R their sum, the rows in order):
-    a prompt is prefilled once and its keys and values copied to its replies (step 2's k samples,
-    as vLLM's `n`). temperature and generator: one, or one per reply (`sample`). eos_token_id:
-    int or list; `...` = model.config.eos_token_id; None = never stop. A finished row leaves the
-    batch (no more compute) and is filled with the first eos id. scaffold: {id that ends a reply,
-    or None for its running out of max_new_tokens: the ids written in its place}; a reply's first
-    end then writes them and the reply goes on from the same cache for up to scaffold_tokens more
-    (structured augmentation's "], Response: [", augment.py); then the return is (ids, where each
-    reply's second phase starts among its new ids).
-    """
+    copies: replies per prompt (default one; R their sum, in order): a prompt is prefilled once and
+    its keys and values copied to its replies (vLLM's `n`). temperature, generator: one, or one per
+    reply. eos_token_id: int or list; `...` = model.config.eos_token_id; None = never stop. A finished
+    reply leaves the batch and is filled with the first eos id. scaffold: {id that ends a reply, or
+    None for its budget running out: the ids written in its place}: at its first end a reply writes
+    them and goes on from the same cache for up to scaffold_tokens more (augment.py's structured
+    decoding); then the return is (ids, where each reply's second part starts among its new ids)."""
     if eos_token_id is ...:
         eos_token_id = model.config.eos_token_id
     eos = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
@@ -132,9 +123,8 @@ def end_ids(tokenizer: Tokenizer, stop: str = "") -> list[int]:
 
 
 def reply_text(tokenizer: Tokenizer, new_ids: list[int], stop: str = "") -> tuple[str, int | None]:
-    """The end-of-turn cut: (the text of the generated ids before the first end-of-turn / eos id,
-    or before the first `stop` text; the index of the id that ended it, None when the reply ran
-    out of tokens first)."""
+    """(The text of the new ids before the first end-of-turn / eos id or `stop` text, the index of
+    the id that ended it, or None when the reply ran out of tokens.)"""
     ends = set(end_ids(tokenizer, stop))
     end = next((j for j, t in enumerate(new_ids) if t in ends), None)
     text = tokenizer.decode(new_ids if end is None else new_ids[:end + 1])  # an eos id decodes to ""
@@ -149,9 +139,8 @@ def reply_generator(seed: int, index: int, device="cpu") -> torch.Generator:
 
 
 def scaffold_ids(tokenizer: Tokenizer, stop: str, scaffold: str) -> dict:
-    """`generate`'s scaffold for a reply stopped at `stop`: an id holding the stop text keeps its
-    own text before it ("foo" of "foo]."), then the scaffold; an end-of-turn id, or running out
-    of tokens (None), gives the scaffold alone."""
+    """`generate`'s scaffold for replies stopped at `stop`: an id holding the stop text keeps its own
+    text before it ("foo" of "foo]."), then the scaffold; an end of turn or None, the scaffold."""
     alone = tokenizer.encode(scaffold)
     return ({None: alone} | {i: alone for i in tokenizer.eos_token_ids}
             | {i: tokenizer.encode(tokenizer.decode([i]).split(stop)[0] + scaffold)
@@ -161,18 +150,14 @@ def scaffold_ids(tokenizer: Tokenizer, stop: str, scaffold: str) -> dict:
 def chat(model: Qwen2, tokenizer: Tokenizer, conversations: list[list[dict]], max_new_tokens: int = 64,
          temperature=0.7, seed: int = 0, batch_size: int = 8, desc: str | None = None,
          reply_prefix: str | list[str] = "", stop: str = "", scaffold: str = "", scaffold_tokens: int = 0) -> list[str]:
-    """Reply to each conversation (ChatML messages); the text up to the end-of-turn token, stripped.
+    """Reply to each conversation (ChatML messages): the text up to the end of turn, stripped.
 
-    Replies to the same prompt (step 2's k samples of one pair) share one prefill (`generate`'s
-    copies); batches hold about `batch_size` replies of prompts of similar length. Reply i samples
-    from its own generator (`reply_generator(seed, i)`), so it does not depend on the others or
-    on batch_size. `temperature`: one, or one per conversation. `reply_prefix` (one for all, or
-    one per conversation) is written as the start of the assistant's turn and kept in the reply:
-    it steers a small model into a format. `stop` ends a reply before the first occurrence of
-    that text (OpenAI's `stop`). `scaffold`: where a reply first ends (its stop, its end of turn
-    or max_new_tokens) the scaffold's text is written and the reply goes on for up to
-    scaffold_tokens more tokens to its next end; it keeps both parts and the scaffold.
-    """
+    A prompt's replies (step 2's k samples of one pair) share one prefill; batches hold about
+    batch_size replies of prompts of similar length. Reply i draws from its own generator
+    (`reply_generator(seed, i)`), independent of the others and of batch_size. `temperature`: one,
+    or one per conversation. `reply_prefix` (one, or one per conversation) starts the assistant's
+    turn and stays in the reply; `stop` ends a reply before that text (OpenAI's `stop`);
+    `scaffold` is written where a reply first ends (`generate`), the reply keeping both parts."""
     new_tokens = getattr(model, "new_tokens", None)  # an encoder-decoder (t5.T5) decodes its own way
     prefixes = [reply_prefix] * len(conversations) if isinstance(reply_prefix, str) else list(reply_prefix)
     temperatures = torch.as_tensor(temperature, dtype=torch.float).expand(len(conversations))

@@ -1,12 +1,7 @@
 """Where model files come from: local hub-style directories, the Hugging Face Hub, the cache.
-
-Both model families (the decoder in `qwen2.py`, the encoders in `encoder.py`) load the same
-way: a directory laid out like a hub snapshot (`config.json`, `model.safetensors` or shards
-listed in `model.safetensors.index.json`, `tokenizer.json`), found here, then read with
-`load_state_dict` and checked key by key with `check_state_dict`. What is made once and cached
-(converted models, M_base, history rewrites) is written atomically (`atomic`), under a lock
-that processes sharing the cache take in turn (`exclusive`).
-"""
+A model is a directory laid out like a hub snapshot (`config.json`, `model.safetensors` or its
+shards, `tokenizer.json`), read with `load_state_dict` and checked key by key. What is made once
+and cached is written atomically (`atomic`) under a lock processes take in turn (`exclusive`)."""
 import fcntl
 import json
 import os
@@ -31,10 +26,9 @@ def dtype(name: str) -> torch.dtype:
 
 @contextmanager
 def atomic(path: Path):
-    """Yield a temporary path beside `path` to write (a file or a directory); when the block
-    ends without an error it replaces `path` in one step, so readers never see a part. The
-    temporary name holds the process id: shards writing the same file (run.json) at once each
-    replace it whole, and never write into each other's temporary file."""
+    """Yield a temporary path beside `path` (a file or a directory) that replaces it in one step
+    when the block ends without an error; the name holds the process id, so processes writing one
+    file (run.json) each replace it whole."""
     path = Path(path)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     yield tmp
@@ -48,10 +42,9 @@ def write_atomic(path: Path, text: str) -> None:
 
 @contextmanager
 def exclusive(path: Path, what: str):
-    """Hold an exclusive lock on the file `path` for the block; wait if another process holds it.
-    fcntl.flock, because the kernel releases it with its process however that ends (a SIGKILL
-    too): no stale lock, the next waiter makes what is missing. Across machines the file needs
-    a file system whose flock reaches all hosts (NFS v4; Lustre mounted -o flock)."""
+    """Hold an exclusive lock on the file `path` for the block, waiting for another holder. flock: the
+    kernel releases it with its process however that ends, so no lock outlives a crash; across
+    machines it needs a file system whose flock reaches all hosts (NFS v4, Lustre -o flock)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
         try:
@@ -75,15 +68,10 @@ def cache_dir() -> Path:
 
 
 def snapshot(source: str) -> Path:
-    """A local directory for `source`: an existing directory, or a hub repo id.
-
-    A repo id is "owner/name", or a bare legacy name from before the Hub had owners
-    ("roberta-large", "bert-base-uncased"; the Hub redirects them to FacebookAI/..., google-bert/...,
-    and caches them under their own name, models--roberta-large). It is resolved with
-    `huggingface_hub.snapshot_download`, which also works offline (HF_HUB_OFFLINE=1) from a warm
-    hub cache. Without network and without a cached copy the error names the repo and says
-    what to do instead.
-    """
+    """A local directory for `source`: an existing directory, or a hub repo id ("owner/name", or a
+    legacy bare name such as "roberta-large", which the Hub caches under its own name), resolved by
+    `huggingface_hub.snapshot_download` (offline too, from a warm cache); else an error naming the
+    repo and what to do instead."""
     path = Path(source).expanduser()
     if path.is_dir():
         return path

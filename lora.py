@@ -1,20 +1,12 @@
-"""LoRA adapters: eq. 5 of the paper, M_device = M_base + Delta W_u (sec. 4).
-
-Delta W = (alpha / r) B A on every linear layer of the decoder blocks (Hu et al. 2021,
-sec. 4.1; the paper: r = 16, alpha = 8):
+"""LoRA adapters: eq. 5 of the paper, M_device = M_base + Delta W_u (sec. 4), on every linear
+layer of the blocks (Hu et al. 2021, sec. 4.1; the paper: r = 16, alpha = 8):
 
     y = base(x) + (alpha / r) * x A^T B^T      A: (r, in) Kaiming-uniform,  B: (out, r) zeros
 
-so an untouched adapter leaves the model unchanged. The base is an `nn.Linear` or an
-`nf4.NF4Linear` (frozen either way); A and B stay in fp32 even when the base computes in bf16.
-Training the adapter (eq. 6) is `train.py`.
-
-State-dict keys: a `LoRALinear` holds its base as a submodule, so after `add_lora` the frozen
-weight is `...q_proj.base.weight` next to `...q_proj.lora_A` and `...q_proj.lora_B`. One
-wrapper then serves both base types without copying their forward; the keys that leave the
-process never contain `base.`: `save_adapter` writes only the `lora_A`/`lora_B` tensors, and
-`merge` puts plain `nn.Linear` layers back, so a merged model has the checkpoint's own keys.
-"""
+so an untouched adapter leaves the model unchanged. The base, an `nn.Linear` or `nf4.NF4Linear`,
+is frozen and held as a submodule (`...q_proj.base.weight` beside `lora_A`, `lora_B`), so one
+wrapper serves both; A and B stay fp32. `save_adapter` writes only A and B, `merge` puts plain
+`nn.Linear` layers back with the checkpoint's own keys. Training (eq. 6) is train.py."""
 import json
 import math
 from pathlib import Path
@@ -33,11 +25,8 @@ TARGETS = nf4.TARGETS  # q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, dow
 
 
 class LoRALinear(nn.Module):
-    """y = base(x) + (alpha / r) * B A dropout(x) (eq. 5); the base is frozen.
-
-    x (..., in) -> y (..., out). The LoRA path runs in fp32 (x is cast to it) and is added in
-    the base output's dtype, as peft does.
-    """
+    """y = base(x) + (alpha / r) * B A dropout(x) (eq. 5), x (..., in) -> y (..., out); the base
+    frozen, the LoRA path in fp32 and added in the base output's dtype, as peft does."""
 
     def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0):
         super().__init__()
@@ -70,9 +59,8 @@ class LoRALinear(nn.Module):
 
 
 def add_lora(model: nn.Module, r: int = 16, alpha: float = 8, dropout: float = 0.0, targets=None) -> nn.Module:
-    """Wrap the `targets` linear layers (default: the model's `lora_targets`, else TARGETS) of
-    every block (`nf4.blocks(model)`) in `LoRALinear` and freeze every other parameter. Returns
-    `model` (changed in place)."""
+    """Wrap the `targets` linear layers (default: the model's `lora_targets`, else TARGETS) of every
+    block (`nf4.blocks`) in `LoRALinear`, freeze everything else; `model`, changed in place."""
     targets = targets or getattr(model, "lora_targets", TARGETS)
     model.requires_grad_(False)
     found = set()

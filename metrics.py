@@ -1,19 +1,12 @@
-"""LaMP's evaluation metrics, written out by hand (paper sec. 5.1 "Evaluation Metrics").
-
-- LaMP-1, LaMP-2 (classification): accuracy and macro F1 over the task's fixed label list.
-  Prediction and gold are stripped and mapped to their index in the list; a prediction not in
-  the list becomes -1: it is always wrong and is not a class of its own (F1 averages over
-  `labels=range(len(label_list))` only, as LaMP passes to scikit-learn).
-- LaMP-3 (rating 1-5): MAE and RMSE. A prediction that is not a number counts as the worst
-  case for its gold: 1.0 if |1 - gold| > |5 - gold| else 5.0.
-- LaMP-4, 5, 7 (generation): ROUGE-1 and ROUGE-L F-measure with rouge_score's default
-  tokenizer and no stemming, averaged over queries; BERTScore-F1 (Zhang et al., 2020).
-
-ROUGE here reproduces `rouge_score.rouge_scorer.RougeScorer(["rouge1", "rougeL"])` to the
-last bit (same tokenizer, same arithmetic); tests/test_metrics.py holds it to that library.
-"""
+"""LaMP's evaluation metrics, written out by hand (paper sec. 5.1 "Evaluation Metrics"), as
+LaMP's own code computes them: LaMP-1/2 accuracy and macro F1 over the task's labels (a
+prediction off the list becomes -1: wrong, not a class of its own); LaMP-3 MAE and RMSE (a
+non-number counts as the worst case for its gold: 1 if |1 - gold| > |5 - gold| else 5);
+LaMP-4/5/7 ROUGE-1 and ROUGE-L F (rouge_score's tokenizer, no stemming; the same numbers to the
+last bit, tests/test_metrics.py) and BERTScore-F1 (Zhang et al., 2020)."""
 import math
 import re
+from collections import Counter
 
 import torch
 
@@ -29,9 +22,8 @@ _NON_ALPHANUM = re.compile(r"[^a-z0-9]+")
 # ---------------------------------------------------------------- ROUGE (Lin, 2004)
 
 def rouge_tokens(text: str) -> list[str]:
-    """rouge_score's default tokenizer: lowercase, every run of characters outside [a-z0-9]
-    becomes a space, split on whitespace, drop empty pieces. Anything non-ASCII is a
-    separator, so "café" -> ["caf"] and "北京" -> [] (exactly what rouge_score does)."""
+    """rouge_score's default tokenizer: lowercase, every run outside [a-z0-9] a space, split; so
+    anything non-ASCII separates ("café" -> ["caf"], "北京" -> []), exactly as rouge_score does."""
     return _NON_ALPHANUM.sub(" ", text.lower()).split()
 
 
@@ -44,13 +36,7 @@ def rouge_1(prediction: str, reference: str) -> float:
     """ROUGE-1 F: unigram overlap with clipped counts. Worked example: prediction "a a b",
     reference "a c": overlap min(2,1)=1, P=1/3, R=1/2, F=2*(1/3)*(1/2)/(5/6)=0.4."""
     pred, ref = rouge_tokens(prediction), rouge_tokens(reference)
-    pred_counts: dict[str, int] = {}
-    for t in pred:
-        pred_counts[t] = pred_counts.get(t, 0) + 1
-    ref_counts: dict[str, int] = {}
-    for t in ref:
-        ref_counts[t] = ref_counts.get(t, 0) + 1
-    overlap = sum(min(n, pred_counts.get(t, 0)) for t, n in ref_counts.items())
+    overlap = sum((Counter(pred) & Counter(ref)).values())  # each token's smaller count
     return _fmeasure(overlap / max(len(pred), 1), overlap / max(len(ref), 1))
 
 
@@ -105,10 +91,8 @@ def accuracy(predictions: list[str], golds: list[str], labels: list[str]) -> flo
 
 
 def f1(predictions: list[str], golds: list[str], labels: list[str]) -> float:
-    """Macro F1 over every label in the list, as sklearn's `f1_score(average="macro",
-    labels=range(len(labels)))`: F1_k = 2 tp / (2 tp + fp + fn), and 0.0 for a label with no
-    gold and no prediction (sklearn's default zero_division) -- it still counts in the mean.
-    A -1 prediction adds a false negative for its gold label and a false positive to none."""
+    """Macro F1 over every label, as sklearn's `f1_score(average="macro", labels=range(len(labels)))`:
+    F1_k = 2 tp / (2 tp + fp + fn), 0 for a label nobody gave or predicted (still in the mean)."""
     _check_lists(predictions, golds, "f1")
     pred, gold = _label_indices(predictions, golds, labels)
     scores = []
@@ -122,9 +106,8 @@ def f1(predictions: list[str], golds: list[str], labels: list[str]) -> float:
 # ---------------------------------------------------------------- rating (LaMP-3)
 
 def _ratings(predictions: list[str], golds: list[str], what: str) -> tuple[list[float], list[float]]:
-    """LaMP's mapping: float(prediction), or the worst case for that gold if it is not a
-    number. Unlike LaMP's bare float(), "nan"/"inf" also count as not a number (a single
-    one would otherwise turn the whole MAE into nan/inf)."""
+    """LaMP's mapping: float(prediction), or the worst case for that gold if it is not a number;
+    "nan" and "inf" count as not a number too (one would turn the whole MAE into nan or inf)."""
     _check_lists(predictions, golds, what)
     pred, gold = [], []
     for n, (p, g) in enumerate(zip(predictions, golds)):
@@ -166,10 +149,8 @@ _LEGACY_OWNERS = ("FacebookAI/", "google-bert/", "distilbert/")
 
 
 def default_bertscore_layer(model) -> int:
-    """The layer BERTScore reads for `model` (from `encoder.load`), chosen by its name as
-    bert_score chooses it: "roberta-large" or "FacebookAI/roberta-large" -> 17, "roberta-base"
-    -> 10, "bert-base-uncased" -> 9, ... A backbone not in BERTSCORE_LAYERS (the embedded
-    all-MiniLM-L6-v2, a local directory) uses its last layer; pass `layer` to choose another."""
+    """The layer bert_score reads for a backbone of that name (roberta-large 17, also as
+    FacebookAI/roberta-large); any other backbone (the embedded MiniLM, a directory) its last."""
     name, n = model.name_or_path, model.config.num_hidden_layers
     layer = BERTSCORE_LAYERS.get(name.split("/", 1)[1] if name.startswith(_LEGACY_OWNERS) else name, n)
     if layer > n:
@@ -182,17 +163,11 @@ def bertscore_f1(predictions: list[str], references: list[str], model, tokenizer
                  layer: int | None = None, batch_size: int = 32) -> list[float]:
     """BERTScore-F1 per pair (Zhang et al., 2020, eq. 1-3), as the `bert-score` package computes it.
 
-    Each text is stripped; for a RoBERTa (byte-level BPE) backbone a non-empty text gets one
-    leading space, so its first word is tokenized like every other word ("Ġword"), as
-    bert_score asks its tokenizer to (add_prefix_space=True). Hidden states of `layer`
-    (default `default_bertscore_layer(model)`) are L2-normalised and every token is matched greedily
-    to its most similar token on the other side, special tokens (<s>, </s> / [CLS], [SEP])
-    included as match candidates but not averaged (bert_score gives them idf weight 0):
-        R = mean_ref max_pred cos,   P = mean_pred max_ref cos,   F = 2PR / (P + R).
-    No idf weighting and no baseline rescaling (bert_score's defaults idf=False,
-    rescale_with_baseline=False). A side with no tokens (empty text) scores 0.
-    tests/test_metrics.py holds it to bert_score on a tiny random RoBERTa at 1e-5.
-    """
+    Texts stripped; a RoBERTa backbone's text gets one leading space (bert_score's add_prefix_space).
+    The hidden states of `layer` (default `default_bertscore_layer`) are L2-normalised and every
+    token matched greedily to its most similar token on the other side, special tokens matched but
+    not averaged: R = mean_ref max_pred cos, P = mean_pred max_ref cos, F = 2PR / (P + R). No idf,
+    no baseline rescaling (bert_score's defaults); an empty side scores 0."""
     _check_lists(predictions, references, "bertscore_f1")
     layer = default_bertscore_layer(model) if layer is None else layer
     prefix = " " if model.config.model_type == "roberta" else ""
@@ -216,15 +191,10 @@ def bertscore_f1(predictions: list[str], references: list[str], model, tokenizer
 
 def evaluate(task: str, predictions: list[str], golds: list[str], bertscore_model=None,
              bertscore_layer: int | None = None) -> dict:
-    """All of a LaMP task's metrics.
-
-    lamp1/lamp2 -> {"accuracy", "f1"}; lamp3 -> {"mae", "rmse"}; lamp4/5/7 -> {"rouge1",
-    "rougeL", "bertscore_f1", "bertscore_model", "bertscore_layer"}. Generation texts are
-    stripped first (as LaMP does). `bertscore_model` is an already loaded `(model, tokenizer)`
-    from `encoder.load`; None loads the embedded all-MiniLM-L6-v2. `bertscore_layer`: None is
-    bert_score's choice for the backbone (`default_bertscore_layer`). The backbone's name and the layer
-    are returned so a report can say where the BERTScore came from.
-    """
+    """All of a LaMP task's metrics: lamp1/2 {"accuracy", "f1"}, lamp3 {"mae", "rmse"}, lamp4/5/7
+    {"rouge1", "rougeL", "bertscore_f1"} and the BERTScore backbone and layer that gave it
+    (`bertscore_model` an `encoder.load` pair, None the embedded MiniLM; the layer None:
+    `default_bertscore_layer`). Generated texts are stripped first, as LaMP does."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
     _check_lists(predictions, golds, f"evaluate({task})")

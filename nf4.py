@@ -36,12 +36,8 @@ TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 def quantize(weight: torch.Tensor, block_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     """Blockwise NF4: `weight` (any shape, n values) -> (packed uint8 (ceil(n/2),), absmax fp32
-    (ceil(n/block_size),)).
-
-    Values are taken in row-major order; the last block may be short (its absmax is over the
-    values it has), and an odd n gets one padding zero (code 7) in the last byte's low nibble,
-    as bitsandbytes does.
-    """
+    (ceil(n/block_size),)), row-major; a short last block's absmax is over its own values, an odd n
+    gets one padding zero (code 7) in the last low nibble, as bitsandbytes does."""
     flat = weight.detach().reshape(-1).float()  # (n,)
     n = flat.numel()
     if not torch.isfinite(flat).all():
@@ -73,11 +69,7 @@ def dequantize(
 
 class NF4Linear(nn.Module):
     """Swap-in for `nn.Linear` with NF4 weights: y = x W^T + b, W dequantized to `compute_dtype`.
-
-    Buffers: `weight` (packed codes, uint8 (out*in/2,)) and `absmax` (fp32 (out*in/64,)); `bias`
-    (if any) is a frozen parameter in `compute_dtype`.
-    The input is cast to `compute_dtype` and the output back to the input's dtype.
-    """
+    Buffers `weight` (codes, uint8 (out*in/2,)) and `absmax` (fp32 (out*in/64,)); a frozen bias."""
 
     def __init__(self, linear: nn.Linear, compute_dtype=torch.bfloat16, block_size=64):
         super().__init__()
@@ -126,9 +118,8 @@ def blocks(model: nn.Module) -> list[nn.Module]:
 
 
 def quantize_model(model: nn.Module, compute_dtype=torch.bfloat16) -> nn.Module:
-    """Swap every `nn.Linear` of the decoder blocks (`blocks(model)`) for an `NF4Linear`
-    and cast the remaining parameters (embedding / tied head, norms) to `compute_dtype`.
-    Buffers such as rotary frequencies keep their dtype. Returns `model` (changed in place)."""
+    """Swap every `nn.Linear` of the blocks (`blocks(model)`) for an `NF4Linear` and cast the other
+    parameters (embedding / tied head, norms) to `compute_dtype`; `model`, changed in place."""
     swapped = 0
     for block in blocks(model):
         for parent in list(block.modules()):

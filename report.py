@@ -1,14 +1,10 @@
 """The report of a run: LaMP's metrics over every query of every target user, and the gold NLL.
 
-`build` scores the saved predictions (`metrics.evaluate`, as LaMP averages: over all queries
-of all target users), sums the augmentation counts and the seconds, and names the models and
-data that actually ran (`models_used`: a stand-in says which of the paper's models it replaces).
-`write` puts it in OUT/results.json and OUT/results.md. Evaluation is apart from training:
-`python cdcda.py report --out DIR [--bertscore-model M] [--bertscore-layer L]` reads the
-run's options (OUT/run.json) and its users' result.json files and scores them again; it is
-also the merge of a sharded run (runner.py): the table of every user, or the users not yet done.
-Beside the table a finished run gets LaMP's own files (`lamp_files`), for LaMP's own scorer.
-"""
+`build` scores the saved predictions (`metrics.evaluate`), sums the counts and seconds and names
+the models and data that ran (`models_used`, a stand-in says whose place it takes); `write` puts
+it in OUT/results.json and results.md; `lamp_files` writes LaMP's own files. `python cdcda.py
+report --out DIR` scores a finished run again (another BERTScore backbone), or merges a sharded
+one, or names the users not yet done."""
 import argparse
 import json
 from pathlib import Path
@@ -78,8 +74,8 @@ def build(task: data.Task, users, results, settings: Settings, labels: dict, dev
 
 
 def reading(rep: dict) -> str:
-    """One line saying what the table shows, from its own numbers: the rows ordered by the gold
-    NLL and by the task's first metric (none for efficiency.py's table, which prints its ratios)."""
+    """One line of what the table shows, from its own numbers: the rows ordered by the gold NLL and
+    by the task's first metric."""
     if rep["task"] == "efficiency":
         return ""
     first = next(iter(next(iter(rep["rows"].values()))))  # rouge1, accuracy or mae

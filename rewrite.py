@@ -1,18 +1,13 @@
 """The input a LaMP-7 history item lacks, written on the device (--history-pairs rewrite).
 
-LaMP-7's history holds only the user's tweets, so `data.Task.pair` makes (paraphrase
-instruction + tweet -> the same tweet): an identity pair that teaches copying, while a query
-pairs a neutral text with the user's styled tweet. `neutral_rewrites` has the pretrained device
-model (not the cloud: the data stays on the device, and every method and M_base get the same
-pairs) rewrite each tweet zero-shot into plain, neutral text; `history_pair` then makes
-(instruction + rewrite -> tweet), the mapping the task scores.
-
-A rewrite must pass the project's own filters against its tweet: the same meaning (eq. 2, the
-judge at eps_scf), a sensible length (eq. 4), and not a copy (some word changed: ROUGE-L < 1).
-Of a greedy rewrite and `samples` sampled ones (T = 0.7, seed 0: the pairs are data, fixed
-across runs), the one the judge scores closest in meaning is kept; a tweet with none keeps no
-pair. Tasks whose history items hold an input (every task but LaMP-7) are left as they are.
-"""
+LaMP-7's history holds only the user's tweets, so `data.Task.pair` makes (instruction + tweet ->
+the same tweet), an identity pair that teaches copying, while a query pairs a neutral text with
+the user's styled tweet. `neutral_rewrites` has the pretrained device model (not the cloud: the
+data stays on the device, and every method and M_base get the same pairs) rewrite each tweet
+zero-shot into plain text; `history_pair` makes (instruction + rewrite -> tweet). A rewrite must
+pass the project's own filters against its tweet (eq. 2, eq. 4, not a copy); of a greedy and
+`samples` sampled ones (T = 0.7, seed 0: the pairs are data), the one the judge scores closest in
+meaning is kept; a tweet with none keeps no pair. Other tasks' items hold their own input."""
 import hashlib
 import json
 import re
@@ -49,9 +44,8 @@ def history_pair(task: data.Task, item: dict, rewrites: dict | None = None) -> t
 def neutral_rewrites(task: data.Task, users, device_model: str, judge, thresholds: filters.Thresholds,
                      device: str, family=qwen2, samples: int = SAMPLES) -> dict[str, str]:
     """{text: its neutral rewrite, or "" when none passed} for every history item of `users`,
-    cached under the model cache (the key covers the model, the prompt, the judge, the texts).
-    `family` loads the device model (`qwen2`; Table 4's T5 takes the prompt as plain text).
-    Processes that share the cache write it once: the first takes its lock, the others wait."""
+    cached (`texts_and_cache`) and made once by processes sharing the cache (its lock). `family`
+    loads the device model (Table 4's T5 takes the prompt as plain text)."""
     texts, path = texts_and_cache(task, users, device_model, judge.name, thresholds, samples)
     with hub.exclusive(hub.cache_dir() / "locks" / f"rewrites-{path.stem}.lock", "history rewrites"):
         if not path.is_file():

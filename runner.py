@@ -14,6 +14,7 @@ from typing import Callable
 import hub
 from errors import InputError
 
+
 def check_settings(out: Path, targets, fingerprint: dict) -> None:
     """Before any work: every target user already under `out` was made with these settings (a
     re-run with other settings would mix two runs' files in one table)."""

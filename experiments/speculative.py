@@ -1,6 +1,6 @@
 """Speculative decoding, Table 1's row (sec. 5.1): a drafter proposes gamma tokens, the target
 verifies them by exact rejection sampling (Leviathan et al., 2023), so the output follows the
-target's distribution. Both models keep a `qwen2.KVCache`, cropped after each verification.
+target's distribution. Both models keep a `qwen2.KVCache`, cut back after each verification.
 """
 import torch
 import torch.nn.functional as F
@@ -54,8 +54,8 @@ def speculative_generate(target, draft, input_ids: torch.Tensor, max_new_tokens:
 
     Both models must share a tokenizer; vocab sizes may differ only by padding rows, and then
     `vocab_size` (the tokenizer's size) cuts both distributions to the real tokens.
-    Both models keep a `qwen2.KVCache`; after each verification the caches are cropped to the
-    accepted prefix (`KVCache.crop`), nothing is recomputed.
+    Both models keep a `qwen2.KVCache`; after each verification the caches are cut back to the
+    accepted prefix (its seq_len cut back), nothing is recomputed.
     input_ids: (1, T). Returns (ids (1, T + new), stats dict with acceptance_rate =
     accepted / drafted tokens).
     """
@@ -94,9 +94,9 @@ def speculative_generate(target, draft, input_ids: torch.Tensor, max_new_tokens:
         ids += new
         n_new += len(new)
         drafted, accepted, target_calls = drafted + g, accepted + n_accepted, target_calls + 1
-        # Roll back: positions past the accepted prefix hold rejected drafts (crop, no recompute).
+        # Roll back: positions past the accepted prefix hold rejected drafts (cut back, no recompute).
         for cache in (cache_t, cache_d):
-            cache.crop(min(cache.seq_len, len(ids) - 1))
+            cache.seq_len = min(cache.seq_len, len(ids) - 1)  # forget the rejected positions
         hit = [i for i, t in enumerate(new) if t in eos]
         if hit:
             del ids[len(ids) - len(new) + hit[0] + 1:]
