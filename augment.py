@@ -148,11 +148,9 @@ def select(originals, candidates, judge, thresholds: filters.Thresholds) -> filt
 
 def synthesize(cloud: CloudLM, pairs, settings: Augmentation, seed: int, task: data.Task, select,
                times: dict | None = None):
-    """Steps 2 and 3 for one upload D_u -> (one record per parsed candidate, with its filter
-    scores and verdict; the counts: generated, unparsable, off_label and `filters.select`'s).
-    `select(originals, candidates) -> filters.Selection` is step 3 (the caller binds the judge
-    and the thresholds: `functools.partial(augment.select, judge=..., thresholds=...)`).
-    `times` gets the seconds of each step."""
+    """Steps 2 and 3 for one upload D_u -> (a record per parsed candidate, its scores and verdict;
+    the counts). `select(originals, candidates)` is step 3, the judge and thresholds bound by the
+    caller (`functools.partial(augment.select, ...)`); `times` gets each step's seconds."""
     times = {} if times is None else times
     t = time.time()
     out = augment(cloud, pairs, settings, seed, task)

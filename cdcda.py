@@ -142,7 +142,7 @@ class Steps:
     history: Callable | None = None  # before step 1: (pairs, model, tokenizer, seed, user_dir) -> (pairs, counts)
     cloud: Callable | None = None  # () -> the augment.CloudLM of step 2 (default: in process)
     select: Callable | None = None  # step 3: (originals, candidates) -> filters.Selection
-    synthesize: Callable | None = None  # steps 2-3 elsewhere: (task, pairs, augmentation, seed, times) -> records, counts
+    synthesize: Callable | None = None  # steps 2-3 elsewhere: (task, pairs, augmentation, seed, times) -> result
     share: Callable | None = None  # the target users this process runs (scale/: a shard); default all
 
 
@@ -253,8 +253,7 @@ def run_user(p: Pipeline, user: data.User, user_dir: Path) -> dict:
 
 # ---------------------------------------------------------------- the run
 def prepare(task: data.Task, users, others, settings: Settings, methods, steps: Steps, device: str) -> Pipeline:
-    """What every user shares: the history rewrites, M_base (NF4, sec. 5.1: bf16 compute), the
-    cloud LM and step 3's judge, each made or loaded once."""
+    """What every user shares, made or loaded once: the rewrites, M_base in NF4 (bf16 compute), the cloud LM, step 3."""
     models, thresholds = settings.models, settings.augmentation.thresholds
     synthetic = any(methods[m].synthetic for m in settings.methods) and not steps.synthesize
     rewriting = settings.history_pairs == "rewrite" and rewrite.needs_rewrites(task)

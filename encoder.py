@@ -95,8 +95,7 @@ class Layer(nn.Module):
 
 
 class Encoder(nn.Module):
-    """BertModel / RobertaModel body. `forward` returns the hidden states of every layer,
-    embeddings first: a list of num_hidden_layers + 1 tensors (B, T, H)."""
+    """BertModel / RobertaModel body: the hidden states of every layer, embeddings first (B, T, H) each."""
 
     def __init__(self, c: Config, pooler: bool = False):
         super().__init__()

@@ -31,8 +31,7 @@ class Thresholds:
 
 
 class NLIJudge:
-    """M_NLI(premise => hypothesis) = P(entailment) of an NLI cross-encoder (paper: WANLI,
-    "alisawuffles/roberta-large-wanli"; a local directory or a hub id)."""
+    """M_NLI(premise => hypothesis) = P(entailment) of an NLI cross-encoder (the paper's WANLI)."""
 
     default_eps_scf = EPS_SCF_NLI
 

@@ -176,21 +176,18 @@ def chat(model: Qwen2, tokenizer: Tokenizer, conversations: list[list[dict]], ma
     generators = [reply_generator(seed, i, device) for i in range(len(prompts))]
     kwargs = dict(eos_token_id=end_ids(tokenizer, stop))
     if scaffold:
-        kwargs |= dict(scaffold=scaffold_ids(tokenizer, stop, scaffold), scaffold_tokens=scaffold_tokens or max_new_tokens)
+        kwargs |= dict(scaffold=scaffold_ids(tokenizer, stop, scaffold),
+                       scaffold_tokens=scaffold_tokens or max_new_tokens)
     replies = [""] * len(prompts)
     with tqdm(total=len(prompts), desc=desc, unit="reply") as bar:
         for batch in batches + ([batch] if batch else []):
             rows = [i for group in batch for i in group]
             ids, mask = left_pad([list(prompts[group[0]]) for group in batch], tokenizer.pad_token_id, device)
-            args = dict(kwargs, attention_mask=mask, generator=[generators[i] for i in rows])
-            if new_tokens:
-                copies = torch.tensor([len(group) for group in batch], device=device)
-                out, resumed = new_tokens(ids.repeat_interleave(copies, 0), max_new_tokens, temperatures[rows],
-                                          **args | dict(attention_mask=mask.repeat_interleave(copies, 0))), None
-            else:
-                out = generate(model, ids, max_new_tokens, temperatures[rows], copies=[len(g) for g in batch], **args)
-                out, resumed = out if scaffold else (out, None)
-                out = out[:, ids.shape[1]:]
+            out = (new_tokens or functools.partial(generate, model))(  # an encoder-decoder: its new ids only
+                ids, max_new_tokens, temperatures[rows], attention_mask=mask, generator=[generators[i] for i in rows],
+                copies=[len(group) for group in batch], **kwargs)
+            out, resumed = out if scaffold else (out, None)
+            out = out if new_tokens else out[:, ids.shape[1]:]
             for j, (i, new) in enumerate(zip(rows, out.tolist())):
                 r = resumed[j] if resumed else None  # the first part and the scaffold are kept whole
                 text = reply_text(tokenizer, new, stop)[0] if r is None else (

@@ -48,8 +48,7 @@ class LoRALinear(nn.Module):
         return y + (F.linear(h, self.lora_B) * self.scaling).to(y.dtype)
 
     def merged_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """W + (alpha / r) B A, (out, in), in `dtype` (default the base's: the compute dtype for
-        NF4). A bf16 result rounds away much of a small delta (8 bits of mantissa)."""
+        """W + (alpha / r) B A (out, in) in `dtype` (default the base's); bf16 would round away a small delta."""
         if isinstance(self.base, nf4.NF4Linear):
             weight = self.base.dequantized()
         else:
@@ -106,8 +105,7 @@ def save_adapter(model: nn.Module, path) -> None:
 
 
 def load_adapter(model: nn.Module, path) -> nn.Module:
-    """Load an adapter written by `save_adapter` into a model prepared with the same
-    `add_lora(r, alpha, targets)`; any difference in settings, keys or shapes is an error."""
+    """An adapter `save_adapter` wrote, into a model of the same `add_lora(r, alpha, targets)` (else an error)."""
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
         tensors = {k: f.get_tensor(k) for k in f.keys()}
@@ -129,8 +127,7 @@ def load_adapter(model: nn.Module, path) -> nn.Module:
 
 
 def merge(model: nn.Module) -> nn.Module:
-    """Fold every adapter into its layer: LoRALinear -> nn.Linear with weight W + (alpha/r) B A
-    (an NF4 base becomes dense, in its compute dtype). Returns `model` (changed in place)."""
+    """Fold every adapter into its layer: nn.Linear with W + (alpha/r) B A (dense, in the compute dtype)."""
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, LoRALinear):

@@ -181,9 +181,8 @@ def check_ranges(p: argparse.ArgumentParser, args, ranges: dict) -> None:
 
 
 def check(p: argparse.ArgumentParser, args, methods, extra: tuple[str, ...] = ()) -> Settings:
-    """Every value and combination checked, or one line naming the option (p.error exits);
-    the model roles filled in (embedded stand-ins, or the paper's with --paper). `extra`: the
-    names of an extra's own options, kept in `Settings.extra` (checked by the extra)."""
+    """Every value and combination checked, or one line naming the option (p.error exits); the
+    models filled in (the stand-ins, or the paper's with --paper); `extra`: an extra's options."""
     check_ranges(p, args, RANGES)
     if args.eps_min_len > args.eps_max_len:
         p.error(f"--eps-min-len {args.eps_min_len} above --eps-max-len {args.eps_max_len}: eq. 4 would keep nothing")

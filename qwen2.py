@@ -281,8 +281,7 @@ class Tokenizer:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """Render the model's own jinja chat template (ChatML for Qwen2.5 and SmolLM2), as
-        transformers does: sandboxed jinja2, trim_blocks and lstrip_blocks."""
+        """The model's own jinja chat template rendered as transformers does (sandboxed, trim_blocks, lstrip_blocks)."""
         if self._template is None:
             from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -328,8 +327,7 @@ def load(source: str = EMBEDDED, dtype: str = "float32", device: str = "cpu"):
 
 
 def save_pretrained(model: nn.Module, tokenizer: Tokenizer, directory):
-    """Write a hub-style directory (config.json, model.safetensors, tokenizer files) that `load`
-    reads; also t5.py's (a model with `config.to_dict()` and, when tied, `lm_head.weight`)."""
+    """A hub-style directory (config.json, model.safetensors, tokenizer files) `load` reads; t5.py's too."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}

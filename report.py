@@ -50,8 +50,7 @@ def announce(task: data.Task, settings: Settings, users) -> None:
 
 
 def build(task: data.Task, users, results, settings: Settings, labels: dict, device: str) -> dict:
-    """Metrics of every method over all queries of all target users, counts and seconds summed
-    (BERTScore's backbone on `device`)."""
+    """Every method's metrics over all the targets' queries (BERTScore on `device`); counts, seconds summed."""
     golds = [q.gold for u in users for q in u.queries]
     models = settings.models
     bert = encoder.load(models.bertscore_model, "float32", device) if task.metric == "generation" else None
@@ -110,8 +109,7 @@ def markdown(rep: dict) -> str:
 
 def write(rep: dict, out: Path, name: str = "results", title: str | None = None, note: str = "",
           show: bool = True) -> dict:
-    """OUT/name.json and OUT/name.md (`title` replacing the Markdown's heading, `note` appended),
-    the Markdown printed."""
+    """OUT/name.json and OUT/name.md (`title` for its heading, `note` appended), the Markdown printed."""
     out.mkdir(parents=True, exist_ok=True)
     hub.write_atomic(out / f"{name}.json", json.dumps(rep, indent=1))
     md = markdown(rep) + note
@@ -152,10 +150,9 @@ def main(argv=None) -> dict:
 
 
 def lamp_files(task: data.Task, targets, results, methods, out: Path) -> None:
-    """LaMP's own files, for its `eval/evaluation.py`: OUT/lamp/<method>.json per method and the
-    golds alike (OUT/lamp/golds.json), `{"task": "LaMP_7", "golds": [{"id": query id, "output":
-    text}]}`, every target's queries in order. Not written when two queries share an id (the
-    files key on it): a line says which."""
+    """LaMP's own files, for its `eval/evaluation.py`: OUT/lamp/<method>.json per method and
+    OUT/lamp/golds.json, `{"task": "LaMP_7", "golds": [{"id": query id, "output": text}]}`; none
+    when two queries share an id (the files key on it): a line says which."""
     queries = [q for u in targets for q in u.queries]
     ids = [q.id for q in queries]
     if twice := sorted({i for i in ids if ids.count(i) > 1}):

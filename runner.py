@@ -26,8 +26,8 @@ def check_settings(out: Path, targets, fingerprint: dict) -> None:
 
 
 def each_user(out: Path, mine, targets, fingerprint: dict, methods, work: Callable) -> None:
-    """`work(user, user_dir)` for each of `mine` (this process's target users) not done yet (its
-    result.json lacks one of `methods`), with a line of progress and an ETA for each."""
+    """`work(user, user_dir)` for each of `mine` (this process's target users) not done yet, with a
+    line of progress and an ETA."""
     seconds = []  # of each user run here, for the ETA
     for i, user in enumerate(mine):
         user_dir = out / "users" / user.user_id

@@ -20,8 +20,7 @@ MAX_GRAD_NORM = 1.0  # gradient clipping, as transformers' Trainer does by defau
 
 @dataclass(frozen=True)
 class Training:
-    """Step 5's settings (eq. 5, 6); the field names are cdcda.py's options. The paper gives
-    r and alpha, no epochs or learning rate (README, "Decisions the paper leaves open")."""
+    """Step 5's settings (eq. 5, 6), named as cdcda.py's options; the paper gives r and alpha only."""
     lora_r: int = 16
     lora_alpha: float = 8
     epochs: int = 3

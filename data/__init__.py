@@ -129,9 +129,8 @@ def get_task(name: str) -> Task:
 
 def split_users(users: list[User], n_target: int, selection: str = "most-active",
                 seed: int = 0) -> tuple[list[User], list[User]]:
-    """The paper's split: the `n_target` targets and the others, who train the task base model.
-    "most-active" (sec. 5.1, after OPPU): the longest histories, ties by user_id; "random"
-    (appendix D): a seeded random sample of the users."""
+    """The `n_target` targets and the others, who train M_base: "most-active" (sec. 5.1, after
+    OPPU) the longest histories, ties by user_id; "random" (appendix D) a seeded sample."""
     if not 1 <= n_target <= len(users):
         raise InputError(f"--users {n_target}: must be between 1 and the {len(users)} users")
     if selection == "random":
@@ -143,8 +142,7 @@ def split_users(users: list[User], n_target: int, selection: str = "most-active"
 
 def merge_people(users: list[User]) -> list[User]:
     """Users whose histories share a profile item id are one person (LaMP's train and dev files
-    hold the same people under other question ids): one user, the first one's id, the union of
-    the histories (each item once, in order) and every query. Items without an id never merge."""
+    hold the same people under other ids): the first one's id, the histories' union, every query."""
     merged, owner = [], {}  # profile item id -> index in merged
     for user in users:
         ids = {str(item["id"]) for item in user.profile if isinstance(item, dict) and "id" in item}

@@ -283,10 +283,14 @@ class T5(nn.Module):
 
 @torch.inference_mode()
 def generate_ids(model: T5, input_ids, max_new_tokens: int, temperature: float = 0.7, top_p: float = 1.0,
-                 eos_token_id=..., attention_mask=None, generator=None):
+                 eos_token_id=..., attention_mask=None, generator=None, copies=None):
     """The encoder once, then the decoder token by token from decoder_start_token_id with a
     `qwen2.KVCache` of its self-attention (cross keys and values are computed once).
-    Returns the new ids (B, n), n <= max_new_tokens; a finished row is filled with its eos id."""
+    Returns the new ids (B, n), n <= max_new_tokens; a finished row is filled with its eos id.
+    `copies`: replies per prompt, as `generate.generate` takes them (each prompt repeated)."""
+    if copies is not None:
+        rows = torch.arange(len(input_ids), device=input_ids.device).repeat_interleave(torch.as_tensor(copies))
+        input_ids, attention_mask = input_ids[rows], None if attention_mask is None else attention_mask[rows]
     c = model.config
     eos_token_id = c.eos_token_id if eos_token_id is ... else eos_token_id
     eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
