@@ -1,9 +1,8 @@
 """The cloud's part of CDCDA-PLM (paper sec. 4): step 2, augment, and step 3, select.
 
 The cloud LM gets the paper's prompt (eq. 1) for each of the user's (x, y) pairs and writes k
-samples at T = 0.7 (`augment`); `parse_pair` reads the pair out of each reply; `select` keeps
-the candidates that pass SCF, TDF and LSF (eq. 2-4, filters.py) with the judge `make_judge`
-builds; `synthesize` is the two steps together, in process or on the cloud service (cloud/)."""
+samples at T = 0.7 (`augment`); `parse_pair` reads the pair out of each reply; `filters.select`
+keeps the candidates that pass SCF, TDF and LSF (eq. 2-4) with the judge `make_judge` builds; `synthesize` is the two steps together, in process or on the cloud service (cloud/)."""
 import functools
 import math
 import re
@@ -141,16 +140,11 @@ def generation_budget(tokenizer, texts: list[str], eps_max_len: float) -> int:
     return math.ceil(eps_max_len * max(len(tokenizer.encode(t)) for t in texts)) + AUGMENT_SLACK
 
 
-def select(originals, candidates, judge, thresholds: filters.Thresholds) -> filters.Selection:
-    """Step 3 (eq. 2-4): keep the candidates that pass SCF, TDF and LSF."""
-    return filters.select(originals, candidates, judge, thresholds)
-
-
 def synthesize(cloud: CloudLM, pairs, settings: Augmentation, seed: int, task: data.Task, select,
                times: dict | None = None):
     """Steps 2 and 3 for one upload D_u -> (a record per parsed candidate, its scores and verdict;
     the counts). `select(originals, candidates)` is step 3, the judge and thresholds bound by the
-    caller (`functools.partial(augment.select, ...)`); `times` gets each step's seconds."""
+    caller (`functools.partial(filters.select, ...)`); `times` gets each step's seconds."""
     times = {} if times is None else times
     t = time.time()
     out = augment(cloud, pairs, settings, seed, task)

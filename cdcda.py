@@ -26,6 +26,7 @@ import torch
 
 import augment
 import data
+import filters
 import generate
 import hub
 import lora
@@ -45,13 +46,16 @@ ANSWER_TOKENS = {"lamp1": 8, "lamp2": 12, "lamp3": 4, "lamp4": 32, "lamp5": 48, 
 # ---------------------------------------------------------------- the five steps (sec. 4)
 def upload(task: data.Task, user: data.User, rewrites: dict | None = None) -> list[tuple[str, str]]:
     """Step 1: the user's history D_u as (x, y) pairs, x the user's content without the task
-    instruction (the tweet, the article: what augmentation and the filters compare); LaMP-7 with
-    `rewrites`: x the device's neutral rewrite of the tweet (a user with none: identity pairs)."""
+    instruction (the tweet, the article: what augmentation and the filters compare)."""
+    return [(x[len(task.instruction):], y) for x, y in history_pairs(task, user, rewrites)]
+
+
+def history_pairs(task: data.Task, user: data.User, rewrites: dict | None) -> list[tuple[str, str]]:
+    """A user's history items as training pairs (`task.pair`); LaMP-7 with `rewrites`: x the device's
+    neutral rewrite of the tweet; a user none of whose tweets has one: the identity pairs. One rule
+    for the target users and M_base's."""
     pairs = [p for p in (rewrite.history_pair(task, item, rewrites) for item in user.profile) if p]
-    if not pairs:
-        print(f"  {user.user_id}: no history item has a rewrite; its identity pairs are used")
-        pairs = [task.pair(item) for item in user.profile]
-    return [(x[len(task.instruction):], y) for x, y in pairs]
+    return pairs or [task.pair(item) for item in user.profile]
 
 
 # steps 2 and 3: `augment.synthesize` (the cloud LM with the paper's prompt, then SCF, TDF, LSF)
@@ -65,7 +69,7 @@ def download(pairs, kept) -> list[tuple[str, str]]:
 def personalize(device_model, tokenizer, task: data.Task, pairs, training: train.Training, seed: int, desc: str):
     """Step 5 (eq. 5, 6): a fresh LoRA (r=16, alpha=8, all linear layers) on a copy of the NF4
     M_base, trained with cross-entropy on the responses. Returns (model, loss per epoch)."""
-    model = lora.add_lora(copy.deepcopy(device_model), r=training.lora_r, alpha=training.lora_alpha)
+    model = lora.add_lora(copy.deepcopy(device_model), r=training.lora_r, alpha=training.lora_alpha, seed=seed)
     losses = train.finetune(model, tokenizer, training_examples(task, pairs), training, seed=seed, desc=desc)
     return model.eval(), losses
 
@@ -103,8 +107,8 @@ def gold_nll(model, tokenizer, task: data.Task, queries, max_length: int) -> lis
 def base_pairs(task: data.Task, others, rewrites: dict | None) -> list[tuple[str, str]]:
     """M_base's training set (sec. 4: "fine-tune a general LM on a public, standard dataset"): the
     non-target users' history pairs and their queries with golds (LaMP's supervised examples)."""
-    pairs = [p for u in others for p in (rewrite.history_pair(task, item, rewrites) for item in u.profile) if p]
-    return pairs + [(q.input, q.gold) for u in others for q in u.queries]
+    return ([p for u in others for p in history_pairs(task, u, rewrites)]
+            + [(q.input, q.gold) for u in others for q in u.queries])
 
 
 def base_model(task: data.Task, others, settings: Settings, device: str, family=qwen2,
@@ -124,8 +128,7 @@ def base_model(task: data.Task, others, settings: Settings, device: str, family=
         if not pairs:
             raise InputError(f"{task.name}: no non-target users to train M_base on; lower --users")
         model, tok = family.load(source, "float32", device)
-        torch.manual_seed(settings.seed)  # LoRA's initial A: torch seeds itself at random in each process
-        lora.add_lora(model, r=training.lora_r, alpha=training.lora_alpha)
+        lora.add_lora(model, r=training.lora_r, alpha=training.lora_alpha, seed=settings.seed)
         print(f"M_base: training on {len(pairs)} pairs of {len(others)} non-target users")
         train.finetune(model, tok, [(task.messages(x), y) for x, y in pairs], training, seed=settings.seed,
                        desc="M_base")
@@ -227,7 +230,6 @@ def synthesize(p: Pipeline, pairs, seed: int, user_dir: Path, times: dict):
 def run_user(p: Pipeline, user: data.User, user_dir: Path) -> dict:
     """All methods for one user; the result dict is also written to user_dir/result.json."""
     seed = p.settings.seed + zlib.crc32(user.user_id.encode()) % 10_000
-    torch.manual_seed(seed)  # LoRA's initial A: the same in any process, whichever users ran before
     times, result, counts = {}, {"user_id": user.user_id, "predictions": {}}, {}
     pairs = upload(p.task, user, p.rewrites)
     if p.steps.history:  # e.g. Qin et al.'s buffer (online/): only what it keeps is uploaded
@@ -266,7 +268,7 @@ def prepare(task: data.Task, users, others, settings: Settings, methods, steps: 
     cloud = None
     if synthetic:
         cloud = steps.cloud() if steps.cloud else augment.CloudLM(*qwen2.load(models.cloud_model, "float32", device))
-    select = steps.select or functools.partial(augment.select, judge=judge, thresholds=thresholds)
+    select = steps.select or functools.partial(filters.select, judge=judge, thresholds=thresholds)
     return Pipeline(task, device_model, tok, cloud, select, rewrites, settings, methods, steps, device)
 
 

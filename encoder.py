@@ -71,7 +71,6 @@ class Embeddings(nn.Module):
 
 class Layer(nn.Module):
     """Post-LayerNorm transformer block; ModuleDicts reproduce HF's nested key names."""
-
     def __init__(self, c: Config):
         super().__init__()
         H, I, eps = c.hidden_size, c.intermediate_size, c.layer_norm_eps
@@ -96,7 +95,6 @@ class Layer(nn.Module):
 
 class Encoder(nn.Module):
     """BertModel / RobertaModel body: the hidden states of every layer, embeddings first (B, T, H) each."""
-
     def __init__(self, c: Config, pooler: bool = False):
         super().__init__()
         self.embeddings = Embeddings(c)
@@ -119,7 +117,6 @@ class Encoder(nn.Module):
 class SequenceClassifier(nn.Module):
     """*ForSequenceClassification: the body under `bert` / `roberta`, then the head.
     BERT: classifier(tanh(pooler.dense(h_[CLS]))); RoBERTa: out_proj(tanh(dense(h_<s>)))."""
-
     def __init__(self, c: Config):
         super().__init__()
         H, n = c.hidden_size, len(c.id2label)
@@ -142,7 +139,6 @@ class SequenceClassifier(nn.Module):
 
 class Tokenizer:
     """tokenizer.json with truncation to `max_length` and padding to the batch's longest."""
-
     def __init__(self, path: Path, config: Config, max_length: int):
         self.tokenizer = HFTokenizer.from_file(str(path))
         self.tokenizer.enable_truncation(max_length)
@@ -193,7 +189,6 @@ def load(source: str = EMBEDDED, dtype: str = "float32", device: str = "cpu"):
     model.load_state_dict(state, strict=True)
     model.to(device=device, dtype=hub.dtype(dtype)).eval()
     model.name_or_path = source
-
     # sentence-transformers truncates all-MiniLM-L6-v2 at 256 (sentence_bert_config.json)
     limit = config.max_position_embeddings - config.position_offset
     st_config = directory / "sentence_bert_config.json"

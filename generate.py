@@ -23,7 +23,6 @@ def left_pad(sequences: list[list[int]], pad_token_id: int, device="cpu"):
     return ids.to(device), mask.to(device)
 
 
-
 def sample(logits, temperature, top_p: float = 1.0, generator=None):
     """Next token (B,) from logits (B, V): argmax at temperature 0; else a draw from softmax(logits
     / T) (sec. 5.1: T = 0.7), cut to the top-p nucleus (Holtzman et al. 2020). `temperature`: one,

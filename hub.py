@@ -120,14 +120,12 @@ def load_state_dict(directory: Path) -> dict[str, torch.Tensor]:
 def check_state_dict(module: torch.nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
     """Raise on a missing key, an unexpected key or a shape mismatch, naming key and shapes."""
     expected = module.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing:
-        raise InputError(f"{where}: missing key {missing[0]!r} (expected shape "
-                       f"{tuple(expected[missing[0]].shape)}){f' and {len(missing) - 1} more' if len(missing) > 1 else ''}")
-    if unexpected:
-        raise InputError(f"{where}: unexpected key {unexpected[0]!r} (shape "
-                       f"{tuple(state[unexpected[0]].shape)}){f' and {len(unexpected) - 1} more' if len(unexpected) > 1 else ''}")
+    for what, keys, shapes in (("missing key", set(expected) - set(state), expected),
+                               ("unexpected key", set(state) - set(expected), state)):
+        if keys:
+            key, more = sorted(keys)[0], f" and {len(keys) - 1} more" if len(keys) > 1 else ""
+            shape = ("expected shape " if shapes is expected else "shape ") + str(tuple(shapes[key].shape))
+            raise InputError(f"{where}: {what} {key!r} ({shape}){more}")
     for key, tensor in expected.items():
         if tuple(state[key].shape) != tuple(tensor.shape):
             raise InputError(f"{where}: key {key!r} has shape {tuple(state[key].shape)} in the "

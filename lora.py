@@ -28,7 +28,7 @@ class LoRALinear(nn.Module):
     """y = base(x) + (alpha / r) * B A dropout(x) (eq. 5), x (..., in) -> y (..., out); the base
     frozen, the LoRA path in fp32 and added in the base output's dtype, as peft does."""
 
-    def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0):
+    def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0, generator=None):
         super().__init__()
         if not isinstance(base, (nn.Linear, nf4.NF4Linear)):
             raise TypeError(f"LoRALinear wraps nn.Linear or nf4.NF4Linear, not {type(base).__name__}")
@@ -36,10 +36,9 @@ class LoRALinear(nn.Module):
             raise ValueError(f"LoRA rank r must be positive, got {r}")
         self.base = base.requires_grad_(False)
         self.r, self.alpha, self.scaling = r, alpha, alpha / r
-        device = base.weight.device
-        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=device))  # (r, in)
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=device))  # (out, r)
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear initialises its weight
+        A = nn.init.kaiming_uniform_(torch.empty(r, base.in_features), a=math.sqrt(5), generator=generator)
+        self.lora_A = nn.Parameter(A.to(base.weight.device))  # (r, in), as nn.Linear initialises its weight
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=base.weight.device))  # (out, r)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -57,10 +56,14 @@ class LoRALinear(nn.Module):
         return (weight.float() + delta).to(dtype or weight.dtype)
 
 
-def add_lora(model: nn.Module, r: int = 16, alpha: float = 8, dropout: float = 0.0, targets=None) -> nn.Module:
+def add_lora(model: nn.Module, r: int = 16, alpha: float = 8, dropout: float = 0.0, targets=None,
+             seed: int | None = None) -> nn.Module:
     """Wrap the `targets` linear layers (default: the model's `lora_targets`, else TARGETS) of every
-    block (`nf4.blocks`) in `LoRALinear`, freeze everything else; `model`, changed in place."""
+    block (`nf4.blocks`) in `LoRALinear`, freeze everything else; `model`, changed in place. seed:
+    the A matrices drawn from a generator of their own (the same adapter whatever drew from torch's
+    global generator before, on any device); None: from the global one."""
     targets = targets or getattr(model, "lora_targets", TARGETS)
+    generator = None if seed is None else torch.Generator().manual_seed(seed)
     model.requires_grad_(False)
     found = set()
     for block in nf4.blocks(model):
@@ -69,7 +72,7 @@ def add_lora(model: nn.Module, r: int = 16, alpha: float = 8, dropout: float = 0
                 if isinstance(child, LoRALinear):
                     raise ValueError("add_lora: the model already has LoRA adapters")
                 if name in targets:
-                    setattr(parent, name, LoRALinear(child, r, alpha, dropout))
+                    setattr(parent, name, LoRALinear(child, r, alpha, dropout, generator))
                     found.add(name)
     missing = set(targets) - found
     if missing:

@@ -20,7 +20,6 @@ _NON_ALPHANUM = re.compile(r"[^a-z0-9]+")
 
 
 # ---------------------------------------------------------------- ROUGE (Lin, 2004)
-
 def rouge_tokens(text: str) -> list[str]:
     """rouge_score's default tokenizer: lowercase, every run outside [a-z0-9] a space, split; so
     anything non-ASCII separates ("café" -> ["caf"], "北京" -> []), exactly as rouge_score does."""
@@ -63,7 +62,6 @@ def rouge_l(prediction: str, reference: str) -> float:
 
 
 # ---------------------------------------------------------------- classification (LaMP-1, 2)
-
 def _check_lists(predictions, golds, what: str) -> None:
     if len(predictions) == 0:
         raise ValueError(f"{what}: no predictions (empty list)")
@@ -104,7 +102,6 @@ def f1(predictions: list[str], golds: list[str], labels: list[str]) -> float:
 
 
 # ---------------------------------------------------------------- rating (LaMP-3)
-
 def _ratings(predictions: list[str], golds: list[str], what: str) -> tuple[list[float], list[float]]:
     """LaMP's mapping: float(prediction), or the worst case for that gold if it is not a number;
     "nan" and "inf" count as not a number too (one would turn the whole MAE into nan or inf)."""
@@ -139,7 +136,6 @@ def rmse(predictions: list[str], golds: list[str]) -> float:
 
 
 # ---------------------------------------------------------------- BERTScore (Zhang et al., 2020)
-
 # bert_score's layer per backbone (its `model2layers` table, bert-score 0.3.13: the layer whose
 # BERTScore correlated best with human judgements on WMT16), for the BERT / RoBERTa backbones
 # encoder.py runs. The Hub moved these legacy names under owners; both spellings are looked up.
@@ -178,8 +174,7 @@ def bertscore_f1(predictions: list[str], references: list[str], model, tokenizer
         if p_special.all() or r_special.all():  # no real token on a side
             scores.append(0.0)
             continue
-        p = torch.nn.functional.normalize(p.float(), dim=-1)  # (n_pred, H)
-        r = torch.nn.functional.normalize(r.float(), dim=-1)  # (n_ref, H)
+        p, r = (torch.nn.functional.normalize(t.float(), dim=-1) for t in (p, r))  # (n_pred, H), (n_ref, H)
         sim = p @ r.T  # (n_pred, n_ref)
         precision = sim.max(dim=1).values[~p_special].mean().item()
         recall = sim.max(dim=0).values[~r_special].mean().item()
@@ -188,7 +183,6 @@ def bertscore_f1(predictions: list[str], references: list[str], model, tokenizer
 
 
 # ---------------------------------------------------------------- one task's report
-
 def evaluate(task: str, predictions: list[str], golds: list[str], bertscore_model=None,
              bertscore_layer: int | None = None) -> dict:
     """All of a LaMP task's metrics: lamp1/2 {"accuracy", "f1"}, lamp3 {"mae", "rmse"}, lamp4/5/7

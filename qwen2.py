@@ -59,8 +59,6 @@ class Config:
     o_bias: bool = field(init=False)        # derived: Llama if attention_bias, Qwen2 never
 
     def __post_init__(self):
-        if self.model_type not in ("qwen2", "llama"):
-            raise InputError(f"model_type {self.model_type!r}: only 'qwen2' and 'llama' are supported")
         if self.hidden_act != "silu":
             raise InputError(f"hidden_act {self.hidden_act!r}: only 'silu' (SwiGLU) is supported")
         if self.use_sliding_window:

@@ -7,6 +7,7 @@ report --out DIR` scores a finished run again (another BERTScore backbone), or m
 one, or names the users not yet done."""
 import argparse
 import json
+from collections import Counter
 from pathlib import Path
 
 import data
@@ -74,20 +75,14 @@ def build(task: data.Task, users, results, settings: Settings, labels: dict, dev
 
 def reading(rep: dict) -> str:
     """One line of what the table shows, from its own numbers: the rows ordered by the gold NLL and
-    by the task's first metric."""
-    if rep["task"] == "efficiency":
-        return ""
-    first = next(iter(next(iter(rep["rows"].values()))))  # rouge1, accuracy or mae
-    lower = first == "mae"
-    orders = [("gold NLL", True, "gold_nll"), (first, lower, first)]
+    by the task's first metric (ROUGE-1, accuracy or MAE)."""
     parts = []
-    for name, ascending, key in orders:
-        rows = [(row[key], rep["labels"][m]) for m, row in rep["rows"].items() if key in row]
+    for key in ("gold_nll", "rouge1", "accuracy", "mae"):
+        lower = key in ("gold_nll", "mae")
+        rows = sorted(((row[key], rep["labels"][m]) for m, row in rep["rows"].items() if key in row), reverse=not lower)
         if len(rows) > 1:
-            rows.sort(reverse=not ascending)
-            sign = " < " if ascending else " > "
-            parts.append(f"{name} ({'lower' if ascending else 'higher'} is better): "
-                         + sign.join(f"{label} {value:.3f}" for value, label in rows))
+            parts.append(f"{'gold NLL' if key == 'gold_nll' else key} ({'lower' if lower else 'higher'} is better): "
+                         + (" < " if lower else " > ").join(f"{label} {value:.3f}" for value, label in rows))
     return "reading: " + "; ".join(parts) if parts else ""
 
 
@@ -155,7 +150,7 @@ def lamp_files(task: data.Task, targets, results, methods, out: Path) -> None:
     when two queries share an id (the files key on it): a line says which."""
     queries = [q for u in targets for q in u.queries]
     ids = [q.id for q in queries]
-    if twice := sorted({i for i in ids if ids.count(i) > 1}):
+    if twice := sorted(i for i, n in Counter(ids).items() if n > 1):
         print(f"LaMP's files not written: query ids {', '.join(twice[:5])} appear twice among the target users")
         return
     outputs = {"golds": [q.gold for q in queries]} | {m: [p for r in results for p in r["predictions"][m]]

@@ -75,7 +75,7 @@ def rewrite_all(model, tok, texts: list[str], judge, thresholds: filters.Thresho
                          desc="rewrite history (device)")
     outs = [LABEL.sub("", o.split("\n")[0]).strip().strip('"') for o in outs]
     sources = [t for t in texts for _ in range(1 + samples)]
-    sel = augment.select([(t, t) for t in sources], [(o, t) for o, t in zip(outs, sources)], judge,
+    sel = filters.select([(t, t) for t in sources], [(o, t) for o, t in zip(outs, sources)], judge,
                          replace(thresholds, eps_tdf=1.0 - 1e-6))  # TDF here only rejects exact copies
     rewrites, best = {t: "" for t in texts}, {}
     for r in sel.records:

@@ -110,7 +110,7 @@ class Cloud:
             name: get(given, name, float, getattr(self.thresholds, name), math.isfinite, "a finite number",
                       where="thresholds.") for name in THRESHOLDS})
         settings = augment.Augmentation(k, temperature, decoding, thresholds)
-        select = functools.partial(augment.select, judge=self.judge, thresholds=thresholds)
+        select = functools.partial(filters.select, judge=self.judge, thresholds=thresholds)
         with self.lock:
             records, counts = augment.synthesize(augment.CloudLM(self.model, self.tokenizer), [tuple(p) for p in pairs],
                                                  settings, seed, data.get_task(body["task"]), select)

@@ -227,7 +227,7 @@ def _where(path: Path, i: int, record, key: str) -> str:
 
 def _check_gold(spec: Task, gold, where: str) -> str:
     gold = str(gold)
-    allowed = LAMP3_SCORES if spec.name == "lamp3" else spec.labels
+    allowed = spec.labels or spec.pair_labels  # lamp1, lamp2: the labels; lamp3: the scores
     if allowed is not None and gold.strip() not in allowed:
         raise InputError(f"{where}: gold {gold!r} is not one of {', '.join(allowed)}")
     return gold

@@ -19,7 +19,8 @@ OPTIONS = ("deploy_rounding", "deploy_tune_epochs")  # Settings.extra: a re-run 
 def deployed(run: Run, method: str, pairs) -> list[str]:
     """`method`'s saved adapter on M_base, deployed, saved under the user's directory, answering."""
     rounding, epochs = (run.settings.extra[name] for name in OPTIONS)
-    model = lora.add_lora(copy.deepcopy(run.device_model), r=run.training.lora_r, alpha=run.training.lora_alpha)
+    model = lora.add_lora(copy.deepcopy(run.device_model), r=run.training.lora_r, alpha=run.training.lora_alpha,
+                          seed=run.seed)
     lora.load_adapter(model.eval(), run.user_dir / f"{method}.adapter.safetensors")
     calibration = [train.encode_example(run.tokenizer, messages, y, run.training.max_length)[0]
                    for messages, y in cdcda.training_examples(run.task, pairs)]

@@ -159,7 +159,7 @@ def main(argv=None) -> dict:
     if table1 and "eda-ft" in settings.methods:  # before any work, not when Table 1 reaches its EDA-FT row
         baselines.check_wordnet(methods.WORDNET_DIR)
     steps = cdcda.Steps(family=t5.family(settings.models.device_model))  # a T5 device model: Table 4
-    if steps.family is t5 and (refused := [m for m in settings.methods if m in DECODER_ONLY]):
+    if table1 and steps.family is t5 and (refused := [m for m in settings.methods if m in DECODER_ONLY]):
         p.error(f"--device-model {settings.models.device_model} is a T5: {', '.join(refused)} need a decoder")
     out, reports = Path(settings.out), {}
     if table1:

@@ -101,7 +101,8 @@ def direct_ft_model(run: cdcda.Run):
     direct-ft row already trained it (same settings: cdcda.main checks), else trained here."""
     path = run.user_dir / "direct-ft.adapter.safetensors"
     if path.is_file():
-        model = lora.add_lora(copy.deepcopy(run.device_model), r=run.training.lora_r, alpha=run.training.lora_alpha)
+        model = lora.add_lora(copy.deepcopy(run.device_model), r=run.training.lora_r,
+                              alpha=run.training.lora_alpha, seed=run.seed)
         return lora.load_adapter(model, path).eval()
     model, run.losses["direct-ft"] = cdcda.personalize(run.device_model, run.tokenizer, run.task, run.pairs,
                                                        run.training, run.seed, f"direct-ft {run.user.user_id}")
@@ -140,7 +141,8 @@ def eda_pairs(run: cdcda.Run) -> list[tuple[str, str]]:
 def rkd_ft(run: cdcda.Run) -> list[str]:
     """RKD-FT: a fresh LoRA on M_base distilled from M_cloud with reverse KL on D_u."""
     teacher, cloud_tok = cloud_lm(run)
-    student = lora.add_lora(copy.deepcopy(run.device_model), r=run.training.lora_r, alpha=run.training.lora_alpha)
+    student = lora.add_lora(copy.deepcopy(run.device_model), r=run.training.lora_r,
+                            alpha=run.training.lora_alpha, seed=run.seed)
     run.losses["rkd-ft"] = baselines.rkd_finetune(
         student, teacher, run.tokenizer, cdcda.training_examples(run.task, run.pairs), run.training, seed=run.seed,
         desc=f"rkd-ft {run.user.user_id}", teacher_tokenizer=cloud_tok)

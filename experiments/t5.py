@@ -1,25 +1,20 @@
 """The encoder-decoder device model of Table 4 (sec. 5.6): T5 v1.1 / FlanT5 in plain PyTorch.
 
-    memory = Encoder(shared(input_ids))                    # (B, S, d), bidirectional, once
-    h      = Decoder(shared(decoder_ids), memory)          # (B, T, d), causal self + cross attention
-    logits = lm_head(h)                                    # (B, T, V); h * d_model^-0.5 first if scale_decoder_outputs
+    memory = Encoder(shared(input_ids))            # (B, S, d), bidirectional, once
+    h      = Decoder(shared(decoder_ids), memory)  # (B, T, d), causal self + cross attention
+    logits = lm_head(h)                            # (B, T, V); h * d_model^-0.5 first if scale_decoder_outputs
 
-Blocks are pre-norm with residuals: x = x + Attn(LN(x)); [decoder: x = x + CrossAttn(LN(x), memory)];
-x = x + FF(LN(x)). The T5 ways (Raffel et al. 2020, sec. 2.1; v1.1's changes): LN is RMS-style
-(no mean, no bias, fp32 variance); no absolute positions but a learned scalar per head and
-relative-position bucket added to the scores (half exact offsets, half logarithmic up to
-max_distance; the encoder's bidirectional), owned by each stack's first block, and scores NOT
-scaled by 1/sqrt(d); FF is gated-GELU, wo(gelu_tanh(wi_0 x) * wi_1 x). The LM head is its own
-matrix (FlanT5) or the embedding (tied); the decoder output is rescaled by d_model^-0.5 only where
-`scale_decoder_outputs` says so (original T5: yes, v1.1 / FlanT5: no); a config without that key
-(the hub's FlanT5 files) means it by `tie_word_embeddings` (transformers 5 writes every T5 as tied
-and keeps the old meaning in `scale_decoder_outputs`). Module names are the safetensors keys.
+Pre-norm blocks: x = x + Attn(LN(x)); [decoder: x = x + CrossAttn(LN(x), memory)]; x = x + FF(LN(x)).
+T5's ways (Raffel et al. 2020, sec. 2.1; v1.1's changes): LN is RMS-style in fp32; no absolute
+positions but a learned scalar per head and relative-position bucket (`position_bucket`) added to
+scores NOT scaled by 1/sqrt(d); FF is gated-GELU. The head is its own matrix (FlanT5) or the
+embedding (tied); the decoder output is rescaled only where `scale_decoder_outputs` says so (a
+config without the key, as the hub's FlanT5 files: = `tie_word_embeddings`; transformers 5 writes
+every T5 tied and keeps the old meaning in that key). Module names are the safetensors keys.
 
-The pipeline's glue is here too, so the core stays as it is: `family` picks t5 or qwen2 from a
-config.json (experiments/ hands it to the run); `T5.blocks` / `T5.lora_targets` say what NF4 and
-LoRA wrap; `T5.response_loss` is eq. 6 for seq2seq; `T5.new_tokens` is how `generate.chat`
-decodes it; the prompt is the appendix-B text as plain text (`Tokenizer`). No dropout (LoRA).
-"""
+The pipeline's glue: `family` picks t5 or qwen2 from a config.json; `T5.blocks` / `lora_targets`
+say what NF4 and LoRA wrap; `T5.response_loss` is eq. 6 for seq2seq; `T5.new_tokens` is how
+`generate.chat` decodes it; the prompt is plain text (`Tokenizer`). No dropout (LoRA)."""
 import json
 import math
 import sys
@@ -36,9 +31,6 @@ import hub
 import qwen2
 import train
 from errors import InputError
-
-IGNORE = train.IGNORE  # a label that carries no loss
-
 
 @dataclass
 class Config:
@@ -63,8 +55,6 @@ class Config:
     MODEL_TYPES = ("t5",)  # what this file loads (a class attribute, not a config key)
 
     def __post_init__(self):
-        if self.model_type != "t5":
-            raise InputError(f"model_type {self.model_type!r}: t5.py loads only 't5'")
         if self.feed_forward_proj not in ("gated-gelu", "gated-gelu_new"):
             raise InputError(f"feed_forward_proj {self.feed_forward_proj!r}: only T5 v1.1's 'gated-gelu' is supported")
         self.num_decoder_layers = self.num_decoder_layers or self.num_layers
@@ -153,8 +143,7 @@ class FeedForward(nn.Module):
     """Gated GELU (Shazeer 2020): wo(gelu_tanh(wi_0 x) * wi_1 x)."""
     def __init__(self, c: Config):
         super().__init__()
-        self.wi_0 = nn.Linear(c.d_model, c.d_ff, bias=False)
-        self.wi_1 = nn.Linear(c.d_model, c.d_ff, bias=False)
+        self.wi_0, self.wi_1 = (nn.Linear(c.d_model, c.d_ff, bias=False) for _ in range(2))
         self.wo = nn.Linear(c.d_ff, c.d_model, bias=False)
 
     def forward(self, x):
@@ -201,6 +190,38 @@ def padding_bias(attention_mask, dtype):
     return (1.0 - attention_mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
 
 
+@torch.inference_mode()
+def generate_ids(model, input_ids, max_new_tokens: int, temperature: float = 0.7, top_p: float = 1.0,
+                 eos_token_id=..., attention_mask=None, generator=None, copies=None):
+    """The encoder once, then the decoder token by token from decoder_start_token_id with a
+    `qwen2.KVCache` of its self-attention (cross keys and values are computed once).
+    Returns the new ids (B, n), n <= max_new_tokens; a finished row is filled with its eos id.
+    `copies`: replies per prompt, as `generate.generate` takes them (each prompt repeated)."""
+    if copies is not None:
+        rows = torch.arange(len(input_ids), device=input_ids.device).repeat_interleave(torch.as_tensor(copies))
+        input_ids, attention_mask = input_ids[rows], None if attention_mask is None else attention_mask[rows]
+    c = model.config
+    eos_token_id = c.eos_token_id if eos_token_id is ... else eos_token_id
+    eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    B, device = input_ids.shape[0], input_ids.device
+    cross = model.cross_kv(model.encode(input_ids, attention_mask))
+    shape = SimpleNamespace(num_hidden_layers=c.num_decoder_layers, num_key_value_heads=c.num_heads, head_dim=c.d_kv)
+    cache = qwen2.KVCache(shape, B, max_new_tokens, model.shared.weight.dtype, device)
+    tokens = torch.full((B, 1), c.decoder_start_token_id, dtype=torch.long, device=device)
+    eos_ids, done, out = torch.tensor(eos, device=device), torch.zeros(B, dtype=torch.bool, device=device), []
+    for _ in range(max_new_tokens):
+        hidden = model.decode(tokens, cross, attention_mask, cache)
+        next_token = generate.sample(model.lm_head(hidden[:, -1]), temperature, top_p, generator)  # (B,)
+        if eos:
+            next_token = torch.where(done, eos[0], next_token)
+            done |= torch.isin(next_token, eos_ids)
+        out.append(next_token)
+        if eos and bool(done.all()):
+            break
+        tokens = next_token[:, None]
+    return torch.stack(out, 1) if out else input_ids.new_zeros(B, 0)
+
+
 class T5(nn.Module):
     """Seq2seq LM: `model(input_ids, decoder_input_ids, attention_mask) -> logits (B, T, V)`."""
     lora_targets = ("q", "k", "v", "o", "wi_0", "wi_1", "wo")  # every linear layer of the blocks
@@ -221,8 +242,7 @@ class T5(nn.Module):
     def encode(self, input_ids, attention_mask=None):
         """ids (B, S) -> memory (B, S, d); attention_mask (B, S) 1 = token, 0 = padding."""
         x = self.shared(input_ids)
-        S = x.shape[1]
-        bias = self.encoder.position_bias(0, S, S, x.device)  # (1, H, S, S)
+        bias = self.encoder.position_bias(0, x.shape[1], x.shape[1], x.device)  # (1, H, S, S)
         if attention_mask is not None:
             bias = bias + padding_bias(attention_mask, bias.dtype)
         for block in self.encoder.block:
@@ -259,58 +279,23 @@ class T5(nn.Module):
         """Eq. 6 for seq2seq, on `train.encode_example`'s rows (prompt + response, labels on the
         response): the prompt goes to the encoder, the decoder is teacher-forced on the response
         (its input shifted right behind decoder_start), mean CE over the response tokens."""
-        rows = []
-        for tokens, target in zip(ids.tolist(), labels.tolist()):
-            n = next(i for i, t in enumerate(target) if t != IGNORE)
-            answer = [t for t in target[n:] if t != IGNORE]
-            rows.append((tokens[:n], answer))
+        starts = [next(i for i, t in enumerate(target) if t != train.IGNORE) for target in labels.tolist()]
+        rows = [(tokens[:n], [t for t in target[n:] if t != train.IGNORE])
+                for tokens, target, n in zip(ids.tolist(), labels.tolist(), starts)]
         pad, device = self.config.pad_token_id, ids.device
         enc, mask = generate.left_pad([p for p, _ in rows], pad, device)
         T = max(len(a) for _, a in rows)
         dec = torch.full((len(rows), T), pad, dtype=torch.long)
-        target = torch.full((len(rows), T), IGNORE, dtype=torch.long)
+        target = torch.full((len(rows), T), train.IGNORE, dtype=torch.long)
         for row, (_, a) in enumerate(rows):
             dec[row, :len(a)] = torch.tensor([self.config.decoder_start_token_id] + a[:-1])
             target[row, :len(a)] = torch.tensor(a)
         target = target.to(device)
         hidden = self.decode(dec.to(device), self.cross_kv(self.encode(enc, mask)), mask)  # (B, T, d)
-        keep = target != IGNORE
+        keep = target != train.IGNORE
         return F.cross_entropy(self.lm_head(hidden[keep]).float(), target[keep])
 
-    def new_tokens(self, *args, **kwargs):  # what generate.chat decodes with for this model
-        return generate_ids(self, *args, **kwargs)
-
-
-@torch.inference_mode()
-def generate_ids(model: T5, input_ids, max_new_tokens: int, temperature: float = 0.7, top_p: float = 1.0,
-                 eos_token_id=..., attention_mask=None, generator=None, copies=None):
-    """The encoder once, then the decoder token by token from decoder_start_token_id with a
-    `qwen2.KVCache` of its self-attention (cross keys and values are computed once).
-    Returns the new ids (B, n), n <= max_new_tokens; a finished row is filled with its eos id.
-    `copies`: replies per prompt, as `generate.generate` takes them (each prompt repeated)."""
-    if copies is not None:
-        rows = torch.arange(len(input_ids), device=input_ids.device).repeat_interleave(torch.as_tensor(copies))
-        input_ids, attention_mask = input_ids[rows], None if attention_mask is None else attention_mask[rows]
-    c = model.config
-    eos_token_id = c.eos_token_id if eos_token_id is ... else eos_token_id
-    eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
-    B, device = input_ids.shape[0], input_ids.device
-    cross = model.cross_kv(model.encode(input_ids, attention_mask))
-    shape = SimpleNamespace(num_hidden_layers=c.num_decoder_layers, num_key_value_heads=c.num_heads, head_dim=c.d_kv)
-    cache = qwen2.KVCache(shape, B, max_new_tokens, model.shared.weight.dtype, device)
-    tokens = torch.full((B, 1), c.decoder_start_token_id, dtype=torch.long, device=device)
-    eos_ids, done, out = torch.tensor(eos, device=device), torch.zeros(B, dtype=torch.bool, device=device), []
-    for _ in range(max_new_tokens):
-        hidden = model.decode(tokens, cross, attention_mask, cache)
-        next_token = generate.sample(model.lm_head(hidden[:, -1]), temperature, top_p, generator)  # (B,)
-        if eos:
-            next_token = torch.where(done, eos[0], next_token)
-            done |= torch.isin(next_token, eos_ids)
-        out.append(next_token)
-        if eos and bool(done.all()):
-            break
-        tokens = next_token[:, None]
-    return torch.stack(out, 1) if out else input_ids.new_zeros(B, 0)
+    new_tokens = generate_ids  # what generate.chat decodes with for this model
 
 
 class Tokenizer(qwen2.Tokenizer):
@@ -325,10 +310,8 @@ class Tokenizer(qwen2.Tokenizer):
         return "".join(m["content"] for m in messages) + self.end_of_turn
 
     def save(self, directory):
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        self.tokenizer.save(str(directory / "tokenizer.json"))
-        (directory / "tokenizer_config.json").write_text(json.dumps(self.config, indent=2, ensure_ascii=False))
+        super().save(directory)  # then its config again, without the ChatML template T5 has no use for
+        (Path(directory) / "tokenizer_config.json").write_text(json.dumps(self.config, indent=2, ensure_ascii=False))
 
 
 TIED_COPIES = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight",  # = shared.weight
@@ -340,8 +323,8 @@ def load(source: str, dtype: str = "float32", device: str = "cpu"):
     directory = hub.snapshot(str(source))
     config = Config.from_json(directory)
     state = {k: v for k, v in hub.load_state_dict(directory).items() if k not in TIED_COPIES}
-    if config.tie_word_embeddings and "lm_head.weight" in state:  # a hub FlanT5 re-saved by transformers 5:
-        config.tie_word_embeddings = False  # "tied" in its config, its own head in the file (transformers uses it)
+    # a hub FlanT5 re-saved by transformers 5: "tied" in its config, its own head in the file (transformers uses it)
+    config.tie_word_embeddings = config.tie_word_embeddings and "lm_head.weight" not in state
     if config.tie_word_embeddings:
         state["lm_head.weight"] = state["shared.weight"]
     with torch.device("meta"):
@@ -362,6 +345,5 @@ def family(source):
     """The module that loads `source` (`.load`, `.save_pretrained`, `.Config`): this one when its
     config.json says model_type "t5", else qwen2 (Qwen2, Llama, the embedded default): what
     experiments/ hands the pipeline as `cdcda.Steps.family`."""
-    if source == qwen2.EMBEDDED:
-        return qwen2
-    return sys.modules[__name__] if hub.load_config(hub.snapshot(str(source))).get("model_type") == "t5" else qwen2
+    t5 = source != qwen2.EMBEDDED and hub.load_config(hub.snapshot(str(source))).get("model_type") == "t5"
+    return sys.modules[__name__] if t5 else qwen2

@@ -59,7 +59,7 @@ def _timed(fn) -> float:
 def train_rate(model, tok, examples, training: train.Training, seed: int = 0) -> float:
     """Seconds per training token (prompt + response) of LoRA fine-tuning `model` (changed in
     place): one batch to warm up, then two batches timed."""
-    lora.add_lora(model, r=training.lora_r, alpha=training.lora_alpha)
+    lora.add_lora(model, r=training.lora_r, alpha=training.lora_alpha, seed=seed)
     batch = (examples * (2 * training.batch_size))[:2 * training.batch_size]
     one = replace(training, epochs=1)
     train.finetune(model, tok, batch[:training.batch_size], one, seed=seed, desc="plan: warm-up")

@@ -291,3 +291,17 @@ def test_deployed_methods_need_their_adapter_first(capsys, monkeypatch):
         with pytest.raises(SystemExit):
             run_deployment.main(bad)
         assert message in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_a_deployed_row_changes_no_other_row(tiny_model_dir, tmp_path, monkeypatch, fake_cloud, tiny_args):
+    """--deploy is evaluation only: each method's LoRA is drawn from its own seeded generator, so
+    the rows of a run with a deployed row between them equal those of a run without one."""
+    monkeypatch.setenv("CDCDA_CACHE", str(tmp_path / "cache"))
+    torch.rand(7)  # whatever drew from torch's global generator before the runs
+    run_deployment.main(tiny_args(tiny_model_dir, tmp_path / "with") + ["--methods", "direct-ft,direct-ft-deployed,cdcda"])
+    cdcda.main(tiny_args(tiny_model_dir, tmp_path / "without") + ["--methods", "direct-ft,cdcda"])
+    for user in (tmp_path / "without" / "users").iterdir():
+        without, with_ = (json.loads((tmp_path / run / "users" / user.name / "result.json").read_text())
+                          for run in ("without", "with"))
+        for key in ("predictions", "losses", "gold_nll"):
+            assert {m: with_[key][m] for m in ("direct-ft", "cdcda")} == without[key]

@@ -21,7 +21,7 @@ LAYERS = [  # the core, bottom first; a module may import from its own layer or 
     ["runner", "options", "report", "cdcda"],  # the method: the loop over users, its options, its report, the steps
 ]
 LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}
-EXTRAS = ("cloud", "deployment", "experiments", "online", "plan")  # one folder per concern
+EXTRAS = ("cloud", "deployment", "experiments", "online", "scale")  # one folder per concern
 CLOSURE_LINES = 3200  # what `python cdcda.py` may pull in, in lines
 
 

@@ -92,3 +92,14 @@ def test_outputs_equal_peft_with_the_same_a_and_b(words):
     assert torch.allclose(ours, ref, atol=1e-5, rtol=0)
 
 
+
+
+def test_a_seed_gives_the_same_adapter_whatever_drew_before(words):
+    def adapter(seed, draws):
+        model = words.model()
+        torch.rand(draws)  # torch's global generator, moved on by anything that ran before
+        model = lora.add_lora(model, r=4, alpha=8, seed=seed)
+        return torch.cat([m.lora_A.flatten() for m in model.modules() if isinstance(m, lora.LoRALinear)])
+    assert torch.equal(adapter(5, 1), adapter(5, 1000))
+    assert not torch.equal(adapter(5, 1), adapter(6, 1))
+    assert not torch.equal(adapter(None, 1), adapter(None, 1000))  # the global generator: what ran before shows

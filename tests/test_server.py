@@ -126,7 +126,7 @@ def test_augment_over_http_equals_in_process(server, tiny_model_dir, monkeypatch
     model, tok = qwen2.load(str(tiny_model_dir))
     judge = augment.make_judge(JUDGE, "cpu")
     out = augment.augment(augment.CloudLM(model, tok), pairs, settings(3), 1234, data.get_task("lamp7"))
-    sel = augment.select(out.originals, out.candidates, judge, filters.Thresholds())
+    sel = filters.select(out.originals, out.candidates, judge, filters.Thresholds())
     assert records == sel.records  # same seed, same synthetic data, across processes and the wire
     assert counts == {**sel.counts, "generated": 9, "unparsable": out.unparsable, "off_label": out.off_label}
     assert 0 < counts["kept"] < counts["candidates"] < 9 and out.unparsable > 0  # not a trivial comparison
