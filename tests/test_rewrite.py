@@ -34,6 +34,9 @@ def test_history_pair_uses_the_rewrite_and_drops_rejected_items():
     assert rewrite.history_pair(task, items[1], rewrites) is None
     assert cdcda.upload(task, data.User("u", items, []), rewrites) == [("I am tired.", "ngl lowkey tired fr")]
     assert cdcda.upload(task, data.User("u", items[1:], []), rewrites) == [("lol rain", "lol rain")]  # none left
+    others = [data.User("o1", items, [data.Query("q", "Paraphrase ...: hi", "hey")]), data.User("o2", items[1:], [])]
+    assert cdcda.base_pairs(task, others, rewrites) == [  # M_base's users: the same rule as the targets'
+        (task.instruction + "I am tired.", "ngl lowkey tired fr"), task.pair(items[1]), ("Paraphrase ...: hi", "hey")]
     lamp2 = data.get_task("lamp2")
     movie = {"description": "a heist", "tag": "twist ending"}
     assert rewrite.history_pair(lamp2, movie, {}) == lamp2.pair(movie)  # a real input: left alone
