@@ -267,7 +267,7 @@ def prepare(task: data.Task, users, others, settings: Settings, methods, steps: 
     device_model = nf4.quantize_model(device_model, torch.bfloat16)
     cloud = None
     if synthetic:
-        cloud = steps.cloud() if steps.cloud else augment.CloudLM(*qwen2.load(models.cloud_model, "float32", device))
+        cloud = steps.cloud() if steps.cloud else augment.CloudLM(*qwen2.load(models.cloud_model, models.cloud_dtype, device))
     select = steps.select or functools.partial(filters.select, judge=judge, thresholds=thresholds)
     return Pipeline(task, device_model, tok, cloud, select, rewrites, settings, methods, steps, device)
 

@@ -32,7 +32,6 @@ class Thresholds:
 
 class NLIJudge:
     """M_NLI(premise => hypothesis) = P(entailment) of an NLI cross-encoder (the paper's WANLI)."""
-
     default_eps_scf = EPS_SCF_NLI
 
     def __init__(self, source: str, dtype: str = "float32", device: str = "cpu", batch_size: int = 16):
@@ -48,7 +47,6 @@ class NLIJudge:
 class EmbeddingJudge:
     """PROXY for M_NLI when no NLI model is available: the cosine of mean-pooled sentence
     embeddings, as-is; symmetric (both directions of eq. 2 alike) and topical, not entailment."""
-
     default_eps_scf = EPS_SCF_EMBEDDING
 
     def __init__(self, source: str = encoder.EMBEDDED, dtype: str = "float32", device: str = "cpu",

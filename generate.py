@@ -44,14 +44,14 @@ def sample(logits, temperature, top_p: float = 1.0, generator=None):
 
 
 @torch.inference_mode()
-def generate(model: Qwen2, input_ids, max_new_tokens: int, temperature=0.7, top_p: float = 1.0,
+def generate(model: Qwen2, input_ids, max_new_tokens, temperature=0.7, top_p: float = 1.0,
              eos_token_id=..., attention_mask=None, generator=None, copies=None, scaffold=None,
              scaffold_tokens: int = 0):
     """Continue input_ids (B, T), left padded -> (R, T + n), n <= the longest reply's new tokens.
 
     copies: replies per prompt (default one; R their sum, in order): a prompt is prefilled once and
-    its keys and values copied to its replies (vLLM's `n`). temperature, generator: one, or one per
-    reply. eos_token_id: int or list; `...` = model.config.eos_token_id; None = never stop. A finished
+    its keys and values copied to its replies (vLLM's `n`). max_new_tokens, scaffold_tokens,
+    temperature, generator: one, or one per reply. eos_token_id: int or list; `...` = model.config.eos_token_id; None = never stop. A finished
     reply leaves the batch and is filled with the first eos id. scaffold: {id that ends a reply, or
     None for its budget running out: the ids written in its place}: at its first end a reply writes
     them and goes on from the same cache for up to scaffold_tokens more (augment.py's structured
@@ -62,7 +62,8 @@ def generate(model: Qwen2, input_ids, max_new_tokens: int, temperature=0.7, top_
     B, T = input_ids.shape
     device = input_ids.device
     copies = torch.ones(B, dtype=torch.long) if copies is None else torch.as_tensor(copies)
-    total = max_new_tokens + (max(map(len, scaffold.values())) + scaffold_tokens if scaffold else 0)
+    budget, second = ([n] * int(copies.sum()) if isinstance(n, int) else list(n) for n in (max_new_tokens, scaffold_tokens))
+    total = max(budget) + (max(map(len, scaffold.values())) + max(second) if scaffold else 0)
     cache = KVCache(model.config, B, T + total, model.model.norm.weight.dtype, device)  # the compute dtype
     padded = attention_mask is not None and not bool(attention_mask.all())  # else plain causal attention
     mask = torch.cat([attention_mask.long(), attention_mask.new_ones(B, total)], 1) if padded else None
@@ -85,7 +86,7 @@ def generate(model: Qwen2, input_ids, max_new_tokens: int, temperature=0.7, top_
             if not forced[i]:
                 spent[i] += 1
                 ended = tokens[j] in eos
-                if not (ended or spent[i] >= (max_new_tokens if phase[i] == 0 else scaffold_tokens)):
+                if not (ended or spent[i] >= (budget[i] if phase[i] == 0 else second[i])):
                     continue
                 if not scaffold or phase[i] == 1:
                     done.append(j)
@@ -148,7 +149,8 @@ def scaffold_ids(tokenizer: Tokenizer, stop: str, scaffold: str) -> dict:
 
 def chat(model: Qwen2, tokenizer: Tokenizer, conversations: list[list[dict]], max_new_tokens: int = 64,
          temperature=0.7, seed: int = 0, batch_size: int = 8, desc: str | None = None,
-         reply_prefix: str | list[str] = "", stop: str = "", scaffold: str = "", scaffold_tokens: int = 0) -> list[str]:
+         reply_prefix: str | list[str] = "", stop: str = "", scaffold: str = "", scaffold_tokens: int = 0,
+         decode=None) -> list[str]:
     """Reply to each conversation (ChatML messages): the text up to the end of turn, stripped.
 
     A prompt's replies (step 2's k samples of one pair) share one prefill; batches hold about
@@ -156,8 +158,11 @@ def chat(model: Qwen2, tokenizer: Tokenizer, conversations: list[list[dict]], ma
     (`reply_generator(seed, i)`), independent of the others and of batch_size. `temperature`: one,
     or one per conversation. `reply_prefix` (one, or one per conversation) starts the assistant's
     turn and stays in the reply; `stop` ends a reply before that text (OpenAI's `stop`);
-    `scaffold` is written where a reply first ends (`generate`), the reply keeping both parts."""
+    `scaffold` is written where a reply first ends (`generate`), the reply keeping both parts.
+    decode: what decodes a batch, `generate` on `model` by default (its arguments but the model; an
+    encoder-decoder's `new_tokens`, t5.T5; the cloud service's batcher, cloud/server.py)."""
     new_tokens = getattr(model, "new_tokens", None)  # an encoder-decoder (t5.T5) decodes its own way
+    decode = decode or new_tokens or functools.partial(generate, model)
     prefixes = [reply_prefix] * len(conversations) if isinstance(reply_prefix, str) else list(reply_prefix)
     temperatures = torch.as_tensor(temperature, dtype=torch.float).expand(len(conversations))
     if new_tokens and (any(prefixes) or scaffold):
@@ -182,11 +187,11 @@ def chat(model: Qwen2, tokenizer: Tokenizer, conversations: list[list[dict]], ma
         for batch in batches + ([batch] if batch else []):
             rows = [i for group in batch for i in group]
             ids, mask = left_pad([list(prompts[group[0]]) for group in batch], tokenizer.pad_token_id, device)
-            out = (new_tokens or functools.partial(generate, model))(  # an encoder-decoder: its new ids only
+            out = decode(
                 ids, max_new_tokens, temperatures[rows], attention_mask=mask, generator=[generators[i] for i in rows],
                 copies=[len(group) for group in batch], **kwargs)
             out, resumed = out if scaffold else (out, None)
-            out = out if new_tokens else out[:, ids.shape[1]:]
+            out = out[:, ids.shape[1]:]
             for j, (i, new) in enumerate(zip(rows, out.tolist())):
                 r = resumed[j] if resumed else None  # the first part and the scaffold are kept whole
                 text = reply_text(tokenizer, new, stop)[0] if r is None else (

@@ -41,6 +41,7 @@ class Models:
     judge: str  # nli:MODEL (eq. 2 as the paper) or embedding:MODEL (a proxy)
     bertscore_model: str
     bertscore_layer: int | None = None  # None: bert_score's choice for the backbone
+    cloud_dtype: str = "float32"  # the cloud LM's weights and compute
 
 
 @dataclass(frozen=True)
@@ -113,6 +114,8 @@ def parser(methods) -> argparse.ArgumentParser:
     p.add_argument("--paper", action="store_true", help="the paper's models (needs them downloaded): " +
                    ", ".join(PAPER.values()))
     p.add_argument("--cloud-model", default=None, help=f"cloud LM (default {EMBEDDED['cloud_model']})")
+    p.add_argument("--cloud-dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="the cloud LM's weights and compute (RESULTS.md: bfloat16's speed and effect)")
     p.add_argument("--device-model", default=None, help=f"on-device LM (default {EMBEDDED['device_model']})")
     p.add_argument("--bertscore-model", default=None, help=f"BERTScore backbone (default {EMBEDDED['bertscore_model']})")
     p.add_argument("--bertscore-layer", type=int, default=None, help="its hidden layer (default: bert_score's "

@@ -251,7 +251,10 @@ class Tokenizer:
     def __init__(self, tokenizer: tokenizers.Tokenizer, config: dict):
         self.tokenizer, self.config = tokenizer, config
         self.chat_template = config.get("chat_template") or CHATML
-        special = {name: _content(config.get(name)) for name in ("bos_token", "eos_token", "pad_token")}
+        special = {}
+        for name in ("bos_token", "eos_token", "pad_token"):  # text, or {"content": text, ...}
+            token = config.get(name)
+            special[name] = token.get("content") if isinstance(token, dict) else token
         ids = [tokenizer.token_to_id(t) for t in ("<|im_end|>", special["eos_token"], "<|endoftext|>") if t]
         self.eos_token_ids = list(dict.fromkeys(i for i in ids if i is not None))  # end of turn first
         if not self.eos_token_ids:
@@ -299,10 +302,6 @@ class Tokenizer:
         self.tokenizer.save(str(directory / "tokenizer.json"))
         config = dict(self.config, chat_template=self.chat_template)
         (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
-
-
-def _content(token):
-    return token.get("content") if isinstance(token, dict) else token
 
 
 def load(source: str = EMBEDDED, dtype: str = "float32", device: str = "cpu"):

@@ -31,7 +31,7 @@ def models_used(settings: Settings) -> dict:
                                                      f"  (stand-in for the paper's {PAPER[role]})") for role in PAPER}
     return roles | {
         "data": str(settings.data or "embedded demo (data/demo/, written for cdcda)"),
-        "cloud": "in process", "history": "the whole history", "synthesis filter": "SCF, TDF, LSF",
+        "cloud": f"in process, {settings.models.cloud_dtype}", "history": "the whole history", "synthesis filter": "SCF, TDF, LSF",
         "augmentation decoding": settings.augmentation.augment_decoding,
         "history pairs": ("the task's own (its history items hold their inputs)"
                           if not rewrite.needs_rewrites(data.get_task(settings.task))

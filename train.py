@@ -37,7 +37,6 @@ def fit_messages(tokenizer, messages: list[dict], budget: int) -> list[dict]:
     ValueError when the prompt without that content is already over `budget`."""
     def length(msgs):
         return len(tokenizer.encode(tokenizer.apply_chat_template(msgs, add_generation_prompt=True)))
-
     over = length(messages) - budget
     if over <= 0:
         return messages

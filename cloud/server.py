@@ -1,6 +1,7 @@
 """The cloud of CDCDA-PLM as an HTTP service (paper sec. 4: steps 2 and 3 run on the cloud).
 
     python -m cloud.server --port 8000 [--cloud-model DIR_OR_NAME] [--judge embedding:all-minilm-l6-v2]
+                           [--max-batch 64] [--cloud-dtype float32]
 
 The device uploads the user's history D_u (step 1), this server augments it (step 2, eq. 1)
 and selects (step 3, eq. 2-4: `augment.synthesize`, as the pipeline does in process), and the
@@ -20,11 +21,13 @@ token (when CDCDA_TOKEN is set on the server), 404 unknown path or model, 408/41
 without Content-Length, 413 body over MAX_BODY, 422 a missing, wrongly typed or out-of-range
 field, 500 an internal error; the server goes on serving after each.
 
-Why the standard library (`http.server.ThreadingHTTPServer`): no dependency, and a thread per
-request is enough for a reference whose one model generates one request at a time anyway (a
-lock serializes it; parsing, validation and I/O run concurrently). Production would put a real
-serving stack (vLLM, TLS in front) behind the same API; `--cloud-api` already augments
-through any OpenAI-compatible server, with the filters on the device.
+Why the standard library (`http.server.ThreadingHTTPServer`): no dependency. A thread per
+request parses, validates and waits; one decoding thread (`Batcher`) decodes the batches of every
+request in flight together, up to --max-batch replies at a time, each reply from its own
+generator, so a reply is the one its request gets alone. The judge runs one selection at a time.
+Production would put a real serving stack (vLLM: rows joining a running batch at any step, TLS in
+front) behind the same API; `--cloud-api` already augments through any OpenAI-compatible server,
+with the filters on the device.
 """
 import argparse
 import functools
@@ -38,9 +41,11 @@ import time
 import traceback
 import uuid
 from dataclasses import asdict, fields, replace
+from types import SimpleNamespace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import torch
+import torch.nn.functional as F
 
 import augment
 import data
@@ -83,14 +88,92 @@ def get(body: dict, name: str, kind, default=..., ok=None, rule: str = "", where
     return value
 
 
+class Batcher:
+    """The cloud LM's one decoding thread, shared by the requests in flight. `generate` (on a
+    request's thread; `generate.generate`'s arguments but the model, a generator per reply) queues
+    a batch and waits; the thread takes the batches waiting whose end ids, scaffold and top-p
+    agree, up to max_batch replies (at least one batch), pads them to one length, decodes them with
+    one `generate.generate` and gives each its rows back, as long as it would have had alone.
+    `start` starts the thread; `most` is the most batches decoded together so far."""
+    def __init__(self, model, max_batch: int):
+        self.model, self.max_batch, self.most = model, max_batch, 0
+        self.waiting, self.ready = [], threading.Condition()
+
+    def start(self) -> "Batcher":
+        threading.Thread(target=self.loop, name="decoder", daemon=True).start()
+        return self
+
+    def generate(self, ids, max_new_tokens: int, temperature, attention_mask=None, generator=None, copies=None,
+                 eos_token_id=..., scaffold=None, scaffold_tokens: int = 0, top_p: float = 1.0):
+        copies = [1] * len(ids) if copies is None else [int(c) for c in copies]
+        R = sum(copies)
+        if not isinstance(generator, list) or len(generator) != R:
+            raise ValueError("Batcher.generate: one generator per reply")
+        job = SimpleNamespace(
+            ids=ids, mask=torch.ones_like(ids) if attention_mask is None else attention_mask, copies=copies,
+            budget=[max_new_tokens] * R, second=[scaffold_tokens] * R, generator=generator,
+            temperature=torch.as_tensor(temperature, dtype=torch.float).expand(R),
+            key=(eos_token_id, scaffold, top_p), done=threading.Event(), out=None, error=None)
+        with self.ready:
+            self.waiting.append(job)
+            self.ready.notify()
+        job.done.wait()
+        if job.error is not None:
+            raise RuntimeError(f"decoding failed: {job.error}") from job.error
+        return job.out
+
+    def loop(self):
+        while True:
+            with self.ready:
+                self.ready.wait_for(lambda: self.waiting)
+                jobs, rows, key = [], 0, self.waiting[0].key
+                for job in list(self.waiting):
+                    if job.key == key and (not jobs or rows + len(job.budget) <= self.max_batch):
+                        jobs.append(job)
+                        rows += len(job.budget)
+                        self.waiting.remove(job)
+            self.most = max(self.most, len(jobs))
+            try:
+                self.decode(jobs)
+            except Exception as e:  # a model failure: its requests get a 500, the loop goes on
+                traceback.print_exc()
+                for job in jobs:
+                    job.error = e
+            for job in jobs:
+                job.done.set()
+
+    def decode(self, jobs):
+        """The jobs' prompts left-padded to the longest, one `generate.generate`, each job its rows."""
+        T = max(job.ids.shape[1] for job in jobs)
+        eos, scaffold, top_p = jobs[0].key
+
+        def joined(name):
+            return [x for job in jobs for x in getattr(job, name)]
+        out = generate.generate(
+            self.model, torch.cat([F.pad(job.ids, (T - job.ids.shape[1], 0)) for job in jobs]), joined("budget"),
+            torch.cat([job.temperature for job in jobs]), top_p, eos_token_id=eos,
+            attention_mask=torch.cat([F.pad(job.mask, (T - job.mask.shape[1], 0)) for job in jobs]),
+            generator=joined("generator"), copies=joined("copies"), scaffold=scaffold, scaffold_tokens=joined("second"))
+        ids, resumed = out if scaffold else (out, None)
+        start = 0
+        for job in jobs:  # its rows, from its own prompt's length on, as long as it would have run alone
+            rows, T_job = slice(start, start + len(job.budget)), job.ids.shape[1]
+            length = T_job + job.budget[0] + (max(map(len, scaffold.values())) + job.second[0] if scaffold else 0)
+            job.out = ids[rows, T - T_job:][:, :length]
+            job.out = (job.out, resumed[rows]) if scaffold else job.out
+            start += len(job.budget)
+
+
 class Cloud:
-    """What the server holds: the cloud LM, its tokenizer, the judge, default thresholds, the lock."""
+    """What the server holds: the cloud LM and its decoding thread, its tokenizer, the judge,
+    default thresholds."""
     def __init__(self, cloud_model: str, judge: str, thresholds: filters.Thresholds, device: str = "cpu",
-                 token: str | None = None):
-        self.model, self.tokenizer = qwen2.load(cloud_model, "float32", device)
+                 token: str | None = None, max_batch: int = 64, dtype: str = "float32"):
+        self.model, self.tokenizer = qwen2.load(cloud_model, dtype, device)
         self.judge = augment.make_judge(judge, device)
         self.model_name, self.thresholds, self.token = cloud_model, thresholds, token
-        self.lock = threading.Lock()  # one model: one generation at a time
+        self.batcher = Batcher(self.model, max_batch).start()
+        self.judge_lock = threading.Lock()  # one judge: one selection at a time
 
     def augment(self, body: dict) -> dict:
         """Steps 2-3 for one upload: `augment.synthesize` (eq. 1, then eq. 2-4)."""
@@ -110,16 +193,20 @@ class Cloud:
             name: get(given, name, float, getattr(self.thresholds, name), math.isfinite, "a finite number",
                       where="thresholds.") for name in THRESHOLDS})
         settings = augment.Augmentation(k, temperature, decoding, thresholds)
-        select = functools.partial(filters.select, judge=self.judge, thresholds=thresholds)
-        with self.lock:
-            records, counts = augment.synthesize(augment.CloudLM(self.model, self.tokenizer), [tuple(p) for p in pairs],
-                                                 settings, seed, data.get_task(body["task"]), select)
+
+        def select(originals, candidates):
+            with self.judge_lock:
+                return filters.select(originals, candidates, self.judge, thresholds)
+        cloud = augment.CloudLM(self.model, self.tokenizer, functools.partial(generate.chat, decode=self.batcher.generate))
+        records, counts = augment.synthesize(cloud, [tuple(p) for p in pairs], settings, seed,
+                                             data.get_task(body["task"]), select)
         return {"records": records, "counts": counts, "judge": self.judge.name, "model": self.model_name,
                 "thresholds": asdict(thresholds)}  # eps_scf null: the judge's default
 
     def chat_completions(self, body: dict) -> dict:
-        """OpenAI's chat completion for one conversation; n samples share one seeded generator.
-        With n=1 the reply equals `generate.chat([messages], max_tokens, temperature, seed)`.
+        """OpenAI's chat completion for one conversation: n samples of one prefill, sample i from its
+        own generator (`generate.reply_generator(seed, i)`), as `generate.chat([messages] * n, max_tokens,
+        temperature, seed)` draws them, decoded with the other requests in flight.
         As vLLM does, `continue_final_message` (with `add_generation_prompt: false`) continues
         a final assistant message instead of starting a new turn (its content is the reply's
         start, not repeated in the answer), and `stop` (a string) ends the reply before it."""
@@ -150,12 +237,10 @@ class Cloud:
         if len(prompt) + max_tokens > self.model.config.max_position_embeddings:
             raise RequestError(422, f"messages: {len(prompt)} prompt tokens + max_tokens {max_tokens} exceed the "
                                f"context of {self.model.config.max_position_embeddings}", "messages")
-        ends = generate.end_ids(tok, stop)
-        ids = torch.tensor([prompt] * n, device=device)  # (n, T)
-        with self.lock, torch.no_grad():
-            generator = torch.Generator(device).manual_seed(seed)
-            out = generate.generate(self.model, ids, max_tokens, temperature, top_p, eos_token_id=ends,
-                                    generator=generator)  # (n, T + new)
+        generators = [generate.reply_generator(seed, i, device) for i in range(n)]
+        out = self.batcher.generate(torch.tensor([prompt], device=device), max_tokens, temperature, copies=[n],
+                                    generator=generators, eos_token_id=tuple(generate.end_ids(tok, stop)),
+                                    top_p=top_p)  # (n, T + new)
         choices, used = [], 0
         for i, new in enumerate(out[:, len(prompt):].tolist()):
             text, end = generate.reply_text(tok, new, stop)
@@ -174,7 +259,8 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_GET(self):
         cloud = self.server.cloud
-        routes = {"/health": lambda: {"status": "ok", "model": cloud.model_name, "judge": cloud.judge.name},
+        routes = {"/health": lambda: {"status": "ok", "model": cloud.model_name, "judge": cloud.judge.name,
+                                      "most_batched": cloud.batcher.most},
                   "/v1/models": lambda: {"object": "list", "data": [
                       {"id": cloud.model_name, "object": "model", "created": 0, "owned_by": "cdcda"}]}}
         self.answer(lambda: routes[self.path]() if self.path in routes else self.unknown())
@@ -243,17 +329,17 @@ class Handler(BaseHTTPRequestHandler):
 
 def serve(host: str = "127.0.0.1", port: int = 8000, cloud_model: str = qwen2.EMBEDDED,
           judge: str = options.EMBEDDED["judge"], thresholds: filters.Thresholds = filters.Thresholds(),
-          device: str = "cpu", token: str | None = None):
+          device: str = "cpu", token: str | None = None, max_batch: int = 64, dtype: str = "float32"):
     """Load the models once, then serve until interrupted. token=None reads CDCDA_TOKEN
     (unset or empty: no authorization)."""
     token = (os.environ.get("CDCDA_TOKEN") or None) if token is None else token
     if host not in ("127.0.0.1", "localhost") and not token:
         print(f"warning: serving users' personal data on {host} without CDCDA_TOKEN", file=sys.stderr)
-    cloud = Cloud(cloud_model, judge, thresholds, device, token)
+    cloud = Cloud(cloud_model, judge, thresholds, device, token, max_batch, dtype)
     server = ThreadingHTTPServer((host, port), Handler)  # bound after loading: no connection waits on it
     server.daemon_threads, server.cloud = True, cloud
-    print(f"cdcda cloud: http://{host}:{server.server_address[1]}  model {cloud.model_name}, judge "
-          f"{cloud.judge.name}, token {'required' if token else 'off'}", flush=True)
+    print(f"cdcda cloud: http://{host}:{server.server_address[1]}  model {cloud.model_name} ({dtype}, up to "
+          f"{max_batch} replies a batch), judge {cloud.judge.name}, token {'required' if token else 'off'}", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
@@ -266,12 +352,17 @@ def main(argv=None):
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--cloud-model", default=qwen2.EMBEDDED, help="cloud LM: embedded name, hub-style dir or hub id")
+    p.add_argument("--max-batch", type=int, default=64, help="most replies decoded together, across the requests")
+    p.add_argument("--cloud-dtype", default="float32", choices=["float32", "bfloat16"], help="the cloud LM's weights "
+                   "and compute (bfloat16: faster on CPUs with bf16 units)")
     options.add_filter_options(p)
     args = p.parse_args(argv)
     if problem := options.device_problem(args.device):
         p.error(problem)
+    if args.max_batch < 1:
+        p.error(f"--max-batch {args.max_batch}: must be at least 1")
     serve(args.host, args.port, args.cloud_model, args.judge or options.EMBEDDED["judge"],
-          options.build(filters.Thresholds, vars(args)), args.device)
+          options.build(filters.Thresholds, vars(args)), args.device, max_batch=args.max_batch, dtype=args.cloud_dtype)
 
 
 if __name__ == "__main__":

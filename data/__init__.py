@@ -153,8 +153,6 @@ def merge_people(users: list[User]) -> list[User]:
         else:
             index = hits[0]
             for other in [merged[h] for h in hits[1:]] + [user]:
-                if other is None:
-                    continue
                 person = merged[index]
                 known = {json.dumps(item, sort_keys=True) for item in person.profile}
                 person.profile += [item for item in other.profile if json.dumps(item, sort_keys=True) not in known]
@@ -267,7 +265,6 @@ def _read_official(spec: Task, q_path: Path, o_path: Path) -> list[User]:
         if gid in golds:
             raise InputError(f"{where}: duplicate id {gid!r}")
         golds[gid] = _check_gold(spec, _field(g, "output", where), where)
-
     questions = _read_json(q_path)
     if not isinstance(questions, list):
         raise InputError(f"{q_path}: expected a JSON list of questions, got {type(questions).__name__}")

@@ -43,17 +43,17 @@ EDA_ALPHA = 0.1
 
 # ---------------------------------------------------------------- models, loaded once per process
 @functools.cache
-def load_cloud(source: str, device: str):
-    print(f"loading the cloud model {source} in process for the cloud baselines")
-    return qwen2.load(source, "float32", device)
+def load_cloud(source: str, dtype: str, device: str):
+    print(f"loading the cloud model {source} ({dtype}) in process for the cloud baselines")
+    return qwen2.load(source, dtype, device)
 
 
 def cloud_lm(run: cdcda.Run):
     """(model, tokenizer) of M_cloud: the run's, or loaded here when the pipeline did not load it
     (no method needed synthetic data) or only has its tokenizer (--cloud-api)."""
-    if run.cloud is not None and run.cloud[0] is not None:
-        return run.cloud
-    return load_cloud(run.settings.models.cloud_model, run.device)
+    if run.cloud is not None and run.cloud.model is not None:
+        return run.cloud.model, run.cloud.tokenizer
+    return load_cloud(run.settings.models.cloud_model, run.settings.models.cloud_dtype, run.device)
 
 
 load_encoder = functools.cache(encoder.load)  # (source, dtype, device) -> (model, tokenizer)

@@ -195,8 +195,8 @@ def generate_ids(model, input_ids, max_new_tokens: int, temperature: float = 0.7
                  eos_token_id=..., attention_mask=None, generator=None, copies=None):
     """The encoder once, then the decoder token by token from decoder_start_token_id with a
     `qwen2.KVCache` of its self-attention (cross keys and values are computed once).
-    Returns the new ids (B, n), n <= max_new_tokens; a finished row is filled with its eos id.
-    `copies`: replies per prompt, as `generate.generate` takes them (each prompt repeated)."""
+    Returns (B, S + n) as `generate.generate` does: the prompt (the encoder's input), then the new
+    ids, n <= max_new_tokens, a finished row filled with its eos id. `copies`: replies per prompt."""
     if copies is not None:
         rows = torch.arange(len(input_ids), device=input_ids.device).repeat_interleave(torch.as_tensor(copies))
         input_ids, attention_mask = input_ids[rows], None if attention_mask is None else attention_mask[rows]
@@ -219,7 +219,7 @@ def generate_ids(model, input_ids, max_new_tokens: int, temperature: float = 0.7
         if eos and bool(done.all()):
             break
         tokens = next_token[:, None]
-    return torch.stack(out, 1) if out else input_ids.new_zeros(B, 0)
+    return torch.cat([input_ids, *(t[:, None] for t in out)], 1)
 
 
 class T5(nn.Module):

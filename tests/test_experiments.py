@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+import augment
 import cdcda
 import data
 import generate
@@ -28,7 +29,7 @@ def test_rag_prompt_holds_exactly_the_bm25_best_item(tmp_path, monkeypatch, wher
     profile = [{"text": "pizza night with the crew"}, {"text": "rainy day blues again ugh"},
                {"text": "go team go what a game"}]
     run = make_run(tmp_path, profile, ["another rainy day, blues all day", "what a game by the team"],
-                   device_model="DEVICE", tokenizer="TOK", cloud=("CLOUD", "TOK"))
+                   device_model="DEVICE", tokenizer="TOK", cloud=augment.CloudLM("CLOUD", "TOK"))
     seen = {}
     monkeypatch.setattr(generate, "chat", lambda model, tok, conversations, **kw: seen.update(
         model=model, conversations=conversations) or ["ok"] * len(conversations))

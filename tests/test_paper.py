@@ -46,8 +46,8 @@ def write_lamp7(directory):
 
 def rewrite_cloud_replies(monkeypatch):
     """The cloud model generates for real; each augmentation reply then becomes the prompt's
-    input with its words reversed (structured decoding's input phase) and the prompt's response
-    (its response phase): parsable, and through the length filter."""
+    input with its words reversed, structured decoding's scaffold, and the prompt's response:
+    parsable, and through the length filter."""
     real_chat = generate.chat
 
     def chat(model, tokenizer, conversations, *args, **kw):
@@ -55,9 +55,8 @@ def rewrite_cloud_replies(monkeypatch):
         if not (kw.get("desc") or "").startswith("augment"):
             return texts
         pairs = [c[-1]["content"].split("Input: [")[1].split("], Response: [") for c in conversations]
-        if isinstance(kw["reply_prefix"], str):
-            return [kw["reply_prefix"] + " ".join(reversed(x.split())) for x, _ in pairs]
-        return [prefix + y[:-2] for prefix, (_, y) in zip(kw["reply_prefix"], pairs)]
+        assert len(texts) == len(pairs) and kw["scaffold"] == augment.SCAFFOLD
+        return [kw["reply_prefix"] + " ".join(reversed(x.split())) + kw["scaffold"] + y[:-2] for x, y in pairs]
     monkeypatch.setattr(generate, "chat", chat)
 
 

@@ -178,8 +178,8 @@ def test_two_shards_equal_one_process_and_a_killed_shard_resumes(tiny_model_dir,
 
     # two shards at once into one --out, a cold cache: M_base is trained by one of them
     env = environment(tmp_path / "cache2")
-    shards = [start(command(tiny_model_dir, two, "--shard", f"{i}/2"), env) for i in range(2)]
-    outputs = [finish(p) for p in shards]
+    processes = [start(command(tiny_model_dir, two, "--shard", f"{i}/2"), env) for i in range(2)]
+    outputs = [finish(p) for p in processes]
     assert sum(o.count("M_base: training on") for o in outputs) == 1
     assert sum(o.count("M_base: cached") for o in outputs) == 1
     base = next((tmp_path / "cache2" / "base").iterdir()) / "model.safetensors"

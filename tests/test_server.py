@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -261,3 +262,53 @@ def test_api_priming_and_stop_equal_in_process(server, tiny_model_dir):
     status, answer = post(server + "/v1/chat/completions", json.dumps(
         {"messages": conversations[0], "continue_final_message": True}).encode())
     assert status == 422 and answer["error"]["field"] == "continue_final_message"
+
+
+def test_batched_requests_get_what_they_get_alone(tiny_model_dir):
+    """Four requests queued before the decoding thread starts are decoded as one batch (prompts of
+    other lengths, other seeds and temperatures, a scaffold, k replies of one prompt), and each
+    gets the replies `generate.chat` gives it alone."""
+    model, tok = qwen2.load(str(tiny_model_dir))
+    batcher = cloud_server.Batcher(model, max_batch=64)
+    conversations = [[{"role": "user", "content": text}] for text in ("say hi", "a much longer prompt than that one",
+                                                                      "rain again")]
+    requests = [dict(conversations=conversations[:1] * 3, seed=1, temperature=0.7),
+                dict(conversations=conversations, seed=2, temperature=1.0, max_new_tokens=6),
+                dict(conversations=conversations[1:], seed=3, temperature=0.0),
+                dict(conversations=conversations[2:] * 2, seed=4, temperature=0.7, stop="]", reply_prefix="Input: [",
+                     scaffold="], Response: [", scaffold_tokens=5)]
+    alone = [generate.chat(model, tok, **({"max_new_tokens": 8} | r)) for r in requests]
+    together = [None] * len(requests)
+
+    def ask(i):
+        together[i] = generate.chat(model, tok, **({"max_new_tokens": 8} | requests[i]), decode=batcher.generate)
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(requests))]
+    for t in threads:
+        t.start()
+    deadline = time.time() + 30
+    while len(batcher.waiting) < len(requests) and time.time() < deadline:
+        time.sleep(0.01)
+    batcher.start()
+    for t in threads:
+        t.join(60)
+    assert together == alone and len(set(alone[0])) > 1  # k samples of one prompt differ
+    assert batcher.most == 3  # the three without a scaffold in one batch, the scaffolded one apart
+
+
+def test_concurrent_http_requests_equal_sequential_ones(server):
+    """The server's answers do not depend on what else is in flight."""
+    bodies = [augment_body(seed=s, k=3) for s in range(3)] + [json.dumps(
+        {"messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 6, "seed": 7, "n": 3}).encode()]
+    paths = ["/v1/augment"] * 3 + ["/v1/chat/completions"]
+
+    def strip(answer):  # what differs between two answers of the same request anyway
+        return {k: v for k, v in answer.items() if k not in ("id", "created")}
+    alone = [strip(post(server + p, b)[1]) for p, b in zip(paths, bodies)]
+    together = [None] * len(bodies)
+    threads = [threading.Thread(target=lambda i=i: together.__setitem__(i, strip(post(server + paths[i], bodies[i])[1])))
+               for i in range(len(bodies))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert together == alone and all("error" not in a for a in alone)

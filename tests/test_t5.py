@@ -149,7 +149,7 @@ def test_greedy_generation_equals_transformers(tmp_path, t5_checkpoint):
     model, _ = t5.load(tmp_path)
     ids, mask, _ = batch(model.config.vocab_size, seed=3)
     theirs = ref.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False)[:, 1:]
-    ours = t5.generate_ids(model, ids, 12, temperature=0, attention_mask=mask)
+    ours = t5.generate_ids(model, ids, 12, temperature=0, attention_mask=mask)[:, ids.shape[1]:]
     def upto_eos(row):  # a finished row: HF pads it with <pad>, we repeat </s>
         return row[:row.index(1) + 1] if 1 in row else row
     assert [upto_eos(r) for r in ours.tolist()] == [upto_eos(r) for r in theirs.tolist()]
@@ -178,7 +178,7 @@ def test_plain_text_prompt_and_chat(tmp_path, t5_checkpoint):
     replies = generate.chat(model, tok, [messages] * 3, max_new_tokens=6, temperature=0.0)
     ids, mask = generate.left_pad([tok.encode(text)], 0)
     expected = t5.generate_ids(model, ids, 6, temperature=0.0, eos_token_id=[1], attention_mask=mask)
-    assert replies == [generate.reply_text(tok, expected[0].tolist())[0].strip()] * 3
+    assert replies == [generate.reply_text(tok, expected[0, ids.shape[1]:].tolist())[0].strip()] * 3
     with pytest.raises(ValueError, match="reply prefix"):  # the cloud's priming is for a decoder
         generate.chat(model, tok, [messages], max_new_tokens=2, reply_prefix="Input: [")
 
