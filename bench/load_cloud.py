@@ -1,4 +1,4 @@
-"""Bounded load test of the cloud service (`python -m server`): N concurrent users' uploads, loopback only.
+"""Bounded load test of the cloud service (`python -m cloud.server`): N concurrent users' uploads, loopback only.
 
 Starts its own server process on 127.0.0.1 (a free port, a random bearer token), sends a fixed
 number of uploads (`POST /v1/augment`, steps 1-4) from --users concurrent clients through
@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import augment  # noqa: E402
 import cdcda  # noqa: E402
-import cloud  # noqa: E402
+from cloud import client as cloud  # noqa: E402
 import data  # noqa: E402
 import qwen2  # noqa: E402
 import smollm2  # noqa: E402
@@ -58,7 +58,7 @@ def start_server(host: str, model: str, token: str, log) -> tuple[subprocess.Pop
     with socket.socket() as s:
         s.bind((host, 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "server", "--host", host, "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "cloud.server", "--host", host, "--port", str(port),
                              "--cloud-model", model], cwd=ROOT, env=dict(os.environ, CDCDA_TOKEN=token),
                             stdout=log, stderr=subprocess.STDOUT)
     url = f"http://{host}:{port}"

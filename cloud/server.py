@@ -126,12 +126,14 @@ class Batcher:
         while True:
             with self.ready:
                 self.ready.wait_for(lambda: self.waiting)
-                jobs, rows, key = [], 0, self.waiting[0].key
-                for job in list(self.waiting):
+                jobs, rest, rows, key = [], [], 0, self.waiting[0].key
+                for job in self.waiting:  # by position, never by ==: a job holds tensors
                     if job.key == key and (not jobs or rows + len(job.budget) <= self.max_batch):
                         jobs.append(job)
                         rows += len(job.budget)
-                        self.waiting.remove(job)
+                    else:
+                        rest.append(job)
+                self.waiting = rest
             self.most = max(self.most, len(jobs))
             try:
                 self.decode(jobs)

@@ -265,32 +265,33 @@ def test_api_priming_and_stop_equal_in_process(server, tiny_model_dir):
 
 
 def test_batched_requests_get_what_they_get_alone(tiny_model_dir):
-    """Four requests queued before the decoding thread starts are decoded as one batch (prompts of
-    other lengths, other seeds and temperatures, a scaffold, k replies of one prompt), and each
-    gets the replies `generate.chat` gives it alone."""
+    """Four requests queued before the decoding thread starts, one that cannot join the others
+    (a scaffold) between them, are decoded in two batches (prompts of other lengths, other seeds
+    and temperatures, k replies of one prompt), and each gets the replies `generate.chat` gives it alone."""
     model, tok = qwen2.load(str(tiny_model_dir))
     batcher = cloud_server.Batcher(model, max_batch=64)
     conversations = [[{"role": "user", "content": text}] for text in ("say hi", "a much longer prompt than that one",
                                                                       "rain again")]
     requests = [dict(conversations=conversations[:1] * 3, seed=1, temperature=0.7),
-                dict(conversations=conversations, seed=2, temperature=1.0, max_new_tokens=6),
-                dict(conversations=conversations[1:], seed=3, temperature=0.0),
                 dict(conversations=conversations[2:] * 2, seed=4, temperature=0.7, stop="]", reply_prefix="Input: [",
-                     scaffold="], Response: [", scaffold_tokens=5)]
+                     scaffold="], Response: [", scaffold_tokens=5),
+                dict(conversations=conversations, seed=2, temperature=1.0, max_new_tokens=6),
+                dict(conversations=conversations[1:], seed=3, temperature=0.0)]
     alone = [generate.chat(model, tok, **({"max_new_tokens": 8} | r)) for r in requests]
     together = [None] * len(requests)
 
     def ask(i):
         together[i] = generate.chat(model, tok, **({"max_new_tokens": 8} | requests[i]), decode=batcher.generate)
     threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(requests))]
-    for t in threads:
+    for i, t in enumerate(threads):  # queued in this order
         t.start()
-    deadline = time.time() + 30
-    while len(batcher.waiting) < len(requests) and time.time() < deadline:
-        time.sleep(0.01)
+        deadline = time.time() + 30
+        while len(batcher.waiting) <= i and time.time() < deadline:
+            time.sleep(0.01)
     batcher.start()
+    deadline = time.time() + 60
     for t in threads:
-        t.join(60)
+        t.join(max(0.0, deadline - time.time()))
     assert together == alone and len(set(alone[0])) > 1  # k samples of one prompt differ
     assert batcher.most == 3  # the three without a scaffold in one batch, the scaffolded one apart
 
