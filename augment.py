@@ -20,7 +20,7 @@ AUGMENT_PROMPT = ("Generate an Input and Response pairs semantically similar to 
 REPLY_PREFIX = "Input: ["  # the start of the cloud's reply (see `augment`)
 SCAFFOLD = "], Response: ["  # what structured decoding writes where the input stops
 AUGMENT_SLACK = 32  # tokens beyond ceil(eps_max_len * longest): the closing "].", tokenization at the edges
-AUGMENT_BATCH = 32  # generations per batch: batched decoding reads the weights once per step for all rows
+AUGMENT_BATCH = 80  # generations per batch: batched decoding reads the weights once per step for all rows
 
 
 @dataclass(frozen=True)

@@ -36,10 +36,12 @@ def sample(logits, temperature, top_p: float = 1.0, generator=None):
         sorted_p, order = probs.sort(dim=-1, descending=True)
         outside = sorted_p.cumsum(-1) - sorted_p >= top_p  # the tokens before it already reach top_p
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p.masked_fill(outside, 0.0))
-    if isinstance(generator, list):
-        drawn = torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generator)])
+    if isinstance(generator, list):  # one uniform a row, from the row's generator
+        u = torch.cat([torch.rand(1, generator=g, device=g.device) for g in generator]).to(probs.device)
     else:
-        drawn = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        u = torch.rand(probs.shape[0], generator=generator, device=probs.device)
+    cdf = probs.cumsum(-1)  # inverse transform: the first token whose cumulative probability passes u
+    drawn = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(-1).clamp(max=probs.shape[1] - 1)
     return torch.where(hot, drawn, logits.argmax(-1))
 
 
@@ -102,8 +104,8 @@ def generate(model: Qwen2, input_ids, max_new_tokens, temperature=0.7, top_p: fl
         if len(keep) == 0:
             break
         if len(keep) < len(live):  # finished replies leave the batch
-            live, cache.k, cache.v = live[keep], cache.k[:, keep], cache.v[:, keep]
-            mask = None if mask is None else mask[keep]
+            live, mask = live[keep], None if mask is None else mask[keep]
+            cache.keep(keep.tolist())
         ids = out[live, n - 1][:, None]  # (R', 1)
         logits = model.lm_head(model.model(ids, None if mask is None else mask[:, :n], cache)[:, -1])
     return (out[:, :n], resumed) if scaffold else out[:, :n]

@@ -135,6 +135,15 @@ class KVCache:
         self.v[layer, :, :, self.seq_len:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
+    def keep(self, rows: list[int]):
+        """Keep these batch rows (ascending), in place: each moves down into the first free slot,
+        its filled positions only, no new buffer (finished replies leaving a batch)."""
+        for j, row in enumerate(rows):
+            if row != j:
+                self.k[:, j, :, :self.seq_len] = self.k[:, row, :, :self.seq_len]
+                self.v[:, j, :, :self.seq_len] = self.v[:, row, :, :self.seq_len]
+        self.k, self.v = self.k[:, :len(rows)], self.v[:, :len(rows)]
+
 
 class Attention(nn.Module):
     """Grouped-query self-attention with rotary embeddings, softmax(q k^T / sqrt(d) + mask) v."""
@@ -155,8 +164,13 @@ class Attention(nn.Module):
         k = k * cos + rotate_half(k) * sin
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, n_kv, S, hd), S = past + T
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
-                                           enable_gqa=True)  # (B, n_head, T, hd)
+        if T == 1 and cache is not None:  # decoding: two matmuls on the cache in place (SDPA would copy it)
+            s = q.view(B, k.shape[1], -1, self.head_dim) @ k.transpose(-1, -2) / self.head_dim ** 0.5  # (B, n_kv, g, S)
+            s = s if mask is None else s.masked_fill(~mask, float("-inf"))
+            y = (s.float().softmax(-1).to(v.dtype) @ v).view(B, -1, 1, self.head_dim)  # head h reads kv h // g
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                               enable_gqa=True)  # (B, n_head, T, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 

@@ -16,9 +16,8 @@ augment   step 2 (structured decoding, k = 5, T = 0.7, the run's seeds and budge
           Reported: seconds, reply tokens per second (the replies' texts re-encoded), the
           ratios, and what step 3 keeps of each path's candidates.
 server    `python -m cloud.server` in its own process; --requests chat completions at concurrency
-          1, 4, 16 and 1 again (the load may drift): the first part of structured augmentation as
-          --cloud-api sends it (the augmentation prompt, "Input: [" continued, stop "]"), over the
-          demo's first user's pairs, one conversation a request, each its own seed.
+          1, 4, 16 and 1 again (the load may drift), in two shapes (`bench_server`), over the
+          demo's first user's pairs.
 
     .venv/bin/python bench/bench_generate.py [--parts augment,server] [--users 3] [--requests 32]
 
@@ -196,25 +195,41 @@ def bench_augment(args, settings, tok):
               f"{sel.counts['kept']} of {len(texts)} |")
 
 
+def server_rates(url, ask, n_requests) -> list[tuple[int, float]]:
+    """requests/s of n_requests asks at concurrency 1, 4, 16 and 1 again (the load may drift)."""
+    ask(0)  # warm-up
+    rates = []
+    for c in (1, 4, 16, 1):
+        t = time.perf_counter()
+        with ThreadPoolExecutor(c) as pool:
+            list(pool.map(ask, range(n_requests)))
+        rates.append((c, n_requests / (time.perf_counter() - t)))
+        print(f"  concurrency {c}: {rates[-1][1]:.3f} requests/s", flush=True)
+    return rates
+
+
 def bench_server(args, settings, tok):
+    """Two shapes of chat completion, one conversation a request, each its own seed: the first part
+    of structured augmentation as --cloud-api sends it (a ~200-token prompt, a short reply: the
+    prefill dominates) and a short question with a long reply (the decoding dominates)."""
     task = data.get_task("lamp7")
     user = data.split_users(data.load_users(task.name), 1)[0][0]
     pairs = [task.pair(item) for item in user.profile]
     pairs = [(x[len(task.instruction):], y) for x, y in (pairs * args.requests)[:args.requests]]
-    convs = [[{"role": "user", "content": augment.AUGMENT_PROMPT.format(x=x, y=y)},
-              {"role": "assistant", "content": augment.REPLY_PREFIX}] for x, y in pairs]
-    max_tokens = budget(tok, [x for x, _ in pairs], settings.augmentation.thresholds.eps_max_len)
+    first_parts = [[{"role": "user", "content": augment.AUGMENT_PROMPT.format(x=x, y=y)},
+                    {"role": "assistant", "content": augment.REPLY_PREFIX}] for x, y in pairs]
+    questions = [[{"role": "user", "content": f"Write a tweet about {y[:60]}"}] for _, y in pairs]
+    shapes = {"augmentation's first part (stop \"]\", max_tokens "
+              f"{budget(tok, [x for x, _ in pairs], settings.augmentation.thresholds.eps_max_len)})":
+              (first_parts, budget(tok, [x for x, _ in pairs], settings.augmentation.thresholds.eps_max_len), "]"),
+              "a tweet written to a short question (max_tokens 64)": (questions, 64, "")}
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     log = tempfile.NamedTemporaryFile("w+", suffix=".log")
     proc = subprocess.Popen([sys.executable, "-m", "cloud.server", "--port", str(port), "--max-batch", str(args.max_batch)],
                             cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-
-    def ask(i):  # one conversation a request, as --cloud-api sends them
-        return client.openai_chat(client.Endpoint(url, timeout=1200), qwen2.EMBEDDED, convs[i:i + 1], max_tokens,
-                                  0.7, i, stop="]")
+    url, table = f"http://127.0.0.1:{port}", {}
     try:
         while True:
             try:
@@ -225,24 +240,22 @@ def bench_server(args, settings, tok):
                     log.seek(0)
                     raise SystemExit(f"cloud.server exited:\n{log.read()[-2000:]}")
                 time.sleep(0.3)
-        ask(0)  # warm-up
-        rates = []
-        for c in (1, 4, 16, 1):
-            t = time.perf_counter()
-            with ThreadPoolExecutor(c) as pool:
-                list(pool.map(ask, range(len(convs))))
-            rates.append((c, len(convs) / (time.perf_counter() - t)))
-            print(f"  server, concurrency {c}: {rates[-1][1]:.3f} requests/s", flush=True)
+        for name, (convs, max_tokens, stop) in shapes.items():
+            print(f"server, {name}:", flush=True)
+            table[name] = server_rates(url, lambda i: client.openai_chat(  # one conversation a request, as --cloud-api
+                client.Endpoint(url, timeout=1200), qwen2.EMBEDDED, convs[i:i + 1], max_tokens, 0.7, i, stop=stop),
+                len(convs))
     finally:
         proc.terminate()
         proc.wait(30)
-    print(f"\ncloud.server: {len(convs)} chat completions (the augmentation prompt, \"Input: [\" continued, stop "
-          f"\"]\", max_tokens {max_tokens}), --max-batch {args.max_batch}, load average now {os.getloadavg()[0]:.2f}")
-    print("| concurrency | requests/s | over concurrency 1 (first, last) |")
-    print("|---|---|---|")
-    for c, r in rates[:3]:
-        print(f"| {c} | {r:.3f} | {r / rates[0][1]:.2f}x, {r / rates[3][1]:.2f}x |")
-    print(f"| 1 (again) | {rates[3][1]:.3f} | |")
+    print(f"\ncloud.server: {args.requests} chat completions a level, --max-batch {args.max_batch}, "
+          f"load average now {os.getloadavg()[0]:.2f}")
+    print("| requests | concurrency | requests/s | over concurrency 1 (first, last) |")
+    print("|---|---|---|---|")
+    for name, rates in table.items():
+        for c, r in rates[:3]:
+            print(f"| {name} | {c} | {r:.3f} | {r / rates[0][1]:.2f}x, {r / rates[3][1]:.2f}x |")
+        print(f"| {name} | 1 (again) | {rates[3][1]:.3f} | |")
 
 
 def main(argv=None):

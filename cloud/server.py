@@ -92,11 +92,11 @@ class Batcher:
     """The cloud LM's one decoding thread, shared by the requests in flight. `generate` (on a
     request's thread; `generate.generate`'s arguments but the model, a generator per reply) queues
     a batch and waits; the thread takes the batches waiting whose end ids, scaffold and top-p
-    agree, up to max_batch replies (at least one batch), pads them to one length, decodes them with
+    agree (after waiting `linger` seconds for more), up to max_batch replies (at least one batch), pads them to one length, decodes them with
     one `generate.generate` and gives each its rows back, as long as it would have had alone.
     `start` starts the thread; `most` is the most batches decoded together so far."""
-    def __init__(self, model, max_batch: int):
-        self.model, self.max_batch, self.most = model, max_batch, 0
+    def __init__(self, model, max_batch: int, linger: float = 0.02):
+        self.model, self.max_batch, self.linger, self.most = model, max_batch, linger, 0
         self.waiting, self.ready = [], threading.Condition()
 
     def start(self) -> "Batcher":
@@ -126,6 +126,8 @@ class Batcher:
         while True:
             with self.ready:
                 self.ready.wait_for(lambda: self.waiting)
+            time.sleep(self.linger)  # requests sent together arrive a few milliseconds apart: let them join
+            with self.ready:
                 jobs, rest, rows, key = [], [], 0, self.waiting[0].key
                 for job in self.waiting:  # by position, never by ==: a job holds tensors
                     if job.key == key and (not jobs or rows + len(job.budget) <= self.max_batch):

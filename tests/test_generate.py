@@ -60,6 +60,20 @@ def test_sample_top_p_formula():
     assert int(generate.sample(logits, 0.0)) == 0
 
 
+def test_sample_draws_follow_the_softmax_each_row_from_its_own_generator():
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05, 0.0])
+    logits = torch.log(probs)[None].expand(2, -1) * 2.0  # at T = 2 the softmax is probs again
+    draws = torch.stack([generate.sample(logits, 2.0, generator=[g, h]) for g, h in zip(
+        *[[torch.Generator().manual_seed(s) for s in range(base, base + 20_000)] for base in (0, 50_000)])])
+    for row in range(2):
+        freq = torch.bincount(draws[:, row], minlength=5).float() / len(draws)
+        assert (freq - probs).abs().max() < 0.015 and freq[4] == 0  # 3 sigma of 20k draws; never p = 0
+    alone = [int(generate.sample(logits[:1], 2.0, generator=[torch.Generator().manual_seed(s)])) for s in range(50)]
+    paired = [int(generate.sample(logits, 2.0, generator=[torch.Generator().manual_seed(s),
+                                                          torch.Generator().manual_seed(99)])[0]) for s in range(50)]
+    assert alone == paired and len(set(alone)) > 1  # a row's draw ignores the other rows'
+
+
 def test_chat_reply_prefix_starts_the_assistant_turn(tiny_model_dir):
     model, tok = qwen2.load(str(tiny_model_dir))
     conv = [[{"role": "user", "content": "hi"}]]

@@ -122,11 +122,11 @@ def settings(k: int, temperature: float = 0.7) -> augment.Augmentation:
 def test_augment_over_http_equals_in_process(server, tiny_model_dir, monkeypatch):
     pairs = PAIRS
     service = replace(SERVICE, url=server)
-    records, counts = cloud.remote_augment(service, "lamp7", pairs, settings(3), 1234)
+    records, counts = cloud.remote_augment(service, "lamp7", pairs, settings(3), 5)
     monkeypatch.setattr(generate, "chat", parsable(generate.chat))
     model, tok = qwen2.load(str(tiny_model_dir))
     judge = augment.make_judge(JUDGE, "cpu")
-    out = augment.augment(augment.CloudLM(model, tok), pairs, settings(3), 1234, data.get_task("lamp7"))
+    out = augment.augment(augment.CloudLM(model, tok), pairs, settings(3), 5, data.get_task("lamp7"))
     sel = filters.select(out.originals, out.candidates, judge, filters.Thresholds())
     assert records == sel.records  # same seed, same synthetic data, across processes and the wire
     assert counts == {**sel.counts, "generated": 9, "unparsable": out.unparsable, "off_label": out.off_label}
