@@ -15,8 +15,11 @@ $(VENV)/.installed-test: $(VENV)/.installed requirements-test.txt
 	touch $@
 
 .PHONY: demo test bench wordnet
+# The main job, then the paper's appendix of it: Table 5 and the case study of its first user (Figure 3).
 demo: $(VENV)/.installed
 	$(PY) cdcda.py --task lamp7
+	$(PY) -m experiments --table5 lamp7 --out runs
+	$(PY) -m experiments --case-study --out runs/lamp7
 
 test: $(VENV)/.installed-test
 	$(PY) -m pytest -q

@@ -8,7 +8,7 @@
                                                        +BM25 and CDCDA-PLM
     python -m experiments --table5 lamp2,lamp7         Table 5: the data's statistics, from OUT/<task> (run if
                                                        unfinished; appendix.py)
-    python -m experiments --case-study USER --out DIR  Figure 3: one user's page of a finished run (appendix.py)
+    python -m experiments --case-study [USER] --out DIR  Figure 3: one user's page of a finished run (appendix.py)
     python -m experiments.efficiency                   Table 3 (efficiency.py)
 Every other option is cdcda.py's (one parser: cdcda's options plus these). The rows are in
 methods.py; a T5 device model is loaded by t5.py, which `t5.family` hands the run.
@@ -146,10 +146,11 @@ def main(argv=None) -> dict:
     p.add_argument("--table5", nargs="?", const=",".join(PAPER_TABLE4), metavar="TASKS", help="Table 5: the "
                    "statistics of the runs in OUT/<task> (OUT default runs; a task not run is run with cdcda), "
                    "in OUT/table5.md")
-    p.add_argument("--case-study", metavar="USER_ID", help="Figure 3: OUT/case-study-USER_ID.md of the finished "
-                   "run in --out (the user's history, kept synthetic pairs, every method's answers)")
+    p.add_argument("--case-study", nargs="?", const="", metavar="USER_ID", help="Figure 3: OUT/case-study-USER_ID.md "
+                   "of the finished run in --out (the user's history, kept synthetic pairs, every method's answers; "
+                   "no USER_ID: the run's first target user)")
     args = p.parse_args(argv)
-    if args.case_study:  # a finished run's page: no run, no other option
+    if args.case_study is not None:  # a finished run's page: no run, no other option
         if not args.out:
             p.error("--case-study: name the run's directory with --out")
         return {"case_study": appendix.case_study(Path(args.out), args.case_study)}

@@ -151,11 +151,13 @@ def _scores(r: dict) -> str:
     return f"| {r['scf_forward']:.2f} | {r['scf_backward']:.2f} | {r['rouge_l']:.2f} | {ratio} |"
 
 
-def case_study(out: Path, user_id: str) -> Path:
-    """OUT/case-study-<user>.md for one finished target user of the run in `out` (Figure 3)."""
+def case_study(out: Path, user_id: str = "") -> Path:
+    """OUT/case-study-<user>.md for one finished target user of the run in `out` (Figure 3);
+    no user_id: the run's first target user."""
     out = Path(out)
     settings, labels = run_settings(out)
     task, targets = targets_of(settings)
+    user_id = user_id or targets[0].user_id
     user = next((u for u in targets if u.user_id == user_id), None)
     if user is None:
         raise InputError(f"--case-study {user_id}: not a target user of the run in {out} "

@@ -110,6 +110,8 @@ def test_a_tiny_run_gives_table5_and_a_case_study(tiny_model_dir, tmp_path, monk
             answer = results[user.user_id]["predictions"][method][i]
             cell = appendix.md_cell(answer)  # one line, cut at 300 characters
             assert f"| {label} | {cell} | R-1 {metrics.rouge_1(answer, q.gold):.2f} |" in text
+    first = experiments_main.main(["--case-study", "--out", str(out)])["case_study"]  # no user: the first target
+    assert first == out / f"case-study-{targets[0].user_id}.md" and first.is_file()
     with pytest.raises(InputError) as e:
         experiments_main.main(["--case-study", "nobody", "--out", str(out)])
     assert "nobody" in str(e.value) and "\n" not in str(e.value) and user.user_id in str(e.value)
