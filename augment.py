@@ -101,13 +101,11 @@ def augment(cloud: CloudLM, pairs, settings: Augmentation, seed: int, task: data
     """Step 2 (eq. 1): k samples per pair from the cloud LM with the paper's prompt.
 
     The reply is started with REPLY_PREFIX ("Input: ["): the 135M stand-in answers the bare prompt
-    mostly in prose. --augment-decoding structured decodes the whole shape instead of hoping for it:
-    the input is sampled up to its "]", then SCAFFOLD ("], Response: [") is written and the response
-    sampled up to its "]", in one pass from the same cache (`generate.chat`'s scaffold), so the
-    filters judge content, not format. `cloud.chat` is `generate.chat`, or `cloud.api_chat`'s over an
-    API. A part may take ceil(eps_max_len * longest) + AUGMENT_SLACK tokens (`generation_budget`), so
-    a candidate as long as eq. 4 allows is never cut off. Replies with no parsable pair count as
-    unparsable; a response `task.valid_output` rejects (a lamp2 tag, a lamp3 score) as off_label."""
+    mostly in prose. Structured decoding samples the input up to its "]", writes SCAFFOLD ("],
+    Response: [") and samples the response up to its "]", in one pass from the same cache, so the
+    filters judge content, not format. `cloud.chat`: `generate.chat`, or `cloud.api_chat`'s over an
+    API. A part may take `generation_budget` tokens: a candidate as long as eq. 4 allows is never cut
+    off. Counted: replies with no parsable pair, responses `task.valid_output` rejects (off_label)."""
     k = settings.k
     prompts = [[{"role": "user", "content": AUGMENT_PROMPT.format(x=x, y=y)}] for x, y in pairs for _ in range(k)]
 

@@ -91,9 +91,8 @@ def answer(model, tokenizer, task: data.Task, queries, temperature: float, seed:
 
 @torch.inference_mode()
 def gold_nll(model, tokenizer, task: data.Task, queries, max_length: int) -> list[float]:
-    """Per query: the mean cross-entropy (nats per token) of its gold answer and end of turn after
-    the appendix-B prompt, teacher-forced as eq. 6 scores a response: how likely the model finds what
-    the user wrote, which tells models apart when their sampled answers are alike. Lower is better."""
+    """Per query: the mean cross-entropy (nats per token, lower is better) of its gold answer and end of
+    turn after the appendix-B prompt, as eq. 6 scores a response: it tells apart models whose samples are alike."""
     device = next(model.parameters()).device
     nll = []
     for q in queries:

@@ -53,16 +53,15 @@ def generate(model: Qwen2, input_ids, max_new_tokens, temperature=0.7, top_p: fl
 
     copies: replies per prompt (default one; R their sum, in order): a prompt is prefilled once and
     its keys and values copied to its replies (vLLM's `n`). max_new_tokens, scaffold_tokens,
-    temperature, generator: one, or one per reply. eos_token_id: int or list; `...` = model.config.eos_token_id; None = never stop. A finished
-    reply leaves the batch and is filled with the first eos id. scaffold: {id that ends a reply, or
-    None for its budget running out: the ids written in its place}: at its first end a reply writes
-    them and goes on from the same cache for up to scaffold_tokens more (augment.py's structured
+    temperature, generator: one, or one per reply. eos_token_id: int or list (`...`: the config's;
+    None: never stop); a finished reply leaves the batch, filled with the first. scaffold: {end id,
+    or None for a budget run out: the ids written in its place}: at its first end a reply writes them
+    and goes on from the same cache for up to scaffold_tokens more (augment.py's structured
     decoding); then the return is (ids, where each reply's second part starts among its new ids)."""
     if eos_token_id is ...:
         eos_token_id = model.config.eos_token_id
     eos = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
-    B, T = input_ids.shape
-    device = input_ids.device
+    (B, T), device = input_ids.shape, input_ids.device
     copies = torch.ones(B, dtype=torch.long) if copies is None else torch.as_tensor(copies)
     budget, second = ([n] * int(copies.sum()) if isinstance(n, int) else list(n) for n in (max_new_tokens, scaffold_tokens))
     total = max(budget) + (max(map(len, scaffold.values())) + max(second) if scaffold else 0)
@@ -119,14 +118,12 @@ def stop_token_ids(tokenizer: Tokenizer, stop: str) -> tuple[int, ...]:
 
 
 def end_ids(tokenizer: Tokenizer, stop: str = "") -> list[int]:
-    """The ids that end a reply: the end-of-turn / eos ids first (`generate` fills a finished
-    row with the first), then those of `stop`'s text."""
+    """The ids that end a reply: the end-of-turn / eos ids (`generate` fills with the first), then `stop`'s."""
     return list(tokenizer.eos_token_ids) + list(stop_token_ids(tokenizer, stop) if stop else ())
 
 
 def reply_text(tokenizer: Tokenizer, new_ids: list[int], stop: str = "") -> tuple[str, int | None]:
-    """(The text of the new ids before the first end-of-turn / eos id or `stop` text, the index of
-    the id that ended it, or None when the reply ran out of tokens.)"""
+    """(The new ids' text before the first end id or `stop` text, that id's index or None: no end.)"""
     ends = set(end_ids(tokenizer, stop))
     end = next((j for j, t in enumerate(new_ids) if t in ends), None)
     text = tokenizer.decode(new_ids if end is None else new_ids[:end + 1])  # an eos id decodes to ""
@@ -134,8 +131,7 @@ def reply_text(tokenizer: Tokenizer, new_ids: list[int], stop: str = "") -> tupl
 
 
 def reply_generator(seed: int, index: int, device="cpu") -> torch.Generator:
-    """Reply `index`'s own generator, seeded from (seed, index) through a hash: the replies of
-    nearby seeds or indexes draw unrelated streams."""
+    """Reply `index`'s own generator, seeded by a hash of (seed, index): nearby ones draw unrelated streams."""
     digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
     return torch.Generator(device).manual_seed(int.from_bytes(digest, "little") >> 1)
 
@@ -156,13 +152,12 @@ def chat(model: Qwen2, tokenizer: Tokenizer, conversations: list[list[dict]], ma
     """Reply to each conversation (ChatML messages): the text up to the end of turn, stripped.
 
     A prompt's replies (step 2's k samples of one pair) share one prefill; batches hold about
-    batch_size replies of prompts of similar length. Reply i draws from its own generator
-    (`reply_generator(seed, i)`), independent of the others and of batch_size. `temperature`: one,
-    or one per conversation. `reply_prefix` (one, or one per conversation) starts the assistant's
-    turn and stays in the reply; `stop` ends a reply before that text (OpenAI's `stop`);
-    `scaffold` is written where a reply first ends (`generate`), the reply keeping both parts.
-    decode: what decodes a batch, `generate` on `model` by default (its arguments but the model; an
-    encoder-decoder's `new_tokens`, t5.T5; the cloud service's batcher, cloud/server.py)."""
+    batch_size replies of prompts of similar length. Reply i draws from `reply_generator(seed, i)`,
+    whatever the others and batch_size. `temperature`, `reply_prefix`: one, or one per conversation;
+    the prefix starts the assistant's turn and stays in the reply; `stop` ends a reply before that
+    text (OpenAI's); `scaffold` is written where a reply first ends (`generate`). decode: what decodes
+    a batch (`generate`'s arguments but the model): `generate` on `model`, a T5's `new_tokens`, the
+    cloud service's batcher (cloud/server.py)."""
     new_tokens = getattr(model, "new_tokens", None)  # an encoder-decoder (t5.T5) decodes its own way
     decode = decode or new_tokens or functools.partial(generate, model)
     prefixes = [reply_prefix] * len(conversations) if isinstance(reply_prefix, str) else list(reply_prefix)

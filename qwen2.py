@@ -100,10 +100,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        h = x.float()
+        return self.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
 
 def rope_frequencies(config: Config, device=None) -> torch.Tensor:
@@ -136,12 +134,11 @@ class KVCache:
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
     def keep(self, rows: list[int]):
-        """Keep these batch rows (ascending), in place: each moves down into the first free slot,
-        its filled positions only, no new buffer (finished replies leaving a batch)."""
+        """Keep these batch rows (ascending), moved down in place: no new buffer (finished replies leave)."""
+        n = self.seq_len
         for j, row in enumerate(rows):
             if row != j:
-                self.k[:, j, :, :self.seq_len] = self.k[:, row, :, :self.seq_len]
-                self.v[:, j, :, :self.seq_len] = self.v[:, row, :, :self.seq_len]
+                self.k[:, j, :, :n], self.v[:, j, :, :n] = self.k[:, row, :, :n], self.v[:, row, :, :n]
         self.k, self.v = self.k[:, :len(rows)], self.v[:, :len(rows)]
 
 
@@ -248,8 +245,7 @@ class Qwen2(nn.Module):
     """Causal LM: `model(ids, attention_mask, cache) -> logits (B, T, V)`; `.model` gives hidden states."""
     def __init__(self, config: Config):
         super().__init__()
-        self.config = config
-        self.name_or_path = ""
+        self.config, self.name_or_path = config, ""
         self.model = Qwen2Model(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:

@@ -76,16 +76,14 @@ def encode_example(tokenizer, messages: list[dict], response: str, max_length: i
 
 def finetune(model: nn.Module, tokenizer, examples: list[tuple[list[dict], str]], training: Training,
              seed: int = 0, desc: str | None = None, loss_fn=None) -> list[float]:
-    """Eq. 6: train the model's trainable (LoRA) parameters with cross-entropy on the response
-    tokens of `examples` [(ChatML prompt messages, response text), ...]; the mean loss of each
-    epoch. `loss_fn(model, ids (B, T), labels (B, T))` replaces the cross-entropy (RKD-FT's reverse
-    KL, experiments/baselines.py).
+    """Eq. 6: train the model's trainable (LoRA) parameters with cross-entropy on the response tokens
+    of `examples` [(ChatML messages, response)]; each epoch's mean loss. `loss_fn(model, ids, labels)`
+    replaces the cross-entropy (RKD-FT's reverse KL, experiments/baselines.py).
 
-    Seeded shuffled batches, right-padded (causal: no real token sees the padding after it),
-    logits only where a label is, AdamW without weight decay, gradients clipped to norm 1. A
-    NaN/inf loss or gradient, or a loss above 2 max(first batch's loss, ln V), raises
-    FloatingPointError before the step, so no broken adapter is saved. No autocast: an NF4 base
-    already computes in bf16 and only the rank-r LoRA matmuls run in fp32."""
+    Seeded shuffled batches, right-padded, logits only where a label is, AdamW without weight decay,
+    gradients clipped to norm 1. A NaN/inf loss or gradient, or a loss above 2 max(first batch's loss,
+    ln V), raises FloatingPointError before the step, so no broken adapter is saved. No autocast: an
+    NF4 base already computes in bf16; only the rank-r LoRA matmuls run in fp32."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("finetune: the model has no trainable parameters; call lora.add_lora(model) first")

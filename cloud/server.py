@@ -41,11 +41,9 @@ import time
 import traceback
 import uuid
 from dataclasses import asdict, fields, replace
-from types import SimpleNamespace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import torch
-import torch.nn.functional as F
 
 import augment
 import data
@@ -53,6 +51,7 @@ import filters
 import generate
 import options
 import qwen2
+from cloud.batcher import Batcher
 from errors import InputError
 
 MAX_BODY = 1 << 20  # bytes of one request body
@@ -86,86 +85,6 @@ def get(body: dict, name: str, kind, default=..., ok=None, rule: str = "", where
     if ok is not None and not ok(value):
         raise RequestError(422, f"{field}: {rule}, got {value!r}"[:300], field)
     return value
-
-
-class Batcher:
-    """The cloud LM's one decoding thread, shared by the requests in flight. `generate` (on a
-    request's thread; `generate.generate`'s arguments but the model, a generator per reply) queues
-    a batch and waits; the thread takes the batches waiting whose end ids, scaffold and top-p
-    agree (after waiting `linger` seconds for more), up to max_batch replies (at least one batch), pads them to one length, decodes them with
-    one `generate.generate` and gives each its rows back, as long as it would have had alone.
-    `start` starts the thread; `most` is the most batches decoded together so far."""
-    def __init__(self, model, max_batch: int, linger: float = 0.02):
-        self.model, self.max_batch, self.linger, self.most = model, max_batch, linger, 0
-        self.waiting, self.ready = [], threading.Condition()
-
-    def start(self) -> "Batcher":
-        threading.Thread(target=self.loop, name="decoder", daemon=True).start()
-        return self
-
-    def generate(self, ids, max_new_tokens: int, temperature, attention_mask=None, generator=None, copies=None,
-                 eos_token_id=..., scaffold=None, scaffold_tokens: int = 0, top_p: float = 1.0):
-        copies = [1] * len(ids) if copies is None else [int(c) for c in copies]
-        R = sum(copies)
-        if not isinstance(generator, list) or len(generator) != R:
-            raise ValueError("Batcher.generate: one generator per reply")
-        job = SimpleNamespace(
-            ids=ids, mask=torch.ones_like(ids) if attention_mask is None else attention_mask, copies=copies,
-            budget=[max_new_tokens] * R, second=[scaffold_tokens] * R, generator=generator,
-            temperature=torch.as_tensor(temperature, dtype=torch.float).expand(R),
-            key=(eos_token_id, scaffold, top_p), done=threading.Event(), out=None, error=None)
-        with self.ready:
-            self.waiting.append(job)
-            self.ready.notify()
-        job.done.wait()
-        if job.error is not None:
-            raise RuntimeError(f"decoding failed: {job.error}") from job.error
-        return job.out
-
-    def loop(self):
-        while True:
-            with self.ready:
-                self.ready.wait_for(lambda: self.waiting)
-            time.sleep(self.linger)  # requests sent together arrive a few milliseconds apart: let them join
-            with self.ready:
-                jobs, rest, rows, key = [], [], 0, self.waiting[0].key
-                for job in self.waiting:  # by position, never by ==: a job holds tensors
-                    if job.key == key and (not jobs or rows + len(job.budget) <= self.max_batch):
-                        jobs.append(job)
-                        rows += len(job.budget)
-                    else:
-                        rest.append(job)
-                self.waiting = rest
-            self.most = max(self.most, len(jobs))
-            try:
-                self.decode(jobs)
-            except Exception as e:  # a model failure: its requests get a 500, the loop goes on
-                traceback.print_exc()
-                for job in jobs:
-                    job.error = e
-            for job in jobs:
-                job.done.set()
-
-    def decode(self, jobs):
-        """The jobs' prompts left-padded to the longest, one `generate.generate`, each job its rows."""
-        T = max(job.ids.shape[1] for job in jobs)
-        eos, scaffold, top_p = jobs[0].key
-
-        def joined(name):
-            return [x for job in jobs for x in getattr(job, name)]
-        out = generate.generate(
-            self.model, torch.cat([F.pad(job.ids, (T - job.ids.shape[1], 0)) for job in jobs]), joined("budget"),
-            torch.cat([job.temperature for job in jobs]), top_p, eos_token_id=eos,
-            attention_mask=torch.cat([F.pad(job.mask, (T - job.mask.shape[1], 0)) for job in jobs]),
-            generator=joined("generator"), copies=joined("copies"), scaffold=scaffold, scaffold_tokens=joined("second"))
-        ids, resumed = out if scaffold else (out, None)
-        start = 0
-        for job in jobs:  # its rows, from its own prompt's length on, as long as it would have run alone
-            rows, T_job = slice(start, start + len(job.budget)), job.ids.shape[1]
-            length = T_job + job.budget[0] + (max(map(len, scaffold.values())) + job.second[0] if scaffold else 0)
-            job.out = ids[rows, T - T_job:][:, :length]
-            job.out = (job.out, resumed[rows]) if scaffold else job.out
-            start += len(job.budget)
 
 
 class Cloud:

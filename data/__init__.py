@@ -1,11 +1,9 @@
 """LaMP data for cdcda: the six tasks, their appendix-B prompts, the two file formats, the demo.
 
-Each task (sec. 5.1; LaMP-6 is private) is a `Task` in `TASKS`: its profile fields, labels,
-metric kind and appendix-B prompt. `Task.messages` is that prompt as ChatML messages (appendix
-B's `<lim_start>` is an OCR of `<|im_start|>`; its whitespace kept, `Task.user_end`): the
-retrieved block of a RAG row, then LaMP's query input, which holds the task instruction.
-`Task.pair` turns a profile item into a training pair in the format of the task's queries
-(README, "Profile item -> training pair").
+Each task (sec. 5.1; LaMP-6 is private) is a `Task` in `TASKS`: profile fields, labels, metric
+kind, and the appendix-B prompt as ChatML (`Task.messages`: a RAG row's retrieved block, then
+LaMP's query input, which holds the instruction; appendix B's `<lim_start>` is an OCR of
+`<|im_start|>`). `Task.pair`: a profile item as a training pair shaped like the task's queries.
 
 `load_users(task, data_dir)` reads every JSON file in `data_dir/<task>/` (None: the embedded
 demo, `data/demo/`; `data/stream/` has longer lamp7 histories for the buffer comparison): LaMP's

@@ -27,7 +27,7 @@ import data
 import filters
 import generate
 import qwen2
-from cloud import __main__ as run_cloud, client as cloud, server as cloud_server
+from cloud import __main__ as run_cloud, batcher, client as cloud, server as cloud_server
 from errors import InputError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -269,7 +269,7 @@ def test_batched_requests_get_what_they_get_alone(tiny_model_dir):
     (a scaffold) between them, are decoded in two batches (prompts of other lengths, other seeds
     and temperatures, k replies of one prompt), and each gets the replies `generate.chat` gives it alone."""
     model, tok = qwen2.load(str(tiny_model_dir))
-    batcher = cloud_server.Batcher(model, max_batch=64)
+    decoder = batcher.Batcher(model, max_batch=64)
     conversations = [[{"role": "user", "content": text}] for text in ("say hi", "a much longer prompt than that one",
                                                                       "rain again")]
     requests = [dict(conversations=conversations[:1] * 3, seed=1, temperature=0.7),
@@ -281,19 +281,19 @@ def test_batched_requests_get_what_they_get_alone(tiny_model_dir):
     together = [None] * len(requests)
 
     def ask(i):
-        together[i] = generate.chat(model, tok, **({"max_new_tokens": 8} | requests[i]), decode=batcher.generate)
+        together[i] = generate.chat(model, tok, **({"max_new_tokens": 8} | requests[i]), decode=decoder.generate)
     threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(requests))]
     for i, t in enumerate(threads):  # queued in this order
         t.start()
         deadline = time.time() + 30
-        while len(batcher.waiting) <= i and time.time() < deadline:
+        while len(decoder.waiting) <= i and time.time() < deadline:
             time.sleep(0.01)
-    batcher.start()
+    decoder.start()
     deadline = time.time() + 60
     for t in threads:
         t.join(max(0.0, deadline - time.time()))
     assert together == alone and len(set(alone[0])) > 1  # k samples of one prompt differ
-    assert batcher.most == 3  # the three without a scaffold in one batch, the scaffolded one apart
+    assert decoder.most == 3  # the three without a scaffold in one batch, the scaffolded one apart
 
 
 def test_concurrent_http_requests_equal_sequential_ones(server):
