@@ -21,6 +21,7 @@ from errors import InputError
 
 def main(argv=None) -> dict:
     p = options.parser(cdcda.METHODS)
+    p.prog = "python -m cloud"
     p.description = "cdcda.py's run with its cloud on the cloud service or an OpenAI-compatible server"
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--cloud", default=None, metavar="URL", help="augment and select on the cloud service "

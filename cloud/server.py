@@ -270,8 +270,8 @@ def serve(host: str = "127.0.0.1", port: int = 8000, cloud_model: str = qwen2.EM
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="The CDCDA-PLM cloud (steps 2-3) as an HTTP service; "
-                                "set CDCDA_TOKEN to require 'Authorization: Bearer <token>'")
+    p = argparse.ArgumentParser(prog="python -m cloud.server", description="The CDCDA-PLM cloud (steps 2-3) as an "
+                                "HTTP service; set CDCDA_TOKEN to require 'Authorization: Bearer <token>'")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--cloud-model", default=qwen2.EMBEDDED, help="cloud LM: embedded name, hub-style dir or hub id")

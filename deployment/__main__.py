@@ -13,6 +13,7 @@ from errors import InputError
 
 def main(argv=None) -> dict:
     p = options.parser(METHODS)
+    p.prog = "python -m deployment"
     p.description = "cdcda.py's run with each fine-tuned method's model also deployed (int4) and answering"
     p.add_argument("--deploy-rounding", choices=("nearest", "gptq"), default="nearest",
                    help="how the deployed int4 codes are chosen: each weight's nearest code, or GPTQ on the "

@@ -136,6 +136,7 @@ DECODER_ONLY = ("speculative", "rkd-ft")  # rows that need a decoder-only device
 
 def main(argv=None) -> dict:
     p = options.parser(METHODS)
+    p.prog = "python -m experiments"
     p.description = "cdcda.py's pipeline with the paper's baselines, ablations, k sweep and Table 4"
     p.set_defaults(methods=None)
     p.add_argument("--ablations", action="store_true", help=f"Table 2 ({','.join(ABLATIONS)}) in OUT/ablations")

@@ -27,6 +27,7 @@ from online.methods import BUFFER_SIZES, OPTIONS, buffer_methods, history
 
 def main(argv=None) -> dict:
     p = options.parser(cdcda.METHODS)
+    p.prog = "python -m online"
     p.description = "cdcda.py's run with Qin et al.'s on-device buffer, or the buffers against the whole history"
     p.add_argument("--buffer", type=int, default=0, metavar="N", help="keep only N history items, chosen "
                    "online on the device (default 0: the whole history)")

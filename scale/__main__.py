@@ -21,6 +21,7 @@ from scale import plan, shards
 
 def main(argv=None) -> dict:
     p = options.parser(plan.METHODS)
+    p.prog = "python -m scale"
     p.description = "cdcda.py's run at scale: shards of its users over processes, or its plan"
     p.add_argument("--shard", default=None, metavar="I/N", help="run shard I of N of the target users into the "
                    "shared --out (default: torchrun's RANK/WORLD_SIZE or Slurm's SLURM_PROCID/SLURM_NTASKS, else all)")
