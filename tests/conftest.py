@@ -18,6 +18,8 @@ import tokenizers
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
 import augment
+import cdcda
+import data
 import encoder
 import generate
 import lora
@@ -64,6 +66,19 @@ def tiny_args():
                 "--out", str(out), "--device", DEVICE, "--history-pairs", "identity",
                 "--augment-decoding", "free"]
     return args
+
+
+@pytest.fixture
+def tiny_run(tiny_model_dir, tmp_path, monkeypatch, fake_cloud, tiny_args):
+    """A finished tiny lamp7 run of M_base and CDCDA-PLM in tmp_path/runs/lamp7 (its own model cache):
+    out, its report, its target users, their result.json by user id, the queries' ids in order."""
+    monkeypatch.setenv("CDCDA_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "runs" / "lamp7"
+    rep = cdcda.main(tiny_args(tiny_model_dir, out) + ["--methods", "base,cdcda"])
+    targets = data.split_users(data.load_users("lamp7"), 2)[0]
+    results = {u.user_id: json.loads((out / "users" / u.user_id / "result.json").read_text()) for u in targets}
+    return types.SimpleNamespace(out=out, rep=rep, targets=targets, results=results,
+                                 ids=[q.id for u in targets for q in u.queries])
 
 
 @pytest.fixture

@@ -74,13 +74,8 @@ def test_a_cell_is_one_escaped_line_cut_to_length():
     assert appendix.md_cell("x" * 20, limit=10) == "xxxxxxx..."
 
 
-def test_a_tiny_run_gives_table5_and_a_case_study(tiny_model_dir, tmp_path, monkeypatch, fake_cloud, tiny_args):
-    monkeypatch.setenv("CDCDA_CACHE", str(tmp_path / "cache"))
-    out = tmp_path / "runs" / "lamp7"
-    rep = cdcda.main(tiny_args(tiny_model_dir, out) + ["--methods", "base,cdcda"])
-    targets = data.split_users(data.load_users("lamp7"), 2)[0]
-    results = {u.user_id: json.loads((out / "users" / u.user_id / "result.json").read_text()) for u in targets}
-    ids = [q.id for u in targets for q in u.queries]
+def test_a_tiny_run_gives_table5_and_a_case_study(tiny_run, tiny_model_dir, tmp_path, monkeypatch):
+    out, rep, targets, results, ids = tiny_run.out, tiny_run.rep, tiny_run.targets, tiny_run.results, tiny_run.ids
     tok = appendix.device_tokenizer(str(tiny_model_dir))  # Table 5 of the run
     golds = [q.gold for u in targets for q in u.queries]
     out_tokens = sum(len(tok.encode(g)) for g in golds) / len(golds)

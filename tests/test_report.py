@@ -148,13 +148,8 @@ def test_lamp_files_need_unique_query_ids(tmp_path, capsys):
     assert "110 appear twice" in capsys.readouterr().out and not (tmp_path / "lamp").exists()
 
 
-def test_a_tiny_run_writes_lamps_files(tiny_model_dir, tmp_path, monkeypatch, fake_cloud, tiny_args):
-    monkeypatch.setenv("CDCDA_CACHE", str(tmp_path / "cache"))
-    out = tmp_path / "runs" / "lamp7"
-    rep = cdcda.main(tiny_args(tiny_model_dir, out) + ["--methods", "base,cdcda"])
-    targets = data.split_users(data.load_users("lamp7"), 2)[0]
-    results = {u.user_id: json.loads((out / "users" / u.user_id / "result.json").read_text()) for u in targets}
-    ids = [q.id for u in targets for q in u.queries]
+def test_a_tiny_run_writes_lamps_files(tiny_run):
+    out, rep, targets, results, ids = tiny_run.out, tiny_run.rep, tiny_run.targets, tiny_run.results, tiny_run.ids
     for method in ("base", "cdcda"):  # LaMP's files: the questions' ids, each method's answers
         written = json.loads((out / "lamp" / f"{method}.json").read_text())
         assert written["task"] == "LaMP_7" and [p["id"] for p in written["golds"]] == ids
