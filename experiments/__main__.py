@@ -8,7 +8,8 @@
                                                        +BM25 and CDCDA-PLM
     python -m experiments --table5 lamp2,lamp7         Table 5: the data's statistics, from OUT/<task> (run if
                                                        unfinished; appendix.py)
-    python -m experiments --case-study [USER] --out DIR  Figure 3: one user's page of a finished run (appendix.py)
+    python -m experiments --case-study [USER] --out DIR
+                                                       Figure 3: one user's page of a finished run (appendix.py)
     python -m experiments.efficiency                   Table 3 (efficiency.py)
 Every other option is cdcda.py's (one parser: cdcda's options plus these). The rows are in
 methods.py; a T5 device model is loaded by t5.py, which `t5.family` hands the run.
