@@ -25,7 +25,6 @@ Prints only; writes nothing but the model cache. Run it on a quiet machine (it p
 """
 import argparse
 import json
-import math
 import os
 import socket
 import subprocess
@@ -121,10 +120,6 @@ def ours(model, tok, upload, settings) -> dict:
     return {"seconds": time.perf_counter() - t, "texts": texts}
 
 
-def budget(tok, texts, ratio) -> int:
-    return math.ceil(ratio * max(len(tok.encode(t)) for t in texts)) + augment.AUGMENT_SLACK  # as augment
-
-
 def hf_pass(hf, tok, prompts, n, max_new, temperature, seed) -> list[str]:
     """transformers' replies cut at "]", n per prompt, BATCH // n prompts a batch."""
     ends, per = generate.end_ids(tok, "]"), max(1, BATCH // n)
@@ -149,10 +144,12 @@ def transformers_path(hf, tok, upload, settings) -> dict:
     convs = [[{"role": "user", "content": augment.AUGMENT_PROMPT.format(x=x, y=y)}] for x, y in pairs]
     first = [tok.encode(tok.apply_chat_template(c) + augment.REPLY_PREFIX) for c in convs]
     xs = [(augment.REPLY_PREFIX + x).strip() for x in hf_pass(
-        hf, tok, first, k, budget(tok, [x for x, _ in pairs], ratio), a.temperature, upload["seed"])]
+        hf, tok, first, k, augment.generation_budget(tok, [x for x, _ in pairs], ratio), a.temperature,
+        upload["seed"])]
     second = [tok.encode(tok.apply_chat_template(c) + x + augment.SCAFFOLD)
               for c, x in zip([c for c in convs for _ in range(k)], xs)]
-    ys = hf_pass(hf, tok, second, 1, budget(tok, [y for _, y in pairs], ratio), a.temperature, upload["seed"] + 1)
+    ys = hf_pass(hf, tok, second, 1, augment.generation_budget(tok, [y for _, y in pairs], ratio), a.temperature,
+                 upload["seed"] + 1)
     return {"seconds": time.perf_counter() - t, "texts": [(x + augment.SCAFFOLD + y).strip() + "]"
                                                           for x, y in zip(xs, ys)]}
 
@@ -219,9 +216,8 @@ def bench_server(args, settings, tok):
     first_parts = [[{"role": "user", "content": augment.AUGMENT_PROMPT.format(x=x, y=y)},
                     {"role": "assistant", "content": augment.REPLY_PREFIX}] for x, y in pairs]
     questions = [[{"role": "user", "content": f"Write a tweet about {y[:60]}"}] for _, y in pairs]
-    shapes = {"augmentation's first part (stop \"]\", max_tokens "
-              f"{budget(tok, [x for x, _ in pairs], settings.augmentation.thresholds.eps_max_len)})":
-              (first_parts, budget(tok, [x for x, _ in pairs], settings.augmentation.thresholds.eps_max_len), "]"),
+    first_budget = augment.generation_budget(tok, [x for x, _ in pairs], settings.augmentation.thresholds.eps_max_len)
+    shapes = {f"augmentation's first part (stop \"]\", max_tokens {first_budget})": (first_parts, first_budget, "]"),
               "a tweet written to a short question (max_tokens 64)": (questions, 64, "")}
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
