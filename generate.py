@@ -78,19 +78,20 @@ def generate(model: Qwen2, input_ids, max_new_tokens, temperature=0.7, top_p: fl
     out[:, :T] = input_ids[rows]
     live = torch.arange(R, device=device)  # the replies still in the batch, in its order
     spent, phase, forced, resumed = [0] * R, [0] * R, [[] for _ in range(R)], [None] * R
+    ends = set(eos)
     n = T
     for _ in range(total):
         gens = [generator[i] for i in live.tolist()] if isinstance(generator, list) else generator
         tokens = sample(logits, temperature[live], top_p, gens).tolist()
-        done = []
+        done = set()
         for j, i in enumerate(live.tolist()):
             if not forced[i]:
                 spent[i] += 1
-                ended = tokens[j] in eos
+                ended = tokens[j] in ends
                 if not (ended or spent[i] >= (budget[i] if phase[i] == 0 else second[i])):
                     continue
                 if not scaffold or phase[i] == 1:
-                    done.append(j)
+                    done.add(j)
                     continue
                 forced[i], phase[i], spent[i] = list(scaffold.get(tokens[j] if ended else None, scaffold[None])), 1, 0
                 if not ended:  # the first phase ends: its scaffold is written in place of its end id,
