@@ -1,7 +1,8 @@
 """Decoding with the decoder of `qwen2.py` (as gpt-fast splits them: the model file holds the
 network, this file what runs it token by token): `sample` (greedy, or softmax(logits / T) with
 top-p), `generate` (batched, left-padded, a preallocated `qwen2.KVCache`; a prompt's replies
-from one prefill, scaffolds, finished rows leaving) and `chat` (ChatML in, replies' text out).
+from one prefill, scaffolds, finished rows leaving; its state a step at a time: `Replies`) and
+`chat` (ChatML in, replies' text out).
 Speculative decoding (Table 1's row) is experiments/speculative.py."""
 import functools
 import hashlib
@@ -45,10 +46,77 @@ def sample(logits, temperature, top_p: float = 1.0, generator=None):
     return torch.where(hot, drawn, logits.argmax(-1))
 
 
+class Replies:
+    """Replies decoded together, a token a step: `generate` runs them to their ends; cloud/batcher.py
+    lets new prompts join between steps. Reply i: budget[i], second[i] (its phases' budgets), cap[i]
+    (its most new ids), new[i] (its new ids), resumed[i] (where its second phase starts in new[i]).
+    The batch: `live` (the unended replies, in cache order), their `cache`, `mask` (None: no padding),
+    the `logits` of their next tokens. Arguments: `generate`'s; the prompts are prefilled here."""
+    def __init__(self, model: Qwen2, input_ids, max_new_tokens, temperature=0.7, top_p: float = 1.0, eos_token_id=...,
+                 attention_mask=None, generator=None, copies=None, scaffold=None, scaffold_tokens: int = 0):
+        eos = model.config.eos_token_id if eos_token_id is ... else eos_token_id
+        self.ends = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        (B, T), device = input_ids.shape, input_ids.device
+        copies = torch.as_tensor(1 if copies is None else copies, device=device)
+        self.prompt = torch.arange(B, device=device).repeat_interleave(copies)  # each reply's: prefilled once for all
+        R = len(self.prompt)
+        self.budget, self.second = ([n] * R if isinstance(n, int) else list(n) for n in (max_new_tokens, scaffold_tokens))
+        longest = max(map(len, scaffold.values())) if scaffold else 0
+        self.cap = [b + (longest + s if scaffold else 0) for b, s in zip(self.budget, self.second)]
+        self.cache = KVCache(model.config, B, T + max(self.cap), model.model.norm.weight.dtype, device)
+        padded = attention_mask is not None and not bool(attention_mask.all())  # else plain causal attention
+        mask = torch.cat([attention_mask.long(), attention_mask.new_ones(B, max(self.cap))], 1) if padded else None
+        logits = model.lm_head(model.model(input_ids, None if mask is None else mask[:, :T], self.cache)[:, -1])
+        rows = self.prompt
+        self.cache.k, self.cache.v, self.logits = self.cache.k[:, rows], self.cache.v[:, rows], logits[rows]
+        self.mask = None if mask is None else mask[rows]
+        self.temperature = torch.as_tensor(temperature, dtype=torch.float).expand(R).to(device)
+        self.model, self.top_p, self.generator, self.scaffold = model, top_p, generator, scaffold
+        self.live, self.new, self.resumed = list(range(R)) if max(self.cap) else [], [[] for _ in range(R)], [None] * R
+        self.spent, self.phase, self.forced = [0] * R, [0] * R, [[] for _ in range(R)]
+
+    def step(self):
+        """Each live reply's next token, sampled or a scaffold's; the replies that end leave the batch."""
+        gens = [self.generator[i] for i in self.live] if isinstance(self.generator, list) else self.generator
+        tokens = sample(self.logits, self.temperature[self.live], self.top_p, gens).tolist()
+        done, ends, forced = set(), set(self.ends), self.forced
+        for j, i in enumerate(self.live):
+            if not forced[i]:
+                self.spent[i] += 1
+                ended = tokens[j] in ends
+                if not (ended or self.spent[i] >= (self.budget[i] if self.phase[i] == 0 else self.second[i])):
+                    continue
+                if not self.scaffold or self.phase[i] == 1:
+                    done.add(j)
+                    continue
+                forced[i], self.phase[i], self.spent[i] = list(self.scaffold.get(tokens[j] if ended else None,
+                                                                                 self.scaffold[None])), 1, 0
+                if not ended:  # the first phase ends: its scaffold is written in place of its end id,
+                    continue  # or after the last token its budget allowed
+            tokens[j] = forced[i].pop(0)  # a scaffold id, written, not sampled
+            self.resumed[i] = None if forced[i] else len(self.new[i]) + 1  # where the second phase starts
+        for j, i in enumerate(self.live):
+            self.new[i].append(tokens[j])
+            done |= {j} if len(self.new[i]) == self.cap[i] else set()  # its budgets spent (a second phase of 0)
+        if done:  # ended replies leave the batch; their cache rows are overwritten in place
+            keep = [j for j in range(len(self.live)) if j not in done]
+            self.live, self.logits = [self.live[j] for j in keep], self.logits[keep]
+            self.mask = None if self.mask is None else self.mask[keep]
+            self.cache.keep(keep)
+        if self.live:
+            ids = torch.tensor([[self.new[i][-1]] for i in self.live], device=self.logits.device)  # (R', 1)
+            mask = None if self.mask is None else self.mask[:, :self.cache.seq_len + 1]
+            self.logits = self.model.lm_head(self.model.model(ids, mask, self.cache)[:, -1])
+
+    def new_ids(self, replies) -> torch.Tensor:
+        """These replies' new ids, ended ones filled with the first end id: (len(replies), the longest)."""
+        n, fill = max(len(self.new[i]) for i in replies), self.ends[0] if self.ends else 0
+        return torch.tensor([self.new[i] + [fill] * (n - len(self.new[i])) for i in replies], device=self.logits.device)
+
+
 @torch.inference_mode()
-def generate(model: Qwen2, input_ids, max_new_tokens, temperature=0.7, top_p: float = 1.0,
-             eos_token_id=..., attention_mask=None, generator=None, copies=None, scaffold=None,
-             scaffold_tokens: int = 0):
+def generate(model: Qwen2, input_ids, max_new_tokens, temperature=0.7, top_p: float = 1.0, eos_token_id=...,
+             attention_mask=None, generator=None, copies=None, scaffold=None, scaffold_tokens: int = 0):
     """Continue input_ids (B, T), left padded -> (R, T + n), n <= the longest reply's new tokens.
 
     copies: replies per prompt (default one; R their sum, in order): a prompt is prefilled once and
@@ -58,57 +126,12 @@ def generate(model: Qwen2, input_ids, max_new_tokens, temperature=0.7, top_p: fl
     or None for a budget run out: the ids written in its place}: at its first end a reply writes them
     and goes on from the same cache for up to scaffold_tokens more (augment.py's structured
     decoding); then the return is (ids, where each reply's second part starts among its new ids)."""
-    if eos_token_id is ...:
-        eos_token_id = model.config.eos_token_id
-    eos = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
-    (B, T), device = input_ids.shape, input_ids.device
-    copies = torch.ones(B, dtype=torch.long) if copies is None else torch.as_tensor(copies)
-    budget, second = ([n] * int(copies.sum()) if isinstance(n, int) else list(n) for n in (max_new_tokens, scaffold_tokens))
-    total = max(budget) + (max(map(len, scaffold.values())) + max(second) if scaffold else 0)
-    cache = KVCache(model.config, B, T + total, model.model.norm.weight.dtype, device)  # the compute dtype
-    padded = attention_mask is not None and not bool(attention_mask.all())  # else plain causal attention
-    mask = torch.cat([attention_mask.long(), attention_mask.new_ones(B, total)], 1) if padded else None
-    logits = model.lm_head(model.model(input_ids, None if mask is None else mask[:, :T], cache)[:, -1])  # (B, V)
-    rows = torch.arange(B).repeat_interleave(copies).to(device)  # each reply's prompt
-    cache.k, cache.v, logits = cache.k[:, rows], cache.v[:, rows], logits[rows]  # the prefill, copied
-    mask = None if mask is None else mask[rows]
-    R = len(rows)
-    temperature = torch.as_tensor(temperature, dtype=torch.float).expand(R).to(device)
-    out = torch.full((R, T + total), eos[0] if eos else 0, dtype=torch.long, device=device)
-    out[:, :T] = input_ids[rows]
-    live = torch.arange(R, device=device)  # the replies still in the batch, in its order
-    spent, phase, forced, resumed = [0] * R, [0] * R, [[] for _ in range(R)], [None] * R
-    ends = set(eos)
-    n = T
-    for _ in range(total):
-        gens = [generator[i] for i in live.tolist()] if isinstance(generator, list) else generator
-        tokens = sample(logits, temperature[live], top_p, gens).tolist()
-        done = set()
-        for j, i in enumerate(live.tolist()):
-            if not forced[i]:
-                spent[i] += 1
-                ended = tokens[j] in ends
-                if not (ended or spent[i] >= (budget[i] if phase[i] == 0 else second[i])):
-                    continue
-                if not scaffold or phase[i] == 1:
-                    done.add(j)
-                    continue
-                forced[i], phase[i], spent[i] = list(scaffold.get(tokens[j] if ended else None, scaffold[None])), 1, 0
-                if not ended:  # the first phase ends: its scaffold is written in place of its end id,
-                    continue  # or after the last token its budget allowed
-            tokens[j] = forced[i].pop(0)  # a scaffold id, written, not sampled
-            resumed[i] = None if forced[i] else n + 1 - T  # where the second phase's sampling starts
-        out[live, n] = torch.tensor(tokens, device=device)
-        n += 1
-        keep = torch.tensor([j for j in range(len(live)) if j not in done], dtype=torch.long, device=device)
-        if len(keep) == 0:
-            break
-        if len(keep) < len(live):  # finished replies leave the batch
-            live, mask = live[keep], None if mask is None else mask[keep]
-            cache.keep(keep.tolist())
-        ids = out[live, n - 1][:, None]  # (R', 1)
-        logits = model.lm_head(model.model(ids, None if mask is None else mask[:, :n], cache)[:, -1])
-    return (out[:, :n], resumed) if scaffold else out[:, :n]
+    replies = Replies(model, input_ids, max_new_tokens, temperature, top_p, eos_token_id, attention_mask, generator,
+                      copies, scaffold, scaffold_tokens)
+    while replies.live:
+        replies.step()
+    out = torch.cat([input_ids[replies.prompt], replies.new_ids(range(len(replies.new)))], 1)
+    return (out, replies.resumed) if replies.scaffold else out
 
 
 @functools.lru_cache(maxsize=8)

@@ -5,7 +5,7 @@ layer of the blocks (Hu et al. 2021, sec. 4.1; the paper: r = 16, alpha = 8):
 
 so an untouched adapter leaves the model unchanged. The base, an `nn.Linear` or `nf4.NF4Linear`,
 is frozen and held as a submodule (`...q_proj.base.weight` beside `lora_A`, `lora_B`), so one
-wrapper serves both; A and B stay fp32. `save_adapter` writes only A and B, `merge` puts plain
+wrapper serves both; A and B stay fp32. `save_adapter` writes only A and B (deployment/ loads them back), `merge` puts plain
 `nn.Linear` layers back with the checkpoint's own keys. Training (eq. 6) is train.py."""
 import json
 import math
@@ -13,13 +13,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
 import hub
 import nf4
-from errors import InputError
 
 TARGETS = nf4.TARGETS  # q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj
 
@@ -105,28 +103,6 @@ def save_adapter(model: nn.Module, path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with hub.atomic(path) as tmp:
         save_file({k: v.contiguous() for k, v in adapter_state_dict(model).items()}, str(tmp), metadata=metadata)
-
-
-def load_adapter(model: nn.Module, path) -> nn.Module:
-    """An adapter `save_adapter` wrote, into a model of the same `add_lora(r, alpha, targets)` (else an error)."""
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    if not {"r", "alpha", "targets"} <= meta.keys():
-        raise InputError(f"{path}: not a cdcda adapter (metadata lacks r, alpha, targets)")
-    saved = {"r": int(meta["r"]), "alpha": float(meta["alpha"]), "targets": json.loads(meta["targets"])}
-    ours = lora_settings(model)
-    if saved != {**ours, "alpha": float(ours["alpha"])}:
-        raise InputError(f"{path}: adapter was trained with {saved}, the model has LoRA {ours}")
-    own = adapter_state_dict(model)
-    if own.keys() != tensors.keys():
-        extra, missing = sorted(tensors.keys() - own.keys()), sorted(own.keys() - tensors.keys())
-        raise InputError(f"{path}: adapter keys differ from the model's: unexpected {extra[:3]}, missing {missing[:3]}")
-    for key, value in tensors.items():
-        if value.shape != own[key].shape:
-            raise InputError(f"{path}: {key} has shape {tuple(value.shape)}, the model expects {tuple(own[key].shape)}")
-        own[key].copy_(value)  # state_dict tensors share storage with the parameters
-    return model
 
 
 def merge(model: nn.Module) -> nn.Module:

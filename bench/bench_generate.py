@@ -207,8 +207,8 @@ def server_rates(url, ask, n_requests) -> list[tuple[int, float]]:
 
 def bench_server(args, settings, tok):
     """Two shapes of chat completion, one conversation a request, each its own seed: the first part
-    of structured augmentation as --cloud-api sends it (a ~200-token prompt, a short reply: the
-    prefill dominates) and a short question with a long reply (the decoding dominates)."""
+    of structured augmentation as --cloud-api sends it (a ~90-token prompt, a reply stopped at "]":
+    mostly short, some run to max_tokens) and a short question with a reply of up to 64 tokens."""
     task = data.get_task("lamp7")
     user = data.split_users(data.load_users(task.name), 1)[0][0]
     pairs = [task.pair(item) for item in user.profile]

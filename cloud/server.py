@@ -22,10 +22,10 @@ without Content-Length, 413 body over MAX_BODY, 422 a missing, wrongly typed or 
 field, 500 an internal error; the server goes on serving after each.
 
 Why the standard library (`http.server.ThreadingHTTPServer`): no dependency. A thread per
-request parses, validates and waits; one decoding thread (`Batcher`) decodes the batches of every
-request in flight together, up to --max-batch replies at a time, each reply from its own
-generator, so a reply is the one its request gets alone. The judge runs one selection at a time.
-Production would put a real serving stack (vLLM: rows joining a running batch at any step, TLS in
+request parses, validates and waits; the main thread (`Batcher`) decodes the requests in flight
+together, up to --max-batch replies at a time, a new one joining at the next step, each reply
+from its own generator, so a reply is the one its request gets alone. The judge runs one
+selection at a time. Production would put a real serving stack (vLLM: paged KV memory, TLS in
 front) behind the same API; `--cloud-api` already augments through any OpenAI-compatible server,
 with the filters on the device.
 """
@@ -95,7 +95,7 @@ class Cloud:
         self.model, self.tokenizer = qwen2.load(cloud_model, dtype, device)
         self.judge = augment.make_judge(judge, device)
         self.model_name, self.thresholds, self.token = cloud_model, thresholds, token
-        self.batcher = Batcher(self.model, max_batch).start()
+        self.batcher = Batcher(self.model, max_batch)  # serve() runs its loop on the thread that loaded the model
         self.judge_lock = threading.Lock()  # one judge: one selection at a time
 
     def augment(self, body: dict) -> dict:
@@ -180,6 +180,10 @@ class Handler(BaseHTTPRequestHandler):
     server_version = "cdcda-cloud"
     timeout = 60  # seconds a client may take to send its request
 
+    def setup(self):
+        torch.set_num_threads(1)  # no OpenMP team of its own (serve()); the judge's encoder runs single-threaded
+        super().setup()
+
     def do_GET(self):
         cloud = self.server.cloud
         routes = {"/health": lambda: {"status": "ok", "model": cloud.model_name, "judge": cloud.judge.name,
@@ -263,8 +267,9 @@ def serve(host: str = "127.0.0.1", port: int = 8000, cloud_model: str = qwen2.EM
     server.daemon_threads, server.cloud = True, cloud
     print(f"cdcda cloud: http://{host}:{server.server_address[1]}  model {cloud.model_name} ({dtype}, up to "
           f"{max_batch} replies a batch), judge {cloud.judge.name}, token {'required' if token else 'off'}", flush=True)
-    try:
-        server.serve_forever()
+    threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
+    try:  # decoding on this thread, whose OpenMP threads already exist: a second team (a decoding thread
+        cloud.batcher.loop()  # of its own) makes libgomp cut its spin-waits and each step slower (RESULTS.md)
     except KeyboardInterrupt:
         server.server_close()
 

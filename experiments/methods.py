@@ -34,6 +34,7 @@ import hub
 import lora
 import qwen2
 from cdcda import Method
+from deployment.methods import load_adapter
 from experiments import baselines, speculative as spec
 
 WORDNET_DIR = "/usr/share/wordnet"  # Debian's wordnet-base
@@ -103,7 +104,7 @@ def direct_ft_model(run: cdcda.Run):
     if path.is_file():
         model = lora.add_lora(copy.deepcopy(run.device_model), r=run.training.lora_r,
                               alpha=run.training.lora_alpha, seed=run.seed)
-        return lora.load_adapter(model, path).eval()
+        return load_adapter(model, path).eval()
     model, run.losses["direct-ft"] = cdcda.personalize(run.device_model, run.tokenizer, run.task, run.pairs,
                                                        run.training, run.seed, f"direct-ft {run.user.user_id}")
     lora.save_adapter(model, path)

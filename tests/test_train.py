@@ -9,6 +9,7 @@ import lora
 import nf4
 import qwen2
 import train
+from deployment.methods import load_adapter
 
 
 def test_response_only_masking_by_hand(words):
@@ -58,12 +59,12 @@ def test_finetune_loss_falls_and_the_adapter_reloads(tmp_path, words):
     ids = torch.randint(0, 22, (2, 8))
     with torch.no_grad():
         assert not torch.allclose(fresh(ids), model(ids))
-        lora.load_adapter(fresh, path)
+        load_adapter(fresh, path)
         assert torch.equal(fresh(ids), model(ids))
     with pytest.raises(ValueError, match="trained with"):
-        lora.load_adapter(lora.add_lora(words.model(), r=8, alpha=8), path)
+        load_adapter(lora.add_lora(words.model(), r=8, alpha=8), path)
     with pytest.raises(ValueError, match="trained with"):
-        lora.load_adapter(lora.add_lora(words.model(), r=4, alpha=8, targets=("q_proj", "v_proj")), path)
+        load_adapter(lora.add_lora(words.model(), r=4, alpha=8, targets=("q_proj", "v_proj")), path)
 
 
 def test_finetune_is_seeded(words):
