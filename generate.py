@@ -97,7 +97,7 @@ class Replies:
             self.resumed[i] = None if forced[i] else len(self.new[i]) + 1  # where the second phase starts
         for j, i in enumerate(self.live):
             self.new[i].append(tokens[j])
-            done |= {j} if len(self.new[i]) == self.cap[i] else set()  # its budgets spent (a second phase of 0)
+        done |= {j for j, i in enumerate(self.live) if len(self.new[i]) >= self.cap[i]}  # a second phase of 0
         if done:  # ended replies leave the batch; their cache rows are overwritten in place
             keep = [j for j in range(len(self.live)) if j not in done]
             self.live, self.logits = [self.live[j] for j in keep], self.logits[keep]
