@@ -52,6 +52,8 @@ class Replies:
     (its most new ids), new[i] (its new ids), resumed[i] (where its second phase starts in new[i]).
     The batch: `live` (the unended replies, in cache order), their `cache`, `mask` (None: no padding),
     the `logits` of their next tokens. Arguments: `generate`'s; the prompts are prefilled here."""
+    PER_REPLY = ("generator", "budget", "second", "cap", "new", "resumed", "spent", "phase", "forced")  # lists
+
     def __init__(self, model: Qwen2, input_ids, max_new_tokens, temperature=0.7, top_p: float = 1.0, eos_token_id=...,
                  attention_mask=None, generator=None, copies=None, scaffold=None, scaffold_tokens: int = 0):
         eos = model.config.eos_token_id if eos_token_id is ... else eos_token_id

@@ -33,9 +33,6 @@ class FewRowLinear(nn.Linear):
         return y if self.bias is None else y + self.bias
 
 
-STATE = ("generator", "budget", "second", "cap", "new", "resumed", "spent", "phase", "forced")  # per reply
-
-
 def join(a: Replies, b: Replies, keep: list[int]) -> None:
     """b's replies join a's batch. a keeps the state of its replies `keep` (every live one among
     them), renumbered 0, 1, ... in that order; b's follow. Both caches are right-aligned in a new
@@ -57,7 +54,7 @@ def join(a: Replies, b: Replies, keep: list[int]) -> None:
     renumbered = {old: new for new, old in enumerate(keep)}
     a.cache, a.mask, a.live = cache, mask, [renumbered[i] for i in a.live] + [len(keep) + i for i in b.live]
     a.logits, a.temperature = torch.cat([a.logits, b.logits]), torch.cat([a.temperature[keep], b.temperature])
-    for name in STATE:
+    for name in Replies.PER_REPLY:
         setattr(a, name, [getattr(a, name)[i] for i in keep] + getattr(b, name))
 
 

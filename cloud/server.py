@@ -88,8 +88,8 @@ def get(body: dict, name: str, kind, default=..., ok=None, rule: str = "", where
 
 
 class Cloud:
-    """What the server holds: the cloud LM and its decoding thread, its tokenizer, the judge,
-    default thresholds."""
+    """What the server holds: the cloud LM and its decoding loop (`Batcher`), its tokenizer, the
+    judge, default thresholds."""
     def __init__(self, cloud_model: str, judge: str, thresholds: filters.Thresholds, device: str = "cpu",
                  token: str | None = None, max_batch: int = 64, dtype: str = "float32"):
         self.model, self.tokenizer = qwen2.load(cloud_model, dtype, device)
