@@ -202,9 +202,9 @@ def check_finished(out: Path, settings: Settings, targets) -> None:
         return
     before = json.loads(path.read_text())
     ids = [u.user_id for u in targets]
-    if not set(settings.methods) <= set(before.get("methods", [])) or before.get("users") != ids:
+    if not set(settings.methods) <= set(before.get("methods", [])) or before.get("user_ids") != ids:
         raise InputError(f"{path}: a finished run of {', '.join(before.get('methods', []))} for "
-                         f"{len(before.get('users', []))} users; its files are final. Run "
+                         f"{len(before.get('user_ids', []))} users; its files are final. Run "
                          f"--methods {','.join(settings.methods)} for these {len(ids)} users into "
                          "another --out (M_base and the history rewrites are cached)")
 
@@ -271,7 +271,7 @@ def write_report(task: data.Task, targets, results, settings: Settings, labels: 
     report.lamp_files(task, targets, results, settings.methods, out)
     # a report of some of a finished run's rows keeps the run.json of the whole
     if not (out / "run.json").is_file() or set(load_run(out)[0].methods) <= set(settings.methods):
-        about = saved(settings) | {"labels": labels, "users": rep["users"]}
+        about = saved(settings) | {"labels": labels, "user_ids": rep["users"]}
         hub.write_atomic(out / "run.json", json.dumps(about, indent=1))
     return rep
 

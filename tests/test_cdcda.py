@@ -88,7 +88,7 @@ def test_interrupted_run_resumes(tiny_model_dir, tmp_path, monkeypatch, fake_clo
     monkeypatch.setattr(cdcda, "augment", lambda cloud, pairs, *a: asked.append(pairs) or real_augment(cloud, pairs, *a))
     rep = cdcda.main(tiny_args(tiny_model_dir, tmp_path / "run"))
     assert done[0].read_text() == first and len(asked) == 1  # only the second user is worked on again
-    assert len(rep["users"]) == 2 and json.loads((tmp_path / "run" / "run.json").read_text())["users"] == rep["users"]
+    assert len(rep["users"]) == 2 and json.loads((tmp_path / "run" / "run.json").read_text())["user_ids"] == rep["users"]
     with pytest.raises(InputError, match="written by a run with k = 3, this one has 2"):
         cdcda.main(tiny_args(tiny_model_dir, tmp_path / "run") + ["--k", "2"])
     rescored = cdcda.main(tiny_args(tiny_model_dir, tmp_path / "run") + ["--bertscore-layer", "2"])  # evaluation only

