@@ -33,9 +33,9 @@ from deployment import deploy
 from errors import InputError
 
 BLOCK = 32  # weights per Q4_1 / Q8_0 block (gguf.GGML_QUANT_SIZES)
-ARCHITECTURES = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2}  # model_type -> GGUF's
-QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+ARCHITECTURES = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2}  # model_type ->
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+               r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 PRE_TOKENIZERS = {  # tokenizer.json's pre-tokenizer (`pre_tokenizer_steps`) -> llama.cpp's name
     (("Digits", True), ("ByteLevel", False, True)): "smollm",  # SmolLM2: digits one by one
     (("Split", QWEN2_SPLIT, "Isolated"), ("ByteLevel", False, False)): "qwen2",
@@ -55,8 +55,8 @@ def q4_1_blocks(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) ->
         raise ValueError("a scale or zero point is beyond fp16's range (65504): not a Q4_1 block")
     q = codes.reshape(N, G, 2, BLOCK // 2)  # (N, G, halves, 16)
     nibbles = q[:, :, 0] | (q[:, :, 1] << 4)  # (N, G, 16)
-    blocks = torch.cat((d[..., None].view(torch.uint8), m[..., None].view(torch.uint8), nibbles), dim=2)
-    return blocks.reshape(N, G * 20).numpy()
+    d, m = d[..., None].view(torch.uint8), m[..., None].view(torch.uint8)  # (N, G, 2) each
+    return torch.cat((d, m, nibbles), dim=2).reshape(N, G * 20).numpy()
 
 
 def q8_0_blocks(codes: torch.Tensor, scale: torch.Tensor) -> np.ndarray:
@@ -65,13 +65,15 @@ def q8_0_blocks(codes: torch.Tensor, scale: torch.Tensor) -> np.ndarray:
     V, H = codes.shape
     G = H // BLOCK
     d = scale.float().half()[:, None, None].view(torch.uint8).expand(V, G, 2)  # (V, G, 2)
-    return torch.cat((d, codes.view(torch.uint8).reshape(V, G, BLOCK)), dim=2).reshape(V, G * 34).numpy()
+    blocks = torch.cat((d, codes.view(torch.uint8).reshape(V, G, BLOCK)), dim=2)  # (V, G, 34)
+    return blocks.reshape(V, G * 34).numpy()
 
 
 def interleave(rows: torch.Tensor, heads: int) -> torch.Tensor:
     """Rows (N, ...) of q or k in rotate_half order -> llama.cpp's: row 2i of a head is our row i,
     row 2i+1 our row i + d/2 (d = N / heads)."""
-    return rows.reshape(heads, 2, rows.shape[0] // heads // 2, -1).transpose(1, 2).reshape(rows.shape)
+    half = rows.shape[0] // heads // 2
+    return rows.reshape(heads, 2, half, -1).transpose(1, 2).reshape(rows.shape)
 
 
 # ---------------------------------------------------------------- metadata
@@ -82,33 +84,34 @@ def special_id(tokenizer: qwen2.Tokenizer, name: str):
     return tokenizer.tokenizer.token_to_id(token) if token else None
 
 
-def pre_tokenizer_steps(tokenizer: qwen2.Tokenizer) -> tuple:
+def pre_tokenizer_steps(spec: dict) -> tuple:
     """tokenizer.json's pre-tokenizer as (type, what sets it apart, ...) per step."""
-    spec = json.loads(tokenizer.tokenizer.to_str()).get("pre_tokenizer") or {}
+    spec = spec.get("pre_tokenizer") or {}
     steps = spec.get("pretokenizers", []) if spec.get("type") == "Sequence" else [spec]
     fields = {"Digits": ("individual_digits",), "ByteLevel": ("add_prefix_space", "use_regex"),
               "Split": ("pattern", "behavior")}
     out = []
     for step in steps:
-        values = [step.get(f) for f in fields.get(step.get("type"), ())]
-        out.append((step.get("type"), *[v.get("Regex", v.get("String")) if isinstance(v, dict) else v
-                                        for v in values]))
+        values = [step.get(f) for f in fields.get(step.get("type"), ())]  # pattern: {"Regex": ..}
+        values = [v.get("Regex", v.get("String")) if isinstance(v, dict) else v for v in values]
+        out.append((step.get("type"), *values))
     return tuple(out)
 
 
 def add_tokenizer(writer: gguf.GGUFWriter, tokenizer: qwen2.Tokenizer, vocab_size: int, where: str):
     """tokenizer.ggml.*: byte-level BPE ("gpt2") tokens by id, their types, merges, special ids,
-    the chat template. Ids the tokenizer lacks below the model's vocab_size are [PAD{id}], unused."""
-    steps = pre_tokenizer_steps(tokenizer)
+    the chat template. Ids the tokenizer lacks below the model's vocab_size: [PAD{id}], unused."""
+    spec = json.loads(tokenizer.tokenizer.to_str())  # tokenizer.json
+    steps = pre_tokenizer_steps(spec)
     if steps not in PRE_TOKENIZERS:
-        raise InputError(f"{where}: the tokenizer's pre-tokenizer {steps} is none llama.cpp knows here "
-                         f"({', '.join(PRE_TOKENIZERS.values())})")
-    spec = json.loads(tokenizer.tokenizer.to_str())
+        raise InputError(f"{where}: the tokenizer's pre-tokenizer {steps} is none llama.cpp knows "
+                         f"here ({', '.join(PRE_TOKENIZERS.values())})")
     if spec["model"]["type"] != "BPE":
-        raise InputError(f"{where}: a {spec['model']['type']} tokenizer; GGUF's gpt2 model is byte-level BPE")
+        raise InputError(f"{where}: a {spec['model']['type']} tokenizer, not byte-level BPE (gpt2)")
     vocab = tokenizer.tokenizer.get_vocab(with_added_tokens=True)  # token -> id
     if max(vocab.values()) >= vocab_size:
-        raise InputError(f"{where}: the tokenizer has id {max(vocab.values())}, the model {vocab_size} rows")
+        raise InputError(f"{where}: the tokenizer has id {max(vocab.values())}, the model "
+                         f"{vocab_size} rows")
     tokens = [f"[PAD{i}]" for i in range(vocab_size)]
     types = [gguf.TokenType.UNUSED] * vocab_size
     for token, i in vocab.items():
@@ -121,12 +124,13 @@ def add_tokenizer(writer: gguf.GGUFWriter, tokenizer: qwen2.Tokenizer, vocab_siz
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges(merges)
-    for name, add in (("bos_token", writer.add_bos_token_id), ("eos_token", writer.add_eos_token_id),
-                      ("unk_token", writer.add_unk_token_id)):
+    adders = {"bos_token": writer.add_bos_token_id, "eos_token": writer.add_eos_token_id,
+              "unk_token": writer.add_unk_token_id}
+    for name, add in adders.items():
         if special_id(tokenizer, name) is not None:
             add(special_id(tokenizer, name))
     writer.add_pad_token_id(tokenizer.pad_token_id)
-    writer.add_add_bos_token(False)  # as tokenizer.encode: the chat template writes every special token
+    writer.add_add_bos_token(False)  # as tokenizer.encode: the chat template writes the specials
     writer.add_chat_template(tokenizer.chat_template)
 
 
@@ -150,12 +154,14 @@ def add_config(writer: gguf.GGUFWriter, c: qwen2.Config):
 
 # ---------------------------------------------------------------- the file
 def tensors(config: qwen2.Config, state: dict, where: str):
-    """(GGUF name, array, its type) for every tensor of a deployed model's portable state (deploy.py),
-    checked against the config's shapes; a missing, unexpected or misshapen tensor is an error."""
+    """(GGUF name, array, its type) for every tensor of a deployed model's portable state
+    (deploy.py), checked against the config's shapes; a missing, unexpected or misshapen tensor is
+    an error."""
     with torch.device("meta"):
         model = qwen2.Qwen2(config)
     names = gguf.get_tensor_name_map(ARCHITECTURES[config.model_type], config.num_hidden_layers)
-    linears = {name: layer for name, layer in model.named_modules() if isinstance(layer, torch.nn.Linear)}
+    linears = {name for name, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and name.startswith("model.layers.")}
     used = set()
 
     def take(key, shape, dtype):
@@ -163,7 +169,8 @@ def tensors(config: qwen2.Config, state: dict, where: str):
             raise InputError(f"{where}: missing tensor {key!r}")
         t = state[key]
         if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
-            raise InputError(f"{where}: {key} is {t.dtype} {tuple(t.shape)}, expected {dtype} {tuple(shape)}")
+            raise InputError(f"{where}: {key} is {t.dtype} {tuple(t.shape)}, expected {dtype} "
+                             f"{tuple(shape)}")
         used.add(key)
         return t
 
@@ -175,10 +182,11 @@ def tensors(config: qwen2.Config, state: dict, where: str):
         if module in ("model.embed_tokens", "lm_head"):  # int8 rows -> Q8_0
             V, H = p.shape
             if H % BLOCK:
-                raise InputError(f"{where}: hidden size {H} is not a multiple of {BLOCK} (Q8_0 blocks)")
-            codes, scale = take(key, (V, H), torch.int8), take(f"{module}.scale", (V,), deploy.DTYPE)
+                raise InputError(f"{where}: hidden size {H} is not a multiple of {BLOCK} (Q8_0)")
+            codes = take(key, (V, H), torch.int8)
+            scale = take(f"{module}.scale", (V,), deploy.DTYPE)
             yield out, q8_0_blocks(codes, scale), gguf.GGMLQuantizationType.Q8_0
-        elif module in linears and module.startswith("model.layers.") and kind == "weight":  # int4 -> Q4_1
+        elif module in linears and kind == "weight":  # int4 groups -> Q4_1
             N, K = p.shape
             scale = state.get(f"{module}.scale")
             if scale is not None and scale.dim() == 2 and scale.shape[1] * BLOCK != K:
@@ -187,24 +195,30 @@ def tensors(config: qwen2.Config, state: dict, where: str):
             codes = deploy.unpack(take(key, (N, K // 2), torch.uint8))
             scale = take(f"{module}.scale", (N, K // BLOCK), deploy.DTYPE)
             zero = take(f"{module}.zero", (N, K // BLOCK), deploy.DTYPE)
-            heads = {"q_proj": config.num_attention_heads, "k_proj": config.num_key_value_heads}.get(
-                module.rsplit(".", 1)[1])
+            heads = {"q_proj": config.num_attention_heads,
+                     "k_proj": config.num_key_value_heads}.get(module.rsplit(".", 1)[1])
             if heads and config.model_type == "llama":
                 codes, scale, zero = (interleave(t, heads) for t in (codes, scale, zero))
             yield out, q4_1_blocks(codes, scale, zero), gguf.GGMLQuantizationType.Q4_1
         else:  # norms, biases -> F32
-            yield out, take(key, p.shape, deploy.DTYPE).float().numpy(), gguf.GGMLQuantizationType.F32
+            value = take(key, p.shape, deploy.DTYPE).float().numpy()
+            yield out, value, gguf.GGMLQuantizationType.F32
     extra = sorted(set(state) - used)
     if extra:
-        raise InputError(f"{where}: unexpected tensor {extra[0]!r}" + (f" and {len(extra) - 1} more" if extra[1:] else ""))
+        more = f" and {len(extra) - 1} more" if extra[1:] else ""
+        raise InputError(f"{where}: unexpected tensor {extra[0]!r}{more}")
 
 
-def write(config: qwen2.Config, state: dict, tokenizer: qwen2.Tokenizer, path, name: str, where: str) -> Path:
-    """A GGUF file at `path` (atomically) from a deployed model's config, portable state and tokenizer."""
+def write(config: qwen2.Config, state: dict, tokenizer: qwen2.Tokenizer, path, name: str,
+          where: str) -> Path:
+    """A GGUF file at `path` (atomically) from a deployed model's config, portable state and
+    tokenizer; `where` names the source in errors."""
     if config.model_type not in ARCHITECTURES:
-        raise InputError(f"{where}: model_type {config.model_type!r}; GGUF export knows {', '.join(ARCHITECTURES)}")
+        raise InputError(f"{where}: model_type {config.model_type!r}; GGUF export knows "
+                         f"{', '.join(ARCHITECTURES)}")
     if config.model_type == "llama" and (config.attention_bias or config.mlp_bias):
-        raise InputError(f"{where}: a llama model with biases (attention_bias / mlp_bias) is not written")
+        raise InputError(f"{where}: a llama model with biases (attention_bias / mlp_bias) is not "
+                         "written")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with hub.atomic(path) as tmp:
@@ -242,13 +256,15 @@ def export(deployed, tokenizer, path, name: str | None = None) -> Path:
 
 def main(argv=None) -> Path:
     p = argparse.ArgumentParser(prog="python -m deployment --export gguf",
-                                description="write a deployed model (deploy.save's directory) as a GGUF file "
-                                "that llama.cpp runs: Q4_1 block linears, Q8_0 embedding and head")
+                                description="write a deployed model (deploy.save's directory) "
+                                "as a GGUF file that llama.cpp runs: Q4_1 block linears, Q8_0 "
+                                "embedding and head")
     p.add_argument("--export", choices=("gguf",), required=True, help="the file format")
     p.add_argument("--deployed", required=True,
                    help="a deployed model's directory, e.g. runs/lamp7/users/ID/cdcda.deployed")
     p.add_argument("--out", required=True, help="the .gguf file to write")
-    p.add_argument("--name", default=None, help="general.name in the file (default: the directory's name)")
+    p.add_argument("--name", default=None,
+                   help="general.name in the file (default: the directory's name)")
     args = p.parse_args(argv)
     path = export(args.deployed, None, args.out, args.name)
     print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
