@@ -15,7 +15,7 @@ $(VENV)/.installed-test: $(VENV)/.installed requirements-test.txt
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements-test.txt
 	touch $@
 
-.PHONY: demo test bench wordnet
+.PHONY: demo test bench wordnet llama-check
 # The main job, then the paper's appendix of it: Table 5 and the case study of its first user (Figure 3).
 demo: $(VENV)/.installed
 	$(PY) -m embedded
@@ -39,3 +39,15 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 wordnet:
 	test -f /usr/share/wordnet/data.noun || { $(SUDO) apt-get update -qq && \
 		$(SUDO) apt-get install -y -qq --no-install-recommends wordnet-base; }
+
+# llama.cpp runs a deployed model's GGUF and answers as ours (deployment/llama_check.py): the
+# embedded SmolLM2 deployed, or DEPLOYED=runs/lamp7/users/ID/direct-ft.deployed. llama-cpp-python
+# builds llama.cpp from source with cmake and g++ into a venv of its own (5 min on 2 cores, once).
+LLAMA_VENV := .venv-llama
+$(LLAMA_VENV)/.installed: requirements-llama.txt
+	$(PYTHON) -m venv $(LLAMA_VENV)
+	CMAKE_ARGS="-DGGML_NATIVE=ON" $(LLAMA_VENV)/bin/pip install -q --disable-pip-version-check -r requirements-llama.txt
+	touch $@
+
+llama-check: $(VENV)/.installed $(LLAMA_VENV)/.installed
+	$(PY) -m deployment.llama_check --llama-python $(LLAMA_VENV)/bin/python $(if $(DEPLOYED),--deployed $(DEPLOYED))

@@ -1,5 +1,8 @@
 """`python -m deployment --task lamp7`: cdcda.py's run, each fine-tuned row also deployed and
 answering (methods.py), gold NLL included. Every other option is cdcda.py's.
+
+`python -m deployment --export gguf --deployed DIR --out FILE.gguf`: a deployed model as a GGUF
+file llama.cpp runs (gguf_export.py).
 """
 import sys
 from dataclasses import replace
@@ -7,12 +10,14 @@ from dataclasses import replace
 import cdcda
 import options
 import runner
-from deployment import gridtune
+from deployment import gguf_export, gridtune
 from deployment.methods import METHODS, OPTIONS
 from errors import InputError
 
 
 def main(argv=None) -> dict:
+    if "--export" in (sys.argv[1:] if argv is None else argv):  # a file, not the pipeline
+        return gguf_export.main(argv)
     p = options.parser(METHODS)
     p.prog = "python -m deployment"
     p.description = "cdcda.py's run with each fine-tuned method's model also deployed (int4) and answering"

@@ -329,8 +329,9 @@ def save(model: nn.Module, tokenizer, directory, group_size: int = GROUP_SIZE) -
     return directory
 
 
-def load(directory, device="cpu"):
-    """(deployed model, tokenizer) from a directory written by `save`."""
+def read_state(directory) -> tuple[qwen2.Config, dict, Path]:
+    """(config, portable state, the file's path) of a directory written by `save`: the file's
+    tensors as stored (`from_portable` checks their keys)."""
     directory = Path(directory)
     path = directory / FILE
     if not path.is_file():
@@ -340,5 +341,10 @@ def load(directory, device="cpu"):
         state = {k: f.get_tensor(k) for k in f.keys()}
     if meta.get("format") != FORMAT:
         raise InputError(f"{path}: not a cdcda deployed model (metadata format {meta.get('format')!r})")
-    model = from_portable(qwen2.Config.from_json(directory), state, device, str(path))
-    return model, qwen2.Tokenizer.from_dir(directory)
+    return qwen2.Config.from_json(directory), state, path
+
+
+def load(directory, device="cpu"):
+    """(deployed model, tokenizer) from a directory written by `save`."""
+    config, state, path = read_state(directory)
+    return from_portable(config, state, device, str(path)), qwen2.Tokenizer.from_dir(directory)
