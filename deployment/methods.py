@@ -6,42 +6,15 @@ are each weight's nearest (or GPTQ's on the inputs of the pairs the adapter was 
 predictions (gridtune.py; off with --deploy-tune-epochs 0).
 """
 import copy
-import json
-
-from safetensors import safe_open
-from torch import nn
 
 import cdcda
 import lora
 import train
 from cdcda import Method, Run, download
 from deployment import deploy, gptq, gridtune
-from errors import InputError
 
 OPTIONS = ("deploy_rounding", "deploy_tune_epochs")  # Settings.extra: a re-run must share them
-
-
-def load_adapter(model: nn.Module, path) -> nn.Module:
-    """An adapter `lora.save_adapter` wrote (step 5 saves each method's), into a model of the same
-    `lora.add_lora(r, alpha, targets)` (else an error)."""
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    if not {"r", "alpha", "targets"} <= meta.keys():
-        raise InputError(f"{path}: not a cdcda adapter (metadata lacks r, alpha, targets)")
-    saved = {"r": int(meta["r"]), "alpha": float(meta["alpha"]), "targets": json.loads(meta["targets"])}
-    ours = lora.lora_settings(model)
-    if saved != {**ours, "alpha": float(ours["alpha"])}:
-        raise InputError(f"{path}: adapter was trained with {saved}, the model has LoRA {ours}")
-    own = lora.adapter_state_dict(model)
-    if own.keys() != tensors.keys():
-        extra, missing = sorted(tensors.keys() - own.keys()), sorted(own.keys() - tensors.keys())
-        raise InputError(f"{path}: adapter keys differ from the model's: unexpected {extra[:3]}, missing {missing[:3]}")
-    for key, value in tensors.items():
-        if value.shape != own[key].shape:
-            raise InputError(f"{path}: {key} has shape {tuple(value.shape)}, the model expects {tuple(own[key].shape)}")
-        own[key].copy_(value)  # state_dict tensors share storage with the parameters
-    return model
+load_adapter = lora.load_adapter  # PEFT's layout (lora.py); callers move to lora.load_adapter
 
 
 def deployed(run: Run, method: str, pairs) -> list[str]:
