@@ -56,7 +56,8 @@ def vllm(python: str, model: str, name: str, log: Path, loras=(), wait_s: float 
     port = free_port()
     cmd = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--served-model-name", name,
            "--dtype", "float32", "--max-model-len", "2048", "--host", "127.0.0.1", "--port", str(port),
-           "--enable-lora", "--max-lora-rank", "16", "--max-loras", str(max(1, len(loras)))]
+           "--enable-lora", "--max-lora-rank", "16", "--max-loras", str(max(1, len(loras))),
+           "--generation-config", "vllm"]  # a request's unset options: vLLM's neutral ones (client.py)
     cmd += ["--lora-modules", *(f"{n}={d}" for n, d in loras)] if loras else []
     env = os.environ | {"VLLM_CPU_KVCACHE_SPACE": "2"}
     log.parent.mkdir(parents=True, exist_ok=True)
