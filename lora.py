@@ -5,21 +5,28 @@ layer of the blocks (Hu et al. 2021, sec. 4.1; the paper: r = 16, alpha = 8):
 
 so an untouched adapter leaves the model unchanged. The base, an `nn.Linear` or `nf4.NF4Linear`,
 is frozen and held as a submodule (`...q_proj.base.weight` beside `lora_A`, `lora_B`), so one
-wrapper serves both; A and B stay fp32. `save_adapter` writes only A and B (deployment/ loads them back), `merge` puts plain
-`nn.Linear` layers back with the checkpoint's own keys. Training (eq. 6) is train.py."""
+wrapper serves both; A and B stay fp32. `save_adapter` / `load_adapter` write and read only A and
+B, in PEFT's layout; `merge` puts plain `nn.Linear` layers back with the checkpoint's own keys.
+Training (eq. 6) is train.py."""
 import json
 import math
+import shutil
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 import hub
 import nf4
+from errors import InputError
 
 TARGETS = nf4.TARGETS  # q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj
+PEFT_PREFIX = "base_model.model."  # PEFT's names: PEFT_PREFIX + our module's name + ".weight"
+CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"  # an adapter directory's files
+PEFT_ONLY = ("use_rslora", "use_dora", "rank_pattern", "alpha_pattern")  # peft options we lack
 
 
 class LoRALinear(nn.Module):
@@ -95,14 +102,46 @@ def adapter_state_dict(model: nn.Module) -> dict:
     return {k: v for k, v in model.state_dict().items() if k.endswith((".lora_A", ".lora_B"))}
 
 
-def save_adapter(model: nn.Module, path) -> None:
-    """Write the adapter as safetensors, with r, alpha and targets in its metadata (atomically)."""
-    settings = lora_settings(model)
-    metadata = {"r": str(settings["r"]), "alpha": str(settings["alpha"]), "targets": json.dumps(settings["targets"])}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with hub.atomic(path) as tmp:
-        save_file({k: v.contiguous() for k, v in adapter_state_dict(model).items()}, str(tmp), metadata=metadata)
+def save_adapter(model: nn.Module, directory, base_model: str | None = None) -> Path:
+    """The adapter in PEFT's layout, which peft, vLLM and llama.cpp read (atomically):
+    DIRECTORY/adapter_config.json and adapter_model.safetensors, A and B under PEFT's names.
+    base_model: the directory or hub id of the model the adapter goes on (M_base)."""
+    s, directory = lora_settings(model), Path(directory)
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": s["r"], "lora_alpha": s["alpha"],
+              "lora_dropout": 0.0, "target_modules": s["targets"], "bias": "none",
+              "fan_in_fan_out": False, "base_model_name_or_path": base_model}
+    tensors = {PEFT_PREFIX + k + ".weight": v.contiguous()
+               for k, v in adapter_state_dict(model).items()}
+    with hub.atomic(directory) as tmp:
+        tmp.mkdir(parents=True)
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        (tmp / CONFIG).write_text(json.dumps(config, indent=1))
+        shutil.rmtree(directory, ignore_errors=True)  # os.replace cannot replace a full directory
+    return directory
+
+
+def load_adapter(model: nn.Module, directory) -> nn.Module:
+    """A PEFT adapter directory (`save_adapter`'s, or peft's own) into a model with `add_lora`
+    adapters of the same r, alpha and targets (else an InputError naming the file)."""
+    config, weights = Path(directory, CONFIG), Path(directory, WEIGHTS)
+    try:
+        c = json.loads(config.read_text())
+        saved = {"r": c["r"], "alpha": float(c["lora_alpha"]),
+                 "targets": sorted(c["target_modules"]), **{k: c[k] for k in PEFT_ONLY if c.get(k)}}
+        tensors = {k.removeprefix(PEFT_PREFIX).removesuffix(".weight"): v
+                   for k, v in load_file(weights).items()}
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:
+        raise InputError(f"{directory}: not a PEFT LoRA adapter ({type(e).__name__}: {e})") from e
+    s, own = lora_settings(model), adapter_state_dict(model)
+    if saved != {**s, "alpha": float(s["alpha"])}:
+        raise InputError(f"{config}: the adapter has {saved}, the model has LoRA {s}")
+    wrong = sorted(tensors.keys() ^ own.keys())
+    wrong = wrong or [k for k in own if tensors[k].shape != own[k].shape]
+    if wrong:
+        raise InputError(f"{weights}: tensors differ from the model's adapters in {wrong[:3]}")
+    for key, value in tensors.items():
+        own[key].copy_(value)  # state_dict tensors share storage with the parameters
+    return model
 
 
 def merge(model: nn.Module) -> nn.Module:

@@ -75,7 +75,7 @@ def main():
         kept = [(r["syn_input"], r["syn_output"]) for r in cdcda.synthetic_records(run / "users" / uid) if r["kept"]]
         for method, trained_on in (("direct-ft", pairs), ("cdcda", pairs + kept)):
             model = lora.add_lora(copy.deepcopy(device_model), r=settings["lora_r"], alpha=settings["lora_alpha"])
-            lora.load_adapter(model, run / "users" / uid / f"{method}.adapter.safetensors")
+            lora.load_adapter(model, run / "users" / uid / f"{method}.adapter")
             model.eval()
             calibration = [train.encode_example(tok, messages, y, max_length)[0]
                            for messages, y in cdcda.training_examples(task, trained_on)]

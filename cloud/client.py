@@ -100,12 +100,21 @@ def openai_chat(api: Endpoint, model: str, conversations: list[list[dict]], max_
     `continue_final_message`); `stop` ends a reply before that text. Up to `api.concurrency`
     requests are in flight at once (a thread pool), so a batching server (vLLM) has several
     to decode together; the replies come back in the conversations' order, and the seeds make
-    them independent of it."""
+    them independent of it.
+
+    What vLLM (0.32) does otherwise than `generate.chat` in process, which no request can change:
+    it samples with its own generator per seed (so the same seed gives other replies than ours, and
+    its batch's numerics may still move a reply); it fills every sampling option a request leaves
+    out from the model directory's generation_config.json (top_k, repetition_penalty, min_p: the
+    real Qwen2.5 models have them) unless it is started with `--generation-config vllm`; top_p is
+    sent as 1, as ours. Its `stop` and `continue_final_message` are ours: the reply ends before the
+    stop text (which a token may hold with text before it), and the continued message is the
+    rendered prompt's end as it is (transformers' chat template, no end of turn)."""
     endpoint = chat_url(api.url)
 
     def one(i):
         body = {"model": model, "messages": conversations[i], "max_tokens": max_tokens,
-                "temperature": temperature, "seed": seed + i, "n": 1}
+                "temperature": temperature, "top_p": 1.0, "seed": seed + i, "n": 1}
         if conversations[i][-1]["role"] == "assistant":
             body |= {"continue_final_message": True, "add_generation_prompt": False}
         if stop:
@@ -125,7 +134,9 @@ def api_chat(api: Endpoint, model: str):
     stop, scaffold, scaffold_tokens) -> list[str]; the local model and tokenizer arguments are
     ignored. `reply_prefix` starts the assistant's turn as in process: it is sent as a final
     assistant message to be continued, and kept in the reply; a scaffold is written after the
-    first reply and continued by a second request (seeds after the first requests')."""
+    first reply and continued by a second request (seeds after the first requests'). In process
+    the scaffold's tokens follow the first part's tokens; here the server tokenizes the text of
+    both again, so the ids at the seam may differ (the text does not)."""
     def chat(_model, _tokenizer, conversations, max_new_tokens=64, temperature=0.7, seed=0, batch_size=8, desc=None,
              reply_prefix="", stop="", scaffold="", scaffold_tokens=0):
         prefixes = [reply_prefix] * len(conversations) if isinstance(reply_prefix, str) else list(reply_prefix)

@@ -6,10 +6,6 @@ are each weight's nearest (or GPTQ's on the inputs of the pairs the adapter was 
 predictions (gridtune.py; off with --deploy-tune-epochs 0).
 """
 import copy
-import json
-
-from safetensors import safe_open
-from torch import nn
 
 import cdcda
 import lora
@@ -18,33 +14,9 @@ import train
 from augment import augment
 from cdcda import Method, download, upload
 from deployment import deploy, gptq, gridtune
-from errors import InputError
 from filters import select
 
 OPTIONS = ("deploy_rounding", "deploy_tune_epochs")  # Settings.extra: a re-run must share them
-
-
-def load_adapter(model: nn.Module, path) -> nn.Module:
-    """An adapter `lora.save_adapter` wrote (step 5 saves each method's), into a model of the same
-    `lora.add_lora(r, alpha, targets)` (else an error)."""
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    if not {"r", "alpha", "targets"} <= meta.keys():
-        raise InputError(f"{path}: not a cdcda adapter (metadata lacks r, alpha, targets)")
-    saved = {"r": int(meta["r"]), "alpha": float(meta["alpha"]), "targets": json.loads(meta["targets"])}
-    ours = lora.lora_settings(model)
-    if saved != {**ours, "alpha": float(ours["alpha"])}:
-        raise InputError(f"{path}: adapter was trained with {saved}, the model has LoRA {ours}")
-    own = lora.adapter_state_dict(model)
-    if own.keys() != tensors.keys():
-        extra, missing = sorted(tensors.keys() - own.keys()), sorted(own.keys() - tensors.keys())
-        raise InputError(f"{path}: adapter keys differ from the model's: unexpected {extra[:3]}, missing {missing[:3]}")
-    for key, value in tensors.items():
-        if value.shape != own[key].shape:
-            raise InputError(f"{path}: {key} has shape {tuple(value.shape)}, the model expects {tuple(own[key].shape)}")
-        own[key].copy_(value)  # state_dict tensors share storage with the parameters
-    return model
 
 
 def deployed(method: str):
@@ -56,7 +28,7 @@ def deployed(method: str):
         model = lora.add_lora(copy.deepcopy(s.device.model), r=s.settings.lora_r, alpha=s.settings.lora_alpha,
                               seed=seed)
         where = runner.user_dir(s.settings, user)
-        load_adapter(model.eval(), where / f"{method}.adapter.safetensors")
+        lora.load_adapter(model.eval(), where / f"{method}.adapter")
         calibration = [train.encode_example(s.device.tokenizer, messages, y, s.settings.max_length)[0]
                        for messages, y in cdcda.examples(s.task, trained_on(s, user, seed, method))]
         rounded = gptq.gptq_blocks(model, calibration) if rounding == "gptq" else None

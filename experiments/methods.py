@@ -38,7 +38,6 @@ import qwen2
 import runner
 from augment import augment
 from cdcda import Answers, Method, answer, download, personalize, upload
-from deployment.methods import load_adapter
 from experiments import baselines, speculative as spec
 from filters import select
 
@@ -107,11 +106,11 @@ def prompted(where: str, retriever: str | None = None):
 def direct_ft_model(s: cdcda.Shared, user, seed: int):
     """The Direct-FT personalized device model: its adapter from the user's directory when the
     direct-ft row already trained it (same settings: the harness checks), else trained here."""
-    path = user_dir(s, user) / "direct-ft.adapter.safetensors"
-    if path.is_file():
+    path = user_dir(s, user) / "direct-ft.adapter"
+    if path.is_dir():
         model = lora.add_lora(copy.deepcopy(s.device.model), r=s.settings.lora_r, alpha=s.settings.lora_alpha,
                               seed=seed)
-        return load_adapter(model, path).eval()
+        return lora.load_adapter(model, path).eval()
     return personalize(s.device, s.task, upload(s.task, user, s.rewrites), s.settings, seed)[0]
 
 

@@ -60,7 +60,9 @@ def test_end_to_end_tiny(tiny_model_dir, tmp_path, monkeypatch, fake_cloud, tiny
         user_dir = tmp_path / "run" / "users" / user.user_id
         records = [json.loads(line) for line in (user_dir / "synthetic.jsonl").read_text().splitlines()]
         assert len(records) == 2 * len(user.profile) and all("scf_forward" in r for r in records)
-        assert (user_dir / "cdcda.adapter.safetensors").is_file()
+        config = json.loads((user_dir / "cdcda.adapter" / "adapter_config.json").read_text())
+        assert config["peft_type"] == "LORA" and config["base_model_name_or_path"].startswith(
+            str(tmp_path / "cache" / "base"))  # PEFT's layout, on M_base
         result = json.loads((user_dir / "result.json").read_text())
         assert len(result["predictions"]["cdcda"]) == len(user.queries)
     md = (tmp_path / "run" / "results.md").read_text()

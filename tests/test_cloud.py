@@ -93,3 +93,40 @@ def test_openai_chat_keeps_at_most_concurrency_requests_in_flight_and_the_order(
     finally:
         stub.shutdown()
         stub.server_close()
+
+
+def test_api_chat_sends_what_vllm_needs_for_the_scaffold():
+    """Structured decoding through the API: per conversation a first request continuing the reply
+    prefix, a second continuing prefix + first part + scaffold, both stopped at "]", top_p 1 (vLLM
+    would otherwise take a model's generation_config defaults) and their own seeds."""
+    bodies = []
+
+    class Echo(BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            bodies.append(body)
+            raw = json.dumps({"choices": [{"message": {"content": f"s{body['seed']}"}}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(raw)))
+            self.end_headers()
+            self.wfile.write(raw)
+
+        def log_message(self, *a):
+            pass
+    stub = ThreadingHTTPServer(("127.0.0.1", 0), Echo)
+    threading.Thread(target=stub.serve_forever, daemon=True).start()
+    try:
+        chat = cloud.api_chat(cloud.Endpoint(f"http://127.0.0.1:{stub.server_address[1]}"), "m")
+        conversations = [[{"role": "user", "content": c}] for c in "ab"]
+        replies = chat(None, None, conversations, 8, 0.7, seed=10, reply_prefix="Input: [",
+                       stop="]", scaffold="], Response: [", scaffold_tokens=5)
+    finally:
+        stub.shutdown()
+        stub.server_close()
+    assert replies == ["Input: [s10], Response: [s12", "Input: [s11], Response: [s13"]
+    bodies.sort(key=lambda b: b["seed"])
+    assert [b["messages"][-1]["content"] for b in bodies] == [
+        "Input: [", "Input: [", "Input: [s10], Response: [", "Input: [s11], Response: ["]
+    assert [b["max_tokens"] for b in bodies] == [8, 8, 5, 5]
+    assert all(b["continue_final_message"] is True and b["add_generation_prompt"] is False
+               and b["stop"] == "]" and b["top_p"] == 1.0 and b["model"] == "m" for b in bodies)

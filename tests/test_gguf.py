@@ -9,10 +9,10 @@ import json
 import gguf
 import numpy as np
 import pytest
+import smollm2
 import torch
 
 import qwen2
-import smollm2
 from deployment import __main__ as run_deployment, deploy, gguf_export
 from errors import InputError
 

@@ -1,10 +1,12 @@
-"""lora.py: eq. 5 (LoRALinear, add_lora, merge), against peft; the adapter files are in test_train.py."""
+"""lora.py: eq. 5 (LoRALinear, add_lora, merge) and its adapter directories (PEFT's layout), against peft."""
 import pytest
 import torch
 from torch import nn
 
 import lora
 import nf4
+import qwen2
+from errors import InputError
 
 
 @pytest.mark.parametrize("quantized", [False, True])
@@ -92,8 +94,6 @@ def test_outputs_equal_peft_with_the_same_a_and_b(words):
     assert torch.allclose(ours, ref, atol=1e-5, rtol=0)
 
 
-
-
 def test_a_seed_gives_the_same_adapter_whatever_drew_before(words):
     def adapter(seed, draws):
         model = words.model()
@@ -103,3 +103,67 @@ def test_a_seed_gives_the_same_adapter_whatever_drew_before(words):
     assert torch.equal(adapter(5, 1), adapter(5, 1000))
     assert not torch.equal(adapter(5, 1), adapter(6, 1))
     assert not torch.equal(adapter(None, 1), adapter(None, 1000))  # the global generator: what ran before shows
+
+
+def llama_with_lora(tiny_hf, directory, seed=0):
+    """transformers' tiny random Llama saved in `directory`, and ours loaded from it with an adapter
+    made to look trained: (hf model, our model)."""
+    hf, directory = tiny_hf.model("llama", directory)
+    ours = lora.add_lora(qwen2.load(str(directory))[0], r=4, alpha=8, seed=seed)
+    for i, m in enumerate(m for m in ours.modules() if isinstance(m, lora.LoRALinear)):
+        g = torch.Generator().manual_seed(seed * 1000 + i)
+        m.lora_B.data = torch.randn(m.lora_B.shape, generator=g) * 0.1
+    return hf, ours
+
+
+def test_a_saved_adapter_gives_our_logits_in_peft_on_transformers(tiny_hf, tmp_path):
+    peft = pytest.importorskip("peft")
+    hf, ours = llama_with_lora(tiny_hf, tmp_path / "base")
+    path = lora.save_adapter(ours, tmp_path / "user.adapter", base_model=str(tmp_path / "base"))
+    assert sorted(p.name for p in path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    ids, mask = tiny_hf.padded_batch()
+    with torch.no_grad():
+        plain = hf(ids, attention_mask=mask).logits
+        reference = peft.PeftModel.from_pretrained(hf, path).eval()
+        assert reference.peft_config["default"].base_model_name_or_path == str(tmp_path / "base")
+        theirs, mine = reference(ids, attention_mask=mask).logits, ours(ids, mask)
+    real = mask.bool()  # left padding: the padded positions' logits are nobody's business
+    assert (theirs - plain)[real].abs().max() > 0.05  # peft really applied the adapter
+    assert torch.allclose(mine[real], theirs[real], atol=1e-5, rtol=0)
+
+
+def test_an_adapter_reads_back_and_a_mismatch_names_the_file(words, tmp_path):
+    model = lora.add_lora(words.model(), r=4, alpha=8, seed=1)
+    words.randomize_b(model)
+    path = lora.save_adapter(model, tmp_path / "a", base_model="words")
+    lora.save_adapter(model, path, base_model="words")  # a second save replaces the directory
+    fresh = lora.load_adapter(lora.add_lora(words.model(), r=4, alpha=8, seed=2), path)
+    saved, loaded = lora.adapter_state_dict(model), lora.adapter_state_dict(fresh)
+    assert saved.keys() == loaded.keys() and all(torch.equal(saved[k], loaded[k]) for k in saved)
+    with pytest.raises(InputError, match=r"a/adapter_config.json: the adapter has .*'r': 4"):
+        lora.load_adapter(lora.add_lora(words.model(), r=8, alpha=8), path)
+    with pytest.raises(InputError, match="adapter_config.json"):
+        lora.load_adapter(lora.add_lora(words.model(), r=4, alpha=8, targets=("q_proj",)), path)
+    with pytest.raises(InputError, match=r"adapter_model.safetensors: tensors differ .*q_proj"):
+        lora.load_adapter(lora.add_lora(words.model(hidden_size=32), r=4, alpha=8), path)
+    with pytest.raises(InputError, match="not a PEFT LoRA adapter"):
+        lora.load_adapter(fresh, tmp_path / "missing")
+
+
+def test_an_adapter_peft_wrote_reads_into_our_model(tiny_hf, tmp_path):
+    peft = pytest.importorskip("peft")
+    hf, directory = tiny_hf.model("llama", tmp_path / "base")
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=list(lora.TARGETS))
+    reference = peft.get_peft_model(hf, config).eval()
+    g = torch.Generator().manual_seed(3)
+    for name, p in reference.named_parameters():
+        if "lora_B" in name:
+            p.data = torch.randn(p.shape, generator=g) * 0.1
+    reference.save_pretrained(tmp_path / "peft")
+    ours = lora.add_lora(qwen2.load(str(directory))[0], r=4, alpha=8)
+    lora.load_adapter(ours, tmp_path / "peft")
+    ids, mask = tiny_hf.padded_batch()
+    real = mask.bool()
+    with torch.no_grad():
+        assert torch.allclose(ours(ids, mask)[real], reference(ids, attention_mask=mask).logits[real],
+                              atol=1e-5, rtol=0)

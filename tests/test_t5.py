@@ -279,7 +279,7 @@ def test_pipeline_end_to_end_on_a_tiny_t5(tmp_path, monkeypatch, tiny_model_dir,
     assert "LaMP-7 (R-1)" in text and "| LaMP-2 (Acc) | - | - |" in text
     user = json.loads((tmp_path / "run" / "lamp7" / "run.json").read_text())
     assert user["device_model"] == str(tmp_path / "flan")
-    adapters = list((tmp_path / "run" / "lamp7" / "users").glob("*/cdcda.adapter.safetensors"))
+    adapters = list((tmp_path / "run" / "lamp7" / "users").glob("*/cdcda.adapter/adapter_config.json"))
     assert adapters
     assert json.loads(next((tmp_path / "cache" / "base").glob("lamp7-*/config.json")).read_text())["model_type"] == "t5"
     argv[argv.index("--out") + 1] = str(tmp_path / "plain")  # cdcda.py's own rows, on the cached M_base

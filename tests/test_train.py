@@ -1,5 +1,7 @@
 """train.py: eq. 6 (finetune), the examples it trains on (encode_example, fit_messages), and the
-adapter files a trained model is saved to and loaded from (lora.save_adapter, load_adapter)."""
+adapter files a trained model is saved to and loaded from (lora.save_adapter, lora.load_adapter)."""
+import json
+
 import pytest
 import torch
 from safetensors import safe_open
@@ -10,7 +12,6 @@ import nf4
 import options
 import qwen2
 import train
-from deployment.methods import load_adapter
 
 
 def test_response_only_masking_by_hand(words):
@@ -51,21 +52,21 @@ def test_finetune_loss_falls_and_the_adapter_reloads(tmp_path, words):
     losses = train.finetune(model, tok, words.examples, options.Settings(epochs=4, lr=1e-2, batch_size=3), seed=0)
     assert len(losses) == 4 and losses[-1] < 0.5 * losses[0]
     assert not model.training  # left as it was (eval)
-    path = tmp_path / "adapter.safetensors"
-    lora.save_adapter(model, path)
-    with safe_open(str(path), framework="pt") as f:
-        assert f.metadata()["r"] == "4" and f.metadata()["alpha"] == "8"
+    path = lora.save_adapter(model, tmp_path / "user.adapter", base_model="words")
+    config = json.loads((path / "adapter_config.json").read_text())
+    assert config["r"] == 4 and config["lora_alpha"] == 8 and config["base_model_name_or_path"] == "words"
+    with safe_open(str(path / "adapter_model.safetensors"), framework="pt") as f:
         assert len(list(f.keys())) == 2 * 2 * 7 and all(".lora_" in k and ".base." not in k for k in f.keys())
     fresh = lora.add_lora(words.model(), r=4, alpha=8)  # same base weights (same seed), new adapter
     ids = torch.randint(0, 22, (2, 8))
     with torch.no_grad():
         assert not torch.allclose(fresh(ids), model(ids))
-        load_adapter(fresh, path)
+        lora.load_adapter(fresh, path)
         assert torch.equal(fresh(ids), model(ids))
-    with pytest.raises(ValueError, match="trained with"):
-        load_adapter(lora.add_lora(words.model(), r=8, alpha=8), path)
-    with pytest.raises(ValueError, match="trained with"):
-        load_adapter(lora.add_lora(words.model(), r=4, alpha=8, targets=("q_proj", "v_proj")), path)
+    with pytest.raises(ValueError, match="the adapter has"):
+        lora.load_adapter(lora.add_lora(words.model(), r=8, alpha=8), path)
+    with pytest.raises(ValueError, match="the adapter has"):
+        lora.load_adapter(lora.add_lora(words.model(), r=4, alpha=8, targets=("q_proj", "v_proj")), path)
 
 
 def test_finetune_is_seeded(words):
