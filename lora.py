@@ -36,14 +36,18 @@ class LoRALinear(nn.Module):
     def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0, generator=None):
         super().__init__()
         if not isinstance(base, (nn.Linear, nf4.NF4Linear)):
-            raise TypeError(f"LoRALinear wraps nn.Linear or nf4.NF4Linear, not {type(base).__name__}")
+            raise TypeError(f"LoRALinear wraps nn.Linear or nf4.NF4Linear, not "
+                            f"{type(base).__name__}")
         if r <= 0:
             raise ValueError(f"LoRA rank r must be positive, got {r}")
         self.base = base.requires_grad_(False)
         self.r, self.alpha, self.scaling = r, alpha, alpha / r
-        A = nn.init.kaiming_uniform_(torch.empty(r, base.in_features), a=math.sqrt(5), generator=generator)
-        self.lora_A = nn.Parameter(A.to(base.weight.device))  # (r, in), as nn.Linear initialises its weight
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=base.weight.device))  # (out, r)
+        device = base.weight.device
+        # (r, in), as nn.Linear initialises its weight
+        A = nn.init.kaiming_uniform_(torch.empty(r, base.in_features), a=math.sqrt(5),
+                                     generator=generator)
+        self.lora_A = nn.Parameter(A.to(device))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=device))  # (out, r)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -52,7 +56,8 @@ class LoRALinear(nn.Module):
         return y + (F.linear(h, self.lora_B) * self.scaling).to(y.dtype)
 
     def merged_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """W + (alpha / r) B A (out, in) in `dtype` (default the base's); bf16 would round away a small delta."""
+        """W + (alpha / r) B A (out, in) in `dtype` (default the base's); bf16 would round away a
+        small delta."""
         if isinstance(self.base, nf4.NF4Linear):
             weight = self.base.dequantized()
         else:
@@ -145,13 +150,15 @@ def load_adapter(model: nn.Module, directory) -> nn.Module:
 
 
 def merge(model: nn.Module) -> nn.Module:
-    """Fold every adapter into its layer: nn.Linear with W + (alpha/r) B A (dense, in the compute dtype)."""
+    """Fold every adapter into its layer: nn.Linear with W + (alpha/r) B A (dense, in the compute
+    dtype)."""
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, LoRALinear):
                 weight = child.merged_weight()  # (out, in)
                 bias = child.base.bias
-                dense = nn.Linear(child.base.in_features, child.base.out_features, bias=bias is not None,
+                dense = nn.Linear(child.base.in_features, child.base.out_features,
+                                  bias=bias is not None,
                                   device=weight.device, dtype=weight.dtype)
                 dense.weight.data.copy_(weight)
                 if bias is not None:

@@ -106,7 +106,8 @@ def run_user(shared, methods, user: data.User, user_dir: Path, fingerprint: dict
             result["gold_nll"][name] = train.nll(answers.model, shared.device.tokenizer, golds,
                                                  settings.max_length, shared.device.family.loss)
             if any(isinstance(m, lora.LoRALinear) for m in answers.model.modules()):
-                lora.save_adapter(answers.model, user_dir / f"{name}.adapter", str(shared.device.base))
+                lora.save_adapter(answers.model, user_dir / f"{name}.adapter",
+                                  str(shared.device.base))
         if answers.losses is not None:
             result["losses"][name] = answers.losses
         # step 3's verdicts: the first row's (every row of a user asks the same)
