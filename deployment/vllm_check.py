@@ -94,7 +94,7 @@ def vllm(python: str, model: str, name: str, log: Path, loras=(), wait_s: float 
 
 def cloud_check(args) -> None:
     """Part 1: the demo with vLLM as its cloud; the table and how long the augmentation took."""
-    model = subprocess.check_output([args.python, "-c", "import smollm2; print(smollm2.embedded_dir())"],
+    model = subprocess.check_output([args.python, "-c", "from embedded import smollm2; print(smollm2.embedded_dir())"],
                                     cwd=ROOT, text=True).strip()
     out = Path(args.out)
     with vllm(args.vllm, model, CLOUD_NAME, out / "vllm.log") as url:

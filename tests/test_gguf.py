@@ -9,11 +9,11 @@ import json
 import gguf
 import numpy as np
 import pytest
-import smollm2
 import torch
 
 import qwen2
 from deployment import __main__ as run_deployment, deploy, gguf_export
+from embedded import smollm2
 from errors import InputError
 
 Q = gguf.GGMLQuantizationType
