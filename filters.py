@@ -6,42 +6,34 @@ A synthetic sample (x_syn, y_syn) generated from an original (x, y) is kept only
   LSF (eq. 4)  eps_min_len * len(x) <= len(x_syn) <= eps_max_len * len(x)  sensible length
 As in the equations only the inputs are compared, without the task instruction (`cdcda.upload`);
 len() counts words. The judge M: `NLIJudge` (the paper's) or `EmbeddingJudge` (the offline
-proxy, a cosine: symmetric, not entailment). The paper gives no thresholds; README says where
-the defaults come from."""
-from dataclasses import asdict, dataclass, field, replace
+proxy, a cosine: symmetric, not entailment), made by `make_judge` from --judge. The paper gives
+no thresholds; they are options (options.Settings), and README says where the defaults come from."""
+from dataclasses import dataclass, field
 
+import data
 import encoder
 import metrics
+import options
 
-EPS_SCF_NLI = 0.5
-EPS_SCF_EMBEDDING = 0.6
-EPS_TDF = 0.75
-EPS_MIN_LEN = 0.5
-EPS_MAX_LEN = 2.0
-
-
-@dataclass(frozen=True)
-class Thresholds:
-    """The thresholds of eq. 2-4, named as cdcda.py's options; eps_scf None: the judge's own
-    `default_eps_scf` (NLI and the embedding proxy need different ones)."""
-    eps_scf: float | None = None
-    eps_tdf: float = EPS_TDF
-    eps_min_len: float = EPS_MIN_LEN
-    eps_max_len: float = EPS_MAX_LEN
+EPS_SCF_NLI = 0.5  # P(entailment) at least the other labels' mass
+EPS_SCF_EMBEDDING = 0.6  # a cosine (README: where the defaults come from)
 
 
 class NLIJudge:
     """M_NLI(premise => hypothesis) = P(entailment) of an NLI cross-encoder (the paper's WANLI)."""
     default_eps_scf = EPS_SCF_NLI
 
-    def __init__(self, source: str, dtype: str = "float32", device: str = "cpu", batch_size: int = 16):
+    def __init__(self, source: str, dtype: str = "float32", device: str = "cpu",
+                 batch_size: int = 16):
         self.model, self.tokenizer = encoder.load(source, dtype, device)
         encoder.entailment_index(self.model.config)  # fail now, not mid-selection
         self.batch_size = batch_size
         self.name = f"nli:{source}"
 
     def __call__(self, premises: list[str], hypotheses: list[str]) -> list[float]:
-        return encoder.entailment_probs(self.model, self.tokenizer, premises, hypotheses, self.batch_size).tolist()
+        probs = encoder.entailment_probs(self.model, self.tokenizer, premises, hypotheses,
+                                         self.batch_size)
+        return probs.tolist()
 
 
 class EmbeddingJudge:
@@ -60,7 +52,8 @@ class EmbeddingJudge:
             raise ValueError(f"{len(premises)} premises but {len(hypotheses)} hypotheses")
         unique = list(dict.fromkeys(premises + hypotheses))  # each text embedded once
         row = {t: i for i, t in enumerate(unique)}
-        e = encoder.sentence_embeddings(self.model, self.tokenizer, unique, self.batch_size)  # (U, H)
+        # (U, H)
+        e = encoder.sentence_embeddings(self.model, self.tokenizer, unique, self.batch_size)
         p = e[[row[t] for t in premises]]  # (N, H)
         h = e[[row[t] for t in hypotheses]]  # (N, H)
         return (p * h).sum(-1).clamp(-1.0, 1.0).tolist()
@@ -71,7 +64,8 @@ def semantic_consistency(forward: float, backward: float, eps_scf: float) -> boo
     return forward >= eps_scf and backward >= eps_scf
 
 
-def entailment_both_ways(judge, xs: list[str], xs_syn: list[str]) -> tuple[list[float], list[float]]:
+def entailment_both_ways(judge, xs: list[str],
+                         xs_syn: list[str]) -> tuple[list[float], list[float]]:
     """The scores eq. 2 compares, M(x => x_syn) and M(x_syn => x) for every pair, from one
     batched call of the judge: ([forward] * N, [backward] * N)."""
     if not xs:
@@ -91,7 +85,8 @@ def length(text: str) -> int:
     return len(text.split())
 
 
-def length_ratio(x: str, x_syn: str, eps_min_len: float, eps_max_len: float) -> tuple[bool, float | None]:
+def length_ratio(x: str, x_syn: str, eps_min_len: float,
+                 eps_max_len: float) -> tuple[bool, float | None]:
     """Eq. 4 -> (passed, len(x_syn) / len(x), None when x is empty). Tested in the
     equation's product form, so an empty x keeps only an empty x_syn."""
     n, n_syn = length(x), length(x_syn)
@@ -101,35 +96,35 @@ def length_ratio(x: str, x_syn: str, eps_min_len: float, eps_max_len: float) -> 
 
 @dataclass
 class Selection:
-    """What `select` returns: the kept (x_syn, y_syn) pairs in input order, one JSON-ready record per
-    candidate, the counts (a candidate failing two filters counts under both "rejected_*")."""
+    """What `select` returns: the kept (x_syn, y_syn) pairs in input order, one JSON-ready record
+    per candidate, the counts (a candidate failing two filters counts under both "rejected_*";
+    step 2's own counts follow)."""
     kept: list[tuple[str, str]]
     records: list[dict]
     counts: dict
     thresholds: dict = field(default_factory=dict)
 
 
-def select(originals: list[tuple[str, str]], candidates: list[tuple[str, str]], judge,
-           thresholds: Thresholds = Thresholds()) -> Selection:
-    """Apply SCF, TDF and LSF to every candidate (paper sec. 4, "Synthetic data selection").
+def select(pairs: list[tuple[str, str]], candidates: data.Candidates, judge, settings) -> Selection:
+    """Step 3 (sec. 4, "Synthetic data selection"): SCF, TDF and LSF on every candidate.
 
-    candidates[i] = (x_syn, y_syn) was generated from originals[i] = (x, y); eps_scf None is the
-    judge's default. Every filter runs on every candidate (the counts say what each alone rejects),
-    the judge once over the batch, both directions. Each record: {"input", "output", "syn_input",
-    "syn_output", "scf_forward", "scf_backward", "rouge_l", "length_ratio", "scf", "tdf", "lsf", "kept"}."""
-    if len(originals) != len(candidates):
-        raise ValueError(f"select: {len(originals)} originals but {len(candidates)} candidates")
-    t = replace(thresholds, eps_scf=judge.default_eps_scf) if thresholds.eps_scf is None else thresholds
-    xs = [x for x, _ in originals]
-    xs_syn = [x_syn for x_syn, _ in candidates]
-    forwards, backwards = entailment_both_ways(judge, xs, xs_syn)
+    candidates.pairs[i] = (x_syn, y_syn) was generated from pairs[candidates.source[i]] = (x, y);
+    `settings` gives eps_scf (None: the judge's default), eps_tdf, eps_min_len, eps_max_len.
+    Every filter runs on every candidate (the counts say what each alone rejects), the judge once
+    over the batch, both directions. Each record: {"input", "output", "syn_input", "syn_output",
+    "scf_forward", "scf_backward", "rouge_l", "length_ratio", "scf", "tdf", "lsf", "kept"}."""
+    originals = [pairs[i] for i in candidates.source]
+    eps_scf = judge.default_eps_scf if settings.eps_scf is None else settings.eps_scf
+    forwards, backwards = entailment_both_ways(judge, [x for x, _ in originals],
+                                               [x_syn for x_syn, _ in candidates.pairs])
     kept, records = [], []
-    counts = {"candidates": len(candidates), "kept": 0, "rejected": 0, "rejected_scf": 0, "rejected_tdf": 0,
-              "rejected_lsf": 0}
-    for (x, y), (x_syn, y_syn), forward, backward in zip(originals, candidates, forwards, backwards):
-        scf = semantic_consistency(forward, backward, t.eps_scf)  # eq. 2
-        tdf, rouge = token_diversity(x, x_syn, t.eps_tdf)  # eq. 3
-        lsf, ratio = length_ratio(x, x_syn, t.eps_min_len, t.eps_max_len)  # eq. 4
+    counts = {"candidates": len(candidates.pairs), "kept": 0, "rejected": 0, "rejected_scf": 0,
+              "rejected_tdf": 0, "rejected_lsf": 0}
+    for (x, y), (x_syn, y_syn), forward, backward in zip(originals, candidates.pairs, forwards,
+                                                          backwards):
+        scf = semantic_consistency(forward, backward, eps_scf)  # eq. 2
+        tdf, rouge = token_diversity(x, x_syn, settings.eps_tdf)  # eq. 3
+        lsf, ratio = length_ratio(x, x_syn, settings.eps_min_len, settings.eps_max_len)  # eq. 4
         ok = scf and tdf and lsf
         records.append({"input": x, "output": y, "syn_input": x_syn, "syn_output": y_syn,
                         "scf_forward": forward, "scf_backward": backward, "rouge_l": rouge,
@@ -139,6 +134,14 @@ def select(originals: list[tuple[str, str]], candidates: list[tuple[str, str]], 
         counts["rejected_lsf"] += not lsf
         if ok:
             kept.append((x_syn, y_syn))
-    counts["kept"] = len(kept)
-    counts["rejected"] = len(candidates) - len(kept)
-    return Selection(kept, records, counts, {"judge": judge.name, **asdict(t)})
+    counts["kept"], counts["rejected"] = len(kept), len(candidates.pairs) - len(kept)
+    thresholds = {"judge": judge.name, "eps_scf": eps_scf, "eps_tdf": settings.eps_tdf,
+                  "eps_min_len": settings.eps_min_len, "eps_max_len": settings.eps_max_len}
+    return Selection(kept, records, counts | candidates.counts, thresholds)
+
+
+def make_judge(spec: str, device: str):
+    """The eq. 2 judge named by --judge: "nli:MODEL" (`NLIJudge`) or "embedding:MODEL" (the
+    proxy)."""
+    kind, source = options.judge_source(spec)
+    return (NLIJudge if kind == "nli" else EmbeddingJudge)(source, device=device)

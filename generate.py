@@ -2,7 +2,9 @@
 network, this file what runs it token by token): `sample` (greedy, or softmax(logits / T) with
 top-p), `generate` (batched, left-padded, a preallocated `qwen2.KVCache`; a prompt's replies
 from one prefill, scaffolds, finished rows leaving; its state a step at a time: `Replies`) and
-`chat` (ChatML in, replies' text out).
+`chat` (ChatML in, replies' text out). `chat` decodes with `generate` unless handed another
+`decode`: the seam two extras share, an encoder-decoder's (experiments/t5.py) and the cloud
+service's batcher, which decodes the requests in flight together (cloud/batcher.py).
 Speculative decoding (Table 1's row) is experiments/speculative.py."""
 import functools
 import hashlib
@@ -11,6 +13,8 @@ import torch
 from tqdm import tqdm
 
 from qwen2 import KVCache, Qwen2, Tokenizer
+
+BATCH = 80  # replies decoded together: batched decoding reads the weights once a step for all rows
 
 
 def left_pad(sequences: list[list[int]], pad_token_id: int, device="cpu"):
@@ -182,14 +186,10 @@ def chat(model: Qwen2, tokenizer: Tokenizer, conversations: list[list[dict]], ma
     whatever the others and batch_size. `temperature`, `reply_prefix`: one, or one per conversation;
     the prefix starts the assistant's turn and stays in the reply; `stop` ends a reply before that
     text (OpenAI's); `scaffold` is written where a reply first ends (`generate`). decode: what decodes
-    a batch (`generate`'s arguments but the model): `generate` on `model`, a T5's `new_tokens`, the
-    cloud service's batcher (cloud/server.py)."""
-    new_tokens = getattr(model, "new_tokens", None)  # an encoder-decoder (t5.T5) decodes its own way
-    decode = decode or new_tokens or functools.partial(generate, model)
+    a batch (`generate`'s arguments but the model; default `generate` on `model`)."""
+    decode = decode or functools.partial(generate, model)
     prefixes = [reply_prefix] * len(conversations) if isinstance(reply_prefix, str) else list(reply_prefix)
     temperatures = torch.as_tensor(temperature, dtype=torch.float).expand(len(conversations))
-    if new_tokens and (any(prefixes) or scaffold):
-        raise ValueError("generate.chat: a reply prefix or a scaffold needs a decoder-only model")
     device = next(model.parameters()).device
     prompts = [tuple(tokenizer.encode(tokenizer.apply_chat_template(c) + p)) for c, p in zip(conversations, prefixes)]
     groups = {}  # prompt -> the conversations asking it

@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 
 from errors import InputError
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # --dtype names
+# --dtype names
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def dtype(name: str) -> torch.dtype:
@@ -40,11 +41,26 @@ def write_atomic(path: Path, text: str) -> None:
         tmp.write_text(text)
 
 
+def made_once(path: Path, what: str, make) -> Path:
+    """`path` (a file or a directory under the cache), made by `make(tmp)` the first time and reused
+    after: the first process to take its lock makes it atomically, the others wait and find it."""
+    path = Path(path)
+    with exclusive(cache_dir() / "locks" / f"{path.name}.lock", what):
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with atomic(path) as tmp:
+                make(tmp)
+        else:
+            print(f"{what}: cached {path}")
+    return path
+
+
 @contextmanager
 def exclusive(path: Path, what: str):
-    """Hold an exclusive lock on the file `path` for the block, waiting for another holder. flock: the
-    kernel releases it with its process however that ends, so no lock outlives a crash; across
-    machines it needs a file system whose flock reaches all hosts (NFS v4, Lustre -o flock)."""
+    """Hold an exclusive lock on the file `path` for the block, waiting for another holder.
+    flock: the kernel releases it with its process however that ends, so no lock outlives a
+    crash; across machines it needs a file system whose flock reaches all hosts (NFS v4, Lustre
+    -o flock)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
         try:
@@ -58,7 +74,8 @@ def exclusive(path: Path, what: str):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-# "name" or "owner/name": letters, digits, "-", "_", "." (not first); "--" and ".." are the Hub's separators
+# "name" or "owner/name": letters, digits, "-", "_", "." (not first); "--" and ".." are the Hub's
+# separators
 _REPO_ID = re.compile(r"(?!.*(--|\.\.))([A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*")
 
 
@@ -77,7 +94,7 @@ def snapshot(source: str) -> Path:
         return path
     if path.exists() or not _REPO_ID.fullmatch(source):
         raise InputError(f"model {source!r}: not a directory and not a hub repo id "
-                                "(owner/name, or a legacy bare name such as roberta-large)")
+                         "(owner/name, or a legacy bare name such as roberta-large)")
     from huggingface_hub import snapshot_download
 
     patterns = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]
@@ -124,8 +141,8 @@ def check_state_dict(module: torch.nn.Module, state: dict[str, torch.Tensor], wh
                                ("unexpected key", set(state) - set(expected), state)):
         if keys:
             key, more = sorted(keys)[0], f" and {len(keys) - 1} more" if len(keys) > 1 else ""
-            shape = ("expected shape " if shapes is expected else "shape ") + str(tuple(shapes[key].shape))
-            raise InputError(f"{where}: {what} {key!r} ({shape}){more}")
+            label = "expected shape" if shapes is expected else "shape"
+            raise InputError(f"{where}: {what} {key!r} ({label} {tuple(shapes[key].shape)}){more}")
     for key, tensor in expected.items():
         if tuple(state[key].shape) != tuple(tensor.shape):
             raise InputError(f"{where}: key {key!r} has shape {tuple(state[key].shape)} in the "

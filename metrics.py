@@ -13,7 +13,8 @@ import torch
 import data
 import encoder
 
-LABELS = {name: list(task.labels) for name, task in data.TASKS.items() if task.labels}  # lamp1, lamp2
+# lamp1, lamp2
+LABELS = {name: list(task.labels) for name, task in data.TASKS.items() if task.labels}
 TASKS = tuple(data.TASKS)
 
 _NON_ALPHANUM = re.compile(r"[^a-z0-9]+")
@@ -27,7 +28,7 @@ def rouge_tokens(text: str) -> list[str]:
 
 
 def _fmeasure(precision: float, recall: float) -> float:
-    # rouge_score.scoring.fmeasure, same expression so the floats are identical
+    # rouge_score.scoring.fmeasure, same expression so the floats are identical; BERTScore's F too
     return 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
 
 
@@ -89,8 +90,9 @@ def accuracy(predictions: list[str], golds: list[str], labels: list[str]) -> flo
 
 
 def f1(predictions: list[str], golds: list[str], labels: list[str]) -> float:
-    """Macro F1 over every label, as sklearn's `f1_score(average="macro", labels=range(len(labels)))`:
-    F1_k = 2 tp / (2 tp + fp + fn), 0 for a label nobody gave or predicted (still in the mean)."""
+    """Macro F1 over every label, as sklearn's
+    `f1_score(average="macro", labels=range(len(labels)))`: F1_k = 2 tp / (2 tp + fp + fn), 0 for
+    a label nobody gave or predicted (still in the mean)."""
     _check_lists(predictions, golds, "f1")
     pred, gold = _label_indices(predictions, golds, labels)
     scores = []
@@ -102,7 +104,8 @@ def f1(predictions: list[str], golds: list[str], labels: list[str]) -> float:
 
 
 # ---------------------------------------------------------------- rating (LaMP-3)
-def _ratings(predictions: list[str], golds: list[str], what: str) -> tuple[list[float], list[float]]:
+def _ratings(predictions: list[str], golds: list[str],
+             what: str) -> tuple[list[float], list[float]]:
     """LaMP's mapping: float(prediction), or the worst case for that gold if it is not a number;
     "nan" and "inf" count as not a number too (one would turn the whole MAE into nan or inf)."""
     _check_lists(predictions, golds, what)
@@ -139,8 +142,9 @@ def rmse(predictions: list[str], golds: list[str]) -> float:
 # bert_score's layer per backbone (its `model2layers` table, bert-score 0.3.13: the layer whose
 # BERTScore correlated best with human judgements on WMT16), for the BERT / RoBERTa backbones
 # encoder.py runs. The Hub moved these legacy names under owners; both spellings are looked up.
-BERTSCORE_LAYERS = {"roberta-large": 17, "roberta-base": 10, "roberta-large-mnli": 19, "distilroberta-base": 5,
-                    "bert-base-uncased": 9, "bert-large-uncased": 18, "bert-base-multilingual-cased": 9}
+BERTSCORE_LAYERS = {"roberta-large": 17, "roberta-base": 10, "roberta-large-mnli": 19,
+                    "distilroberta-base": 5, "bert-base-uncased": 9, "bert-large-uncased": 18,
+                    "bert-base-multilingual-cased": 9}
 _LEGACY_OWNERS = ("FacebookAI/", "google-bert/", "distilbert/")
 
 
@@ -148,10 +152,11 @@ def default_bertscore_layer(model) -> int:
     """The layer bert_score reads for a backbone of that name (roberta-large 17, also as
     FacebookAI/roberta-large); any other backbone (the embedded MiniLM, a directory) its last."""
     name, n = model.name_or_path, model.config.num_hidden_layers
-    layer = BERTSCORE_LAYERS.get(name.split("/", 1)[1] if name.startswith(_LEGACY_OWNERS) else name, n)
+    legacy = name.split("/", 1)[1] if name.startswith(_LEGACY_OWNERS) else name
+    layer = BERTSCORE_LAYERS.get(legacy, n)
     if layer > n:
-        raise ValueError(f"BERTScore backbone {name!r} reads layer {layer} (bert_score's choice for that name), "
-                         f"but the checkpoint has only {n} layers")
+        raise ValueError(f"BERTScore backbone {name!r} reads layer {layer} (bert_score's choice "
+                         f"for that name), but the checkpoint has only {n} layers")
     return layer
 
 
@@ -159,26 +164,28 @@ def bertscore_f1(predictions: list[str], references: list[str], model, tokenizer
                  layer: int | None = None, batch_size: int = 32) -> list[float]:
     """BERTScore-F1 per pair (Zhang et al., 2020, eq. 1-3), as the `bert-score` package computes it.
 
-    Texts stripped; a RoBERTa backbone's text gets one leading space (bert_score's add_prefix_space).
-    The hidden states of `layer` (default `default_bertscore_layer`) are L2-normalised and every
-    token matched greedily to its most similar token on the other side, special tokens matched but
-    not averaged: R = mean_ref max_pred cos, P = mean_pred max_ref cos, F = 2PR / (P + R). No idf,
-    no baseline rescaling (bert_score's defaults); an empty side scores 0."""
+    Texts stripped; a RoBERTa backbone's text gets one leading space (bert_score's
+    add_prefix_space). The hidden states of `layer` (default `default_bertscore_layer`) are
+    L2-normalised and every token matched greedily to its most similar token on the other side,
+    special tokens matched but not averaged: R = mean_ref max_pred cos, P = mean_pred max_ref cos,
+    F = 2PR / (P + R). No idf, no baseline rescaling (bert_score's defaults); an empty side
+    scores 0."""
     _check_lists(predictions, references, "bertscore_f1")
     layer = default_bertscore_layer(model) if layer is None else layer
     prefix = " " if model.config.model_type == "roberta" else ""
     texts = [prefix + t.strip() if t.strip() else "" for t in list(predictions) + list(references)]
     embedded = encoder.token_embeddings(model, tokenizer, texts, layer, batch_size)
-    scores = []
-    for (p, p_special), (r, r_special) in zip(embedded[:len(predictions)], embedded[len(predictions):]):
+    scores, n = [], len(predictions)
+    for (p, p_special), (r, r_special) in zip(embedded[:n], embedded[n:]):
         if p_special.all() or r_special.all():  # no real token on a side
             scores.append(0.0)
             continue
-        p, r = (torch.nn.functional.normalize(t.float(), dim=-1) for t in (p, r))  # (n_pred, H), (n_ref, H)
+        # (n_pred, H), (n_ref, H)
+        p, r = (torch.nn.functional.normalize(t.float(), dim=-1) for t in (p, r))
         sim = p @ r.T  # (n_pred, n_ref)
         precision = sim.max(dim=1).values[~p_special].mean().item()
         recall = sim.max(dim=0).values[~r_special].mean().item()
-        scores.append(2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0)
+        scores.append(_fmeasure(precision, recall))
     return scores
 
 

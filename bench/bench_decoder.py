@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import generate  # noqa: E402
 import hub  # noqa: E402
 import qwen2  # noqa: E402
-import smollm2  # noqa: E402
+from embedded import smollm2  # noqa: E402
 
 
 def timings(run, new_tokens: int, repeats: int) -> tuple[float, float]:

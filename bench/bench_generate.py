@@ -48,8 +48,8 @@ import generate  # noqa: E402
 import options  # noqa: E402
 import qwen2  # noqa: E402
 import rewrite  # noqa: E402
-import smollm2  # noqa: E402
 from cloud import client  # noqa: E402
+from embedded import smollm2  # noqa: E402
 
 MAIN = "452a1fd"  # main before issue 24
 BATCH = augment.AUGMENT_BATCH

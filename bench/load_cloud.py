@@ -38,10 +38,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import augment  # noqa: E402
 import cdcda  # noqa: E402
-from cloud import client as cloud  # noqa: E402
 import data  # noqa: E402
 import qwen2  # noqa: E402
-import smollm2  # noqa: E402
+from cloud import client as cloud  # noqa: E402
+from embedded import smollm2  # noqa: E402
 
 
 def tiny_model(directory: Path) -> str:

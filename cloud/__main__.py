@@ -7,14 +7,15 @@
                      step 3 on the device
 Every other option is cdcda.py's; the run is cdcda.py's, its cloud reached this way.
 """
+import functools
 import os
 import sys
-import time
 from dataclasses import replace
 
 import augment
 import cdcda
 import options
+import runner
 from cloud import client
 from errors import InputError
 
@@ -32,23 +33,29 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     options.check_ranges(p, args, {"cloud_concurrency": (lambda v: v >= 1, "at least 1")})
     settings = options.check(p, args, cdcda.METHODS, extra=("cloud", "cloud_api"))
-    if args.cloud:
+    methods, prepare = cdcda.METHODS, cdcda.prepare
+    if args.cloud:  # CDCDA-PLM with steps 2-3 on the service: the device uploads D_u, downloads the selection
         service = client.Endpoint(args.cloud, token=os.environ.get("CDCDA_TOKEN"))
 
-        def synthesize(task, pairs, augmentation, seed, times):  # cdcda.Steps.synthesize
-            t = time.time()
-            selection = client.remote_augment(service, task.name, pairs, augmentation, seed)
-            times["augment+select (remote)"] = time.time() - t
-            return selection
-        steps, role = cdcda.Steps(synthesize=synthesize), f"{args.cloud} (the cloud service: augmentation and filters)"
-    else:
+        def remote(s: cdcda.Shared, user, seed: int) -> cdcda.Answers:
+            pairs = cdcda.upload(s.task, user, s.rewrites)                                # 1
+            selection = client.remote_augment(service, s.task.name, pairs, s.settings, seed)  # 2-3, there
+            model, losses = cdcda.personalize(s.device, s.task, cdcda.download(pairs, selection.kept),
+                                              s.settings, seed)                           # 4-5
+            return cdcda.Answers(cdcda.answer(s.device, model, s.task, user.queries, s.settings, seed),
+                                 model, losses, selection)
+        methods = methods | {"cdcda": methods["cdcda"]._replace(answers=remote, cloud=False)}
+        role = f"{args.cloud} (the cloud service: augmentation and filters)"
+    else:  # M_cloud answers over the API; step 3 on the device
         api = client.Endpoint(args.cloud_api, token=os.environ.get("OPENAI_API_KEY"), timeout=120,
                               concurrency=args.cloud_concurrency)
-        name = settings.models.cloud_model
-        steps = cdcda.Steps(cloud=lambda: augment.CloudLM(None, client.load_tokenizer(name), client.api_chat(api, name)))
+        name = settings.cloud_model
+        prepare = functools.partial(cdcda.prepare, cloud=augment.CloudLM(
+            None, client.load_tokenizer(name), client.api_chat(api, name)))
         role = f"{args.cloud_api} (augmentation there, filters here)"
     try:
-        return cdcda.run(replace(settings, roles={"cloud": role}), cdcda.METHODS, steps)
+        return runner.run(replace(settings, roles={"cloud": role}), methods, prepare, cdcda.Family(),
+                          cloud_here=not args.cloud)
     except client.CloudUnavailable as e:
         raise InputError(f"{e}\nfinished users are kept under {settings.out}/users; run again to resume") from None
 

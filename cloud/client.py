@@ -14,12 +14,10 @@ import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
-import augment
-import hub
+import filters
 import qwen2
-import smollm2
 
 
 class CloudError(Exception):
@@ -71,17 +69,19 @@ def post_json(endpoint: Endpoint, url: str, body: dict) -> dict:
     raise CloudUnavailable(f"cloud {url} unavailable after {endpoint.retries + 1} tries: {last}")
 
 
-def remote_augment(server: Endpoint, task_name: str, pairs, settings: augment.Augmentation, seed: int):
-    """Steps 1-4 through the cloud service (server.py): upload D_u, get back (records, counts) as
-    `augment.synthesize` makes them (records with "kept" flags; counts with "generated" and
-    "unparsable")."""
+def remote_augment(server: Endpoint, task_name: str, pairs, settings, seed: int) -> filters.Selection:
+    """Steps 2-3 on the cloud service (server.py): upload D_u (step 1), download step 3's selection
+    (step 4), as `filters.select` makes it in process: the kept pairs, a record per candidate with
+    its scores and verdict, the counts (step 2's "generated", "unparsable", "off_label" too)."""
+    thresholds = {name: getattr(settings, name) for name in ("eps_scf", "eps_tdf", "eps_min_len", "eps_max_len")}
     body = {"task": task_name, "pairs": [list(p) for p in pairs], "k": settings.k,
-            "temperature": settings.temperature, "seed": seed, "thresholds": asdict(settings.thresholds),
+            "temperature": settings.temperature, "seed": seed, "thresholds": thresholds,
             "decoding": settings.augment_decoding}
     answer = post_json(server, server.url.rstrip("/") + "/v1/augment", body)
     if not (isinstance(answer.get("records"), list) and isinstance(answer.get("counts"), dict)):
         raise CloudError(f"{server.url}: the answer has no records/counts: {str(answer)[:200]}")
-    return answer["records"], answer["counts"]
+    kept = [(r["syn_input"], r["syn_output"]) for r in answer["records"] if r.get("kept")]
+    return filters.Selection(kept, answer["records"], answer["counts"], answer.get("thresholds", {}))
 
 
 def chat_url(url: str) -> str:
@@ -141,4 +141,4 @@ def api_chat(api: Endpoint, model: str):
 
 def load_tokenizer(source: str) -> qwen2.Tokenizer:
     """The cloud model's tokenizer alone (augment sizes max_new_tokens with it) for --cloud-api."""
-    return qwen2.Tokenizer.from_dir(smollm2.embedded_dir() if source == qwen2.EMBEDDED else hub.snapshot(source))
+    return qwen2.Tokenizer.from_dir(qwen2.model_dir(source))

@@ -40,7 +40,7 @@ import threading
 import time
 import traceback
 import uuid
-from dataclasses import asdict, fields, replace
+from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import torch
@@ -59,7 +59,7 @@ MAX_PAIRS = 256  # history pairs of one upload
 MAX_K = 16  # synthetic samples per pair
 MAX_N, MAX_TOKENS = 8, 1024  # chat completions: choices, new tokens
 ROLES = ("system", "user", "assistant")
-THRESHOLDS = tuple(f.name for f in fields(filters.Thresholds))
+THRESHOLDS = ("eps_scf", "eps_tdf", "eps_min_len", "eps_max_len")
 
 
 class RequestError(Exception):
@@ -90,16 +90,16 @@ def get(body: dict, name: str, kind, default=..., ok=None, rule: str = "", where
 class Cloud:
     """What the server holds: the cloud LM and its decoding loop (`Batcher`), its tokenizer, the
     judge, default thresholds."""
-    def __init__(self, cloud_model: str, judge: str, thresholds: filters.Thresholds, device: str = "cpu",
+    def __init__(self, cloud_model: str, judge: str, settings: options.Settings, device: str = "cpu",
                  token: str | None = None, max_batch: int = 64, dtype: str = "float32"):
         self.model, self.tokenizer = qwen2.load(cloud_model, dtype, device)
-        self.judge = augment.make_judge(judge, device)
-        self.model_name, self.thresholds, self.token = cloud_model, thresholds, token
+        self.judge = filters.make_judge(judge, device)
+        self.model_name, self.settings, self.token = cloud_model, settings, token  # default thresholds
         self.batcher = Batcher(self.model, max_batch)  # serve() runs its loop on the thread that loaded the model
         self.judge_lock = threading.Lock()  # one judge: one selection at a time
 
     def augment(self, body: dict) -> dict:
-        """Steps 2-3 for one upload: `augment.synthesize` (eq. 1, then eq. 2-4)."""
+        """Steps 2-3 for one upload: `augment.augment` (eq. 1), then `filters.select` (eq. 2-4)."""
         get(body, "task", str, ok=lambda t: t in data.TASKS, rule=f"one of {', '.join(data.TASKS)}")
         pairs = get(body, "pairs", list, ok=lambda p: 1 <= len(p) <= MAX_PAIRS, rule=f"1 to {MAX_PAIRS} pairs")
         for i, pair in enumerate(pairs):
@@ -112,19 +112,16 @@ class Cloud:
         given = get(body, "thresholds", dict, {})
         for name in set(given) - set(THRESHOLDS):
             raise RequestError(422, f"thresholds.{name}: unknown; use {', '.join(THRESHOLDS)}", f"thresholds.{name}")
-        thresholds = replace(self.thresholds, **{
-            name: get(given, name, float, getattr(self.thresholds, name), math.isfinite, "a finite number",
-                      where="thresholds.") for name in THRESHOLDS})
-        settings = augment.Augmentation(k, temperature, decoding, thresholds)
-
-        def select(originals, candidates):
-            with self.judge_lock:
-                return filters.select(originals, candidates, self.judge, thresholds)
+        thresholds = {name: get(given, name, float, getattr(self.settings, name), math.isfinite, "a finite number",
+                                where="thresholds.") for name in THRESHOLDS}
+        settings = replace(self.settings, k=k, temperature=temperature, augment_decoding=decoding, **thresholds)
         cloud = augment.CloudLM(self.model, self.tokenizer, functools.partial(generate.chat, decode=self.batcher.generate))
-        records, counts = augment.synthesize(cloud, [tuple(p) for p in pairs], settings, seed,
-                                             data.get_task(body["task"]), select)
-        return {"records": records, "counts": counts, "judge": self.judge.name, "model": self.model_name,
-                "thresholds": asdict(thresholds)}  # eps_scf null: the judge's default
+        pairs = [tuple(p) for p in pairs]
+        candidates = augment.augment(cloud, pairs, settings, seed, data.get_task(body["task"]))  # step 2
+        with self.judge_lock:
+            selection = filters.select(pairs, candidates, self.judge, settings)  # step 3
+        return {"records": selection.records, "counts": selection.counts, "judge": self.judge.name,
+                "model": self.model_name, "thresholds": thresholds}  # eps_scf null: the judge's default
 
     def chat_completions(self, body: dict) -> dict:
         """OpenAI's chat completion for one conversation: n samples of one prefill, sample i from its
@@ -255,14 +252,14 @@ class Handler(BaseHTTPRequestHandler):
 
 
 def serve(host: str = "127.0.0.1", port: int = 8000, cloud_model: str = qwen2.EMBEDDED,
-          judge: str = options.EMBEDDED["judge"], thresholds: filters.Thresholds = filters.Thresholds(),
+          judge: str = options.EMBEDDED["judge"], settings: options.Settings = options.Settings(),
           device: str = "cpu", token: str | None = None, max_batch: int = 64, dtype: str = "float32"):
     """Load the models once, then serve until interrupted. token=None reads CDCDA_TOKEN
     (unset or empty: no authorization)."""
     token = (os.environ.get("CDCDA_TOKEN") or None) if token is None else token
     if host not in ("127.0.0.1", "localhost") and not token:
         print(f"warning: serving users' personal data on {host} without CDCDA_TOKEN", file=sys.stderr)
-    cloud = Cloud(cloud_model, judge, thresholds, device, token, max_batch, dtype)
+    cloud = Cloud(cloud_model, judge, settings, device, token, max_batch, dtype)
     server = ThreadingHTTPServer((host, port), Handler)  # bound after loading: no connection waits on it
     server.daemon_threads, server.cloud = True, cloud
     print(f"cdcda cloud: http://{host}:{server.server_address[1]}  model {cloud.model_name} ({dtype}, up to "
@@ -283,14 +280,15 @@ def main(argv=None):
     p.add_argument("--max-batch", type=int, default=64, help="most replies decoded together, across the requests")
     p.add_argument("--cloud-dtype", default="float32", choices=["float32", "bfloat16"], help="the cloud LM's weights "
                    "and compute (bfloat16: faster on CPUs with bf16 units)")
-    options.add_filter_options(p)
+    options.add_options(p, options.FILTER_OPTIONS)
     args = p.parse_args(argv)
-    if problem := options.device_problem(args.device):
+    if problem := options.device_problem(args.torch_device):
         p.error(problem)
     if args.max_batch < 1:
         p.error(f"--max-batch {args.max_batch}: must be at least 1")
+    thresholds = {name: getattr(args, name) for name in THRESHOLDS}
     serve(args.host, args.port, args.cloud_model, args.judge or options.EMBEDDED["judge"],
-          options.build(filters.Thresholds, vars(args)), args.device, max_batch=args.max_batch, dtype=args.cloud_dtype)
+          options.Settings(**thresholds), args.torch_device, max_batch=args.max_batch, dtype=args.cloud_dtype)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 Each task (sec. 5.1; LaMP-6 is private) is a `Task` in `TASKS`: profile fields, labels, metric
 kind, and the appendix-B prompt as ChatML (`Task.messages`: a RAG row's retrieved block, then
 LaMP's query input, which holds the instruction; appendix B's `<lim_start>` is an OCR of
-`<|im_start|>`). `Task.pair`: a profile item as a training pair shaped like the task's queries.
+`<|im_start|>`). `Task.pair`: a profile item as a training pair shaped like the task's queries;
+`Candidates`: the synthetic pairs the cloud writes from them (step 2).
 
 `load_users(task, data_dir)` reads every JSON file in `data_dir/<task>/` (None: the embedded
 demo, `data/demo/`; `data/stream/` has longer lamp7 histories for the buffer comparison): LaMP's
@@ -17,6 +18,7 @@ import random
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from errors import InputError
 
@@ -41,7 +43,17 @@ class User:
     user_id: str
     profile: list[dict]  # the user's history D_u, items with the task's profile fields
     queries: list[Query]
-    files: dict = field(default_factory=dict, compare=False)  # file name -> how many of the queries came from it
+    # file name -> how many of the queries came from it
+    files: dict = field(default_factory=dict, compare=False)
+
+
+class Candidates(NamedTuple):
+    """Step 2's synthetic pairs: pairs[i] = (x_syn, y_syn) was written from the user's pair
+    source[i]; counts: how many replies there were ("generated"), held no pair ("unparsable"), or
+    a response outside the task's labels ("off_label")."""
+    source: list[int]
+    pairs: list[tuple[str, str]]
+    counts: dict
 
 
 @dataclass(frozen=True)
@@ -56,7 +68,8 @@ class Task:
     user_end: str  # what appendix B prints between the query text and <|im_end|>
     pair_input: str  # str.format template over a profile item: the training input
     pair_output: str  # the profile field that is the training output
-    pair_labels: tuple[str, ...] | None = None  # the outputs a training pair may have, None: free text
+    # the outputs a training pair may have, None: free text
+    pair_labels: tuple[str, ...] | None = None
 
     @property
     def instruction(self) -> str:
@@ -74,8 +87,14 @@ class Task:
         return [{"role": "system", "content": self.system}, {"role": "user", "content": user}]
 
     def pair(self, item: dict) -> tuple[str, str]:
-        """One profile item -> (input, output) in the task's query format (module docstring)."""
-        return self.pair_input.format(**item), str(item[self.pair_output])
+        """One profile item -> (x, y): x the user's content (the tweet, the article) without the
+        task instruction, which `training_input` adds; y the output (module docstring)."""
+        return self.pair_input[len(self.instruction):].format(**item), str(item[self.pair_output])
+
+    def training_input(self, x: str) -> str:
+        """A pair's content as a query of this task reads: the instruction, then x (the one place
+        it is added back; the filters and the cloud see x alone)."""
+        return self.instruction + x
 
     def valid_output(self, y: str) -> bool:
         """Whether `y` may be a training pair's output: exactly one of `pair_labels` after strip (as
@@ -153,7 +172,8 @@ def merge_people(users: list[User]) -> list[User]:
             for other in [merged[h] for h in hits[1:]] + [user]:
                 person = merged[index]
                 known = {json.dumps(item, sort_keys=True) for item in person.profile}
-                person.profile += [item for item in other.profile if json.dumps(item, sort_keys=True) not in known]
+                person.profile += [item for item in other.profile
+                                   if json.dumps(item, sort_keys=True) not in known]
                 person.queries += other.queries
                 for name, n in other.files.items():
                     person.files[name] = person.files.get(name, 0) + n
@@ -203,7 +223,8 @@ def _read_json(path: Path):
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise InputError(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+        raise InputError(f"{path}: not valid JSON "
+                         f"({e.msg} at line {e.lineno} column {e.colno})") from None
 
 
 def _field(record, key: str, where: str, kind=None):
@@ -212,7 +233,8 @@ def _field(record, key: str, where: str, kind=None):
     if key not in record:
         raise InputError(f"{where}: missing field {key!r}")
     if kind is not None and not isinstance(record[key], kind):
-        raise InputError(f"{where}: field {key!r} must be a {kind.__name__}, got {type(record[key]).__name__}")
+        raise InputError(f"{where}: field {key!r} must be a {kind.__name__}, "
+                         f"got {type(record[key]).__name__}")
     return record[key]
 
 
@@ -236,7 +258,8 @@ def _clean_profile(spec: Task, profile: list, where: str) -> list[dict]:
         missing = [f for f in spec.profile_fields
                    if not isinstance(item, dict) or str(item.get(f) or "").strip() == ""]
         if missing:
-            warnings.warn(f"{where} profile item {j}: missing or empty {', '.join(missing)}; item skipped")
+            warnings.warn(f"{where} profile item {j}: missing or empty {', '.join(missing)}; "
+                          "item skipped")
         else:
             items.append(item)
     return items
@@ -255,7 +278,8 @@ def _read_official(spec: Task, q_path: Path, o_path: Path) -> list[User]:
     outputs = _read_json(o_path)
     golds_list = _field(outputs, "golds", str(o_path), list)
     if "task" in outputs and outputs["task"] != spec.lamp_name:
-        raise InputError(f"{o_path}: task {outputs['task']!r}, expected {spec.lamp_name!r} for {spec.name}")
+        raise InputError(f"{o_path}: task {outputs['task']!r}, "
+                         f"expected {spec.lamp_name!r} for {spec.name}")
     golds = {}
     for i, g in enumerate(golds_list):
         where = _where(o_path, i, g, "id")
@@ -265,7 +289,8 @@ def _read_official(spec: Task, q_path: Path, o_path: Path) -> list[User]:
         golds[gid] = _check_gold(spec, _field(g, "output", where), where)
     questions = _read_json(q_path)
     if not isinstance(questions, list):
-        raise InputError(f"{q_path}: expected a JSON list of questions, got {type(questions).__name__}")
+        raise InputError(f"{q_path}: expected a JSON list of questions, "
+                         f"got {type(questions).__name__}")
     users, wheres, used = {}, {}, set()
     for i, q in enumerate(questions):
         where = _where(q_path, i, q, "id")
@@ -285,7 +310,8 @@ def _read_official(spec: Task, q_path: Path, o_path: Path) -> list[User]:
         users[key].files[q_path.name] = users[key].files.get(q_path.name, 0) + 1
     extra = [gid for gid in golds if gid not in used]
     if extra:
-        raise InputError(f"{o_path}: gold ids with no question in {q_path.name}: {', '.join(extra[:10])}")
+        raise InputError(f"{o_path}: gold ids with no question in {q_path.name}: "
+                         f"{', '.join(extra[:10])}")
     return [u for key, u in users.items() if _keep(u, wheres[key])]
 
 
@@ -303,7 +329,8 @@ def _read_per_user(spec: Task, path: Path) -> list[User]:
         for j, q in enumerate(_field(r, "query", where, list)):
             qwhere = f"{where} query {j}"
             gold = _check_gold(spec, _field(q, "gold", qwhere), qwhere)
-            queries.append(Query(str(_field(q, "id", qwhere)), _field(q, "input", qwhere, str), gold))
+            qid, text = str(_field(q, "id", qwhere)), _field(q, "input", qwhere, str)
+            queries.append(Query(qid, text, gold))
         user = User(uid, profile, queries, {path.name: len(queries)})
         if _keep(user, where):
             users.append(user)

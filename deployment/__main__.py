@@ -6,6 +6,7 @@ from dataclasses import replace
 
 import cdcda
 import options
+import runner
 from deployment import gridtune
 from deployment.methods import METHODS, OPTIONS
 from errors import InputError
@@ -30,7 +31,7 @@ def main(argv=None) -> dict:
     for i, m in enumerate(methods):  # a deployed model is made from its method's adapter
         if m.endswith("-deployed") and m.removesuffix("-deployed") not in methods[:i]:
             p.error(f"--methods: {m} needs {m.removesuffix('-deployed')} before it (its adapter)")
-    return cdcda.run(replace(settings, methods=methods), METHODS)
+    return runner.run(replace(settings, methods=methods), METHODS, cdcda.prepare, cdcda.Family())
 
 
 if __name__ == "__main__":

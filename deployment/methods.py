@@ -13,10 +13,13 @@ from torch import nn
 
 import cdcda
 import lora
+import runner
 import train
-from cdcda import Method, Run, download
+from augment import augment
+from cdcda import Method, download, upload
 from deployment import deploy, gptq, gridtune
 from errors import InputError
+from filters import select
 
 OPTIONS = ("deploy_rounding", "deploy_tune_epochs")  # Settings.extra: a re-run must share them
 
@@ -44,27 +47,39 @@ def load_adapter(model: nn.Module, path) -> nn.Module:
     return model
 
 
-def deployed(run: Run, method: str, pairs) -> list[str]:
-    """`method`'s saved adapter on M_base, deployed, saved under the user's directory, answering."""
-    rounding, epochs = (run.settings.extra[name] for name in OPTIONS)
-    model = lora.add_lora(copy.deepcopy(run.device_model), r=run.training.lora_r, alpha=run.training.lora_alpha,
-                          seed=run.seed)
-    load_adapter(model.eval(), run.user_dir / f"{method}.adapter.safetensors")
-    calibration = [train.encode_example(run.tokenizer, messages, y, run.training.max_length)[0]
-                   for messages, y in cdcda.training_examples(run.task, pairs)]
-    rounded = gptq.gptq_blocks(model, calibration) if rounding == "gptq" else None
-    state = deploy.portable_state(model, rounded=rounded)
-    if epochs:
-        state = gridtune.tune(model, state, calibration, epochs, seed=run.seed)
-    model = deploy.from_portable(model.config, state, model.model.norm.weight.device)
-    deploy.save(model, run.tokenizer, run.user_dir / f"{method}.deployed")
-    return run.answer(model, f"{method}-deployed")
+def deployed(method: str):
+    """The row METHOD-deployed: `method`'s adapter (its row, run before, saved it in the user's
+    directory) on M_base, deployed and saved there too, answering; calibrated on the inputs of the
+    pairs the adapter was trained on (the method's own, so its row runs again for them)."""
+    def row(s: cdcda.Shared, user, seed: int) -> cdcda.Answers:
+        rounding, epochs = (s.settings.extra[name] for name in OPTIONS)
+        model = lora.add_lora(copy.deepcopy(s.device.model), r=s.settings.lora_r, alpha=s.settings.lora_alpha,
+                              seed=seed)
+        where = runner.user_dir(s.settings, user)
+        load_adapter(model.eval(), where / f"{method}.adapter.safetensors")
+        calibration = [train.encode_example(s.device.tokenizer, messages, y, s.settings.max_length)[0]
+                       for messages, y in cdcda.examples(s.task, trained_on(s, user, seed, method))]
+        rounded = gptq.gptq_blocks(model, calibration) if rounding == "gptq" else None
+        state = deploy.portable_state(model, rounded=rounded)
+        if epochs:
+            state = gridtune.tune(model, state, calibration, epochs, seed=seed)
+        model = deploy.from_portable(model.config, state, model.model.norm.weight.device)
+        deploy.save(model, s.device.tokenizer, where / f"{method}.deployed")
+        return cdcda.Answers(cdcda.answer(s.device, model, s.task, user.queries, s.settings, seed), model)
+    return row
+
+
+def trained_on(s: cdcda.Shared, user, seed: int, method: str) -> list[tuple[str, str]]:
+    """The pairs `method`'s adapter was trained on: D_u (Direct-FT), or D_u and D_filtered (CDCDA-PLM:
+    steps 1-4 again, the cloud's replies remembered by the harness)."""
+    pairs = upload(s.task, user, s.rewrites)
+    if method == "direct-ft":
+        return pairs
+    return download(pairs, select(pairs, augment(s.cloud, pairs, s.settings, seed, s.task), s.judge, s.settings).kept)
 
 
 METHODS = {
     **cdcda.METHODS,
-    "direct-ft-deployed": Method("Direct-FT, deployed (int4)", lambda run: deployed(run, "direct-ft", run.pairs),
-                                 False),
-    "cdcda-deployed": Method("CDCDA-PLM, deployed (int4)",
-                             lambda run: deployed(run, "cdcda", download(run.pairs, run.kept)), True),
+    "direct-ft-deployed": Method("Direct-FT, deployed (int4)", deployed("direct-ft"), False),
+    "cdcda-deployed": Method("CDCDA-PLM, deployed (int4)", deployed("cdcda"), True),
 }

@@ -12,8 +12,9 @@
                                                        Figure 3: one user's page of a finished run (appendix.py)
     python -m experiments.efficiency                   Table 3 (efficiency.py)
 Every other option is cdcda.py's (one parser: cdcda's options plus these). The rows are in
-methods.py; a T5 device model is loaded by t5.py, which `t5.family` hands the run.
+methods.py; a T5 device model is loaded by t5.py, whose `t5.family` the run's `cdcda.prepare` takes.
 """
+import functools
 import json
 import sys
 from dataclasses import replace
@@ -53,10 +54,14 @@ def plot(path: Path, ks: list[int], series: dict[str, list[float]], task: str) -
     plt.close(fig)
 
 
-def sweep(settings: options.Settings, out: Path, steps: cdcda.Steps, ks=(1, 3, 5)) -> dict:
+def run(settings: options.Settings, methods, family: cdcda.Family) -> dict:
+    """The harness's run (runner.py) of these rows, the device model of `family`."""
+    return runner.run(settings, methods, functools.partial(cdcda.prepare, family=family), family)
+
+
+def sweep(settings: options.Settings, out: Path, family: cdcda.Family, ks=(1, 3, 5)) -> dict:
     """Figure 2: CDCDA-PLM at each k, each in its own directory (its own synthetic data)."""
-    reps = {k: cdcda.run(replace(settings, methods=("cdcda",), out=str(out / f"k{k}"),
-                                 augmentation=replace(settings.augmentation, k=k)), METHODS, steps) for k in ks}
+    reps = {k: run(replace(settings, methods=("cdcda",), out=str(out / f"k{k}"), k=k), METHODS, family) for k in ks}
     if any("missing" in r for r in reps.values()):  # a shard: no figure yet
         return reps
     first = reps[ks[0]]
@@ -79,13 +84,13 @@ PAPER_TABLE4 = {  # task: (metric, as the paper names it, FlanT5-base +BM25, Fla
     "lamp5": ("rouge1", "R-1", "0.2867", "0.406", "0.382"), "lamp7": ("rouge1", "R-1", "0.2933", "0.362", "0.383")}
 
 
-def table4(settings: options.Settings, tasks: list[str], root: Path, steps: cdcda.Steps) -> dict:
+def table4(settings: options.Settings, tasks: list[str], root: Path, family: cdcda.Family) -> dict:
     """Table 4 (sec. 5.6): the device model (FlanT5-base in the paper; `t5.family` picks T5 from
     its config) with BM25 RAG and with CDCDA-PLM, one run per task in root/<task>; the table,
     tasks as rows, beside the paper's numbers, in root/table4.md. A task not run shows "-"."""
-    reports = {t: cdcda.run(replace(settings, task=t, methods=tuple(TABLE4), out=str(root / t)), METHODS, steps)
+    reports = {t: run(replace(settings, task=t, methods=tuple(TABLE4), out=str(root / t)), METHODS, family)
                for t in tasks}
-    name = settings.models.device_model
+    name = settings.device_model
     lines = [f"Table 4 with `{name}` as the device model (paper: FlanT5-base; Qwen2.5-0.5B for comparison)", "",
              f"| task | ours {name} +BM25 | ours CDCDA-PLM | paper FlanT5-base +BM25 | paper FlanT5-base CDCDA-PLM "
              "| paper Qwen2.5-0.5B CDCDA-PLM |", "| --- | --- | --- | --- | --- | --- |"]
@@ -100,7 +105,7 @@ def table4(settings: options.Settings, tasks: list[str], root: Path, steps: cdcd
 
 
 # ---------------------------------------------------------------- Table 5 and Figure 3 (the appendices)
-def table5(settings: options.Settings, tasks: list[str], root: Path, steps: cdcda.Steps) -> dict:
+def table5(settings: options.Settings, tasks: list[str], root: Path, family: cdcda.Family) -> dict:
     """Table 5 (appendix A): each task's target users' test data and kept synthetic data, from the
     run in root/<task> (Table 1's, or `python cdcda.py --task T --out root/T`). A task with no run
     there is run with CDCDA-PLM alone, an unfinished one is finished (its own methods); a task
@@ -111,10 +116,10 @@ def table5(settings: options.Settings, tasks: list[str], root: Path, steps: cdcd
         saved = appendix.run_settings(out)[0] if (out / "run.json").is_file() else None
         if saved is None or runner.finished(out, appendix.targets_of(saved)[1], saved.methods)[1]:
             chosen = tuple(m for m in saved.methods if m in METHODS) if saved else ("cdcda",)
-            if "rows" not in cdcda.run(replace(settings, task=task, methods=chosen, out=str(out)), METHODS, steps):
+            if "rows" not in run(replace(settings, task=task, methods=chosen, out=str(out)), METHODS, family):
                 continue
         rows[task] = appendix.table5_of_run(out)[1]
-        tokenizers.add(appendix.run_settings(out)[0].models.device_model)
+        tokenizers.add(appendix.run_settings(out)[0].device_model)
     if rows:
         appendix.write_table5(rows, ", ".join(sorted(tokenizers)), root)
     return rows
@@ -158,29 +163,31 @@ def main(argv=None) -> dict:
         return {"case_study": appendix.case_study(Path(args.out), args.case_study)}
     table1 = args.methods is not None or not (args.ablations or args.sweep_k or args.table4 or args.table5)
     args.methods = ",".join(TABLE1) if args.methods in (None, "all") else args.methods
+    tables = {"table4": args.table4, "table5": args.table5}
+    tasks = {name: [t.strip() for t in value.split(",")] for name, value in tables.items() if value}
+    for name, names in tasks.items():  # before any work, not when that table's turn comes
+        if unknown := [t for t in names if t not in data.TASKS]:
+            p.error(f"--{name} {tables[name]}: unknown task {', '.join(unknown)}; valid tasks: {', '.join(data.TASKS)}")
     settings = options.check(p, args, METHODS)
     if table1 and "eda-ft" in settings.methods:  # before any work, not when Table 1 reaches its EDA-FT row
         baselines.check_wordnet(methods.WORDNET_DIR)
-    steps = cdcda.Steps(family=t5.family(settings.models.device_model))  # a T5 device model: Table 4
-    if table1 and steps.family is t5 and (refused := [m for m in settings.methods if m in DECODER_ONLY]):
-        p.error(f"--device-model {settings.models.device_model} is a T5: {', '.join(refused)} need a decoder")
+    family = t5.family(settings.device_model)  # a T5 device model: Table 4
+    if table1 and family.chat is t5.chat and (refused := [m for m in settings.methods if m in DECODER_ONLY]):
+        p.error(f"--device-model {settings.device_model} is a T5: {', '.join(refused)} need a decoder")
     out, reports = Path(settings.out), {}
     if table1:
-        reports["table1"] = rep = cdcda.run(settings, METHODS, steps)
+        reports["table1"] = rep = run(settings, METHODS, family)
         if "speculative" in rep.get("rows", {}):  # not a shard's answer
             report.write(rep, out, note=acceptance(rep, out), show=False)
     if args.ablations:
         rows = {m: METHODS[m]._replace(label=label) for m, label in ABLATIONS.items()}
-        reports["ablations"] = cdcda.run(replace(settings, methods=tuple(rows), out=str(out / "ablations")), rows,
-                                         steps)
+        reports["ablations"] = run(replace(settings, methods=tuple(rows), out=str(out / "ablations")), rows, family)
     if args.sweep_k:
-        reports["sweep_k"] = sweep(settings, out / "sweep-k", steps)
+        reports["sweep_k"] = sweep(settings, out / "sweep-k", family)
     if args.table4:
-        tasks = [data.get_task(t).name for t in args.table4.split(",")]
-        reports["table4"] = table4(settings, tasks, Path(args.out or "runs/table4"), steps)
+        reports["table4"] = table4(settings, tasks["table4"], Path(args.out or "runs/table4"), family)
     if args.table5:
-        tasks = [data.get_task(t).name for t in args.table5.split(",")]
-        reports["table5"] = table5(settings, tasks, Path(args.out or "runs"), steps)
+        reports["table5"] = table5(settings, tasks["table5"], Path(args.out or "runs"), family)
     return reports
 
 

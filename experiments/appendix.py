@@ -21,9 +21,8 @@ import data
 import filters
 import hub
 import metrics
-import options
 import qwen2
-import smollm2
+import runner
 from errors import InputError
 from experiments import t5
 from options import Settings
@@ -76,10 +75,7 @@ def table5_markdown(rows: dict, tokenizer_name: str) -> str:
 
 def run_settings(out: Path) -> tuple[Settings, dict]:
     """The settings a run saved in OUT/run.json, and its rows' labels."""
-    if not (out / "run.json").is_file():
-        raise InputError(f"{out / 'run.json'}: missing; --out must be the directory of a cdcda.py run")
-    saved = json.loads((out / "run.json").read_text())
-    return options.build(Settings, saved | {"methods": tuple(saved["methods"])}), saved["labels"]
+    return runner.load_run(out)
 
 
 def targets_of(settings: Settings) -> tuple[data.Task, list[data.User]]:
@@ -97,8 +93,8 @@ def records(out: Path, user_id: str) -> list[dict] | None:
 
 def device_tokenizer(source: str) -> qwen2.Tokenizer:
     """The device model's tokenizer alone (T5's or a decoder's, from its config.json), no weights."""
-    directory = smollm2.embedded_dir() if source == qwen2.EMBEDDED else hub.snapshot(source)
-    return (t5.Tokenizer if t5.family(source) is t5 else qwen2.Tokenizer).from_dir(directory)
+    directory = qwen2.model_dir(source)
+    return (t5.Tokenizer if t5.family(source).chat is t5.chat else qwen2.Tokenizer).from_dir(directory)
 
 
 def table5_of_run(out: Path) -> tuple[str, dict]:
@@ -113,7 +109,7 @@ def table5_of_run(out: Path) -> tuple[str, dict]:
         raise InputError(f"{out}: users {', '.join(missing)} have no synthetic.jsonl yet; finish the run first")
     kept = None if missing else {uid: [(r["syn_input"], r["syn_output"]) for r in rs if r["kept"]]
                                  for uid, rs in found.items()}
-    return task.name, table5(task, targets, kept, device_tokenizer(settings.models.device_model))
+    return task.name, table5(task, targets, kept, device_tokenizer(settings.device_model))
 
 
 def write_table5(rows: dict, tokenizer_name: str, out: Path) -> str:
@@ -167,8 +163,8 @@ def case_study(out: Path, user_id: str = "") -> Path:
         raise InputError(f"--case-study {user_id}: {path} is missing; the user is not finished")
     result = json.loads(path.read_text())
     lines = [f"# Case study (appendix C, Figure 3): user {user_id}, {task.name} ({task.title})", "",
-             f"Run {out}: device model `{settings.models.device_model}`, cloud model "
-             f"`{settings.models.cloud_model}`.", "",
+             f"Run {out}: device model `{settings.device_model}`, cloud model "
+             f"`{settings.cloud_model}`.", "",
              f"## History ({min(HISTORY_SHOWN, len(user.profile))} of its {len(user.profile)} items)", ""]
     lines += ["- " + md_cell("; ".join(f"{f}: {item[f]}" for f in task.profile_fields)) for item in
               user.profile[:HISTORY_SHOWN]]
@@ -198,7 +194,7 @@ def synthetic_section(recs: list[dict] | None, settings: Settings) -> list[str]:
         lines += [f"Kept when ROUGE-1 F(x_syn, x) > {settings.extra.get('eps_rouge1')} (Qin et al.).", "",
                   "| from x | x_syn | y_syn | ROUGE-1 |", "| --- | --- | --- | --- |"]
     else:
-        t, judge = settings.augmentation.thresholds, settings.models.judge
+        t, judge = settings, settings.judge
         scf = t.eps_scf if t.eps_scf is not None else (
             filters.EPS_SCF_NLI if judge.startswith("nli:") else filters.EPS_SCF_EMBEDDING)  # the judge's
         lines += [f"Kept when SCF: M(x => x_syn) and M(x_syn => x) >= {scf} (eq. 2, judge `{judge}`), TDF: "

@@ -264,7 +264,7 @@ def response_reverse_kl(student, teacher, ids: torch.Tensor, labels: torch.Tenso
     return reverse_kl(student_logits, teacher_logits, torch.ones(len(student_logits), device=student_logits.device))
 
 
-def rkd_finetune(student, teacher, tokenizer, examples: list[tuple[list[dict], str]], training: train.Training,
+def rkd_finetune(student, teacher, tokenizer, examples: list[tuple[list[dict], str]], settings,
                  seed: int = 0, desc: str | None = None, teacher_tokenizer=None) -> list[float]:
     """RKD-FT: `train.finetune` with the reverse KL to the teacher's next-token distributions on
     the response positions (`response_reverse_kl`) in place of the cross-entropy to the response
@@ -283,5 +283,5 @@ def rkd_finetune(student, teacher, tokenizer, examples: list[tuple[list[dict], s
             raise ValueError(f"rkd_finetune: the {name} has {model.config.vocab_size} logits but the "
                              f"tokenizer has {V} tokens: the models do not share this tokenizer")
     teacher.eval()
-    return train.finetune(student, tokenizer, examples, training, seed=seed, desc=desc or "RKD fine-tune",
-                          loss_fn=lambda model, ids, labels: response_reverse_kl(model, teacher, ids, labels, V))
+    return train.finetune(student, tokenizer, examples, settings, seed=seed, desc=desc or "RKD fine-tune",
+                          loss=lambda model, ids, labels: response_reverse_kl(model, teacher, ids, labels, V))

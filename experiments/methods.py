@@ -1,17 +1,18 @@
 """The rows of the paper's Table 1 and Table 2 that are not the method's own (sec. 5.1-5.3).
 
-Each row is a function of a `cdcda.Run` (one target user) in `METHODS`; the pipeline runs,
-caches and scores them like its own three:
+Each row is a function of (`cdcda.Shared`, a target user, the user's seed) -> `cdcda.Answers`,
+built from the method's own steps, in `METHODS`; the harness (runner.py) runs, keeps and scores
+them like the method's own three:
 - cloud: M_cloud answers the appendix-B prompt, not personalized ("base": M_base does).
 - RAG (sec. 5.1, "one retriever item"): the user's profile item that ranks first for the
-  query's content (the query input without the task instruction, as `cdcda.upload` cuts it
-  from the pairs) goes into the prompt's {RETRIEVED USER HISTORY}. BM25: Okapi, k1 = 1.2,
+  query's content (the query input without the task instruction, as `data.Task.pair` leaves it
+  out of the pairs) goes into the prompt's {RETRIEVED USER HISTORY}. BM25: Okapi, k1 = 1.2,
   b = 0.75 (baselines.BM25). Dense: the embedded MiniLM, cosine; "+contriever" rows use
   facebook/contriever, unnormalised dot product (a hub download: not in `--methods all`).
 - speculative: M_cloud drafts gamma = 4 tokens, the personalized device model (Direct-FT's
   adapter on M_base: the row sits among the on-device personalized ones) verifies by exact
   rejection sampling, so the output is distributed as Direct-FT's (speculative.py says why);
-  the acceptance rate is reported.
+  the acceptance rate is reported (speculative.json in the user's directory).
 - eda-ft: Direct-FT on D_u plus EDA variants of each pair's input (response kept): k variants
   per pair (the augmentation budget CDCDA-PLM gets), alpha = 0.1, WordNet 3.0 from Debian's
   wordnet-base.
@@ -24,6 +25,7 @@ import copy
 import functools
 import json
 import random
+from pathlib import Path
 
 import torch
 
@@ -33,14 +35,18 @@ import generate
 import hub
 import lora
 import qwen2
-from cdcda import Method
+import runner
+from augment import augment
+from cdcda import Answers, Method, answer, download, personalize, upload
 from deployment.methods import load_adapter
 from experiments import baselines, speculative as spec
+from filters import select
 
 WORDNET_DIR = "/usr/share/wordnet"  # Debian's wordnet-base
 CONTRIEVER = "facebook/contriever"
 GAMMA = 4  # drafted tokens per verification
 EDA_ALPHA = 0.1
+
 
 # ---------------------------------------------------------------- models, loaded once per process
 @functools.cache
@@ -49,117 +55,129 @@ def load_cloud(source: str, dtype: str, device: str):
     return qwen2.load(source, dtype, device)
 
 
-def cloud_lm(run: cdcda.Run):
-    """(model, tokenizer) of M_cloud: the run's, or loaded here when the pipeline did not load it
-    (no method needed synthetic data) or only has its tokenizer (--cloud-api)."""
-    if run.cloud is not None and run.cloud.model is not None:
-        return run.cloud.model, run.cloud.tokenizer
-    return load_cloud(run.settings.models.cloud_model, run.settings.models.cloud_dtype, run.device)
+def cloud_lm(s: cdcda.Shared):
+    """(model, tokenizer) of M_cloud: the run's, or loaded here when the run did not load it (no
+    row asked it for steps 2-3) or only has its tokenizer (--cloud-api)."""
+    if s.cloud is not None and s.cloud.model is not None:
+        return s.cloud.model, s.cloud.tokenizer
+    return load_cloud(s.settings.cloud_model, s.settings.cloud_dtype, s.settings.torch_device)
 
 
 load_encoder = functools.cache(encoder.load)  # (source, dtype, device) -> (model, tokenizer)
 wordnet = functools.cache(baselines.load_wordnet)  # directory -> {lemma: synonyms}
 
 
+def user_dir(s: cdcda.Shared, user) -> Path:
+    return runner.user_dir(s.settings, user)
+
+
 # ---------------------------------------------------------------- Table 1
-def reply(model, tokenizer, run: cdcda.Run, conversations, method: str) -> list[str]:
-    return generate.chat(model, tokenizer, conversations, max_new_tokens=cdcda.ANSWER_TOKENS[run.task.name],
-                      temperature=run.settings.augmentation.temperature, seed=run.seed, desc=f"answer {method}")
-
-
-def retrieve(run: cdcda.Run, retriever: str) -> list[dict]:
+def retrieve(s: cdcda.Shared, user, retriever: str) -> list[dict]:
     """The one profile item each query retrieves: ranked by BM25 or by a dense encoder for the
     query's content, over each item's field values."""
-    documents = [" ".join(str(item[f]) for f in run.task.profile_fields) for item in run.user.profile]
-    prefix = run.task.instruction
+    documents = [" ".join(str(item[f]) for f in s.task.profile_fields) for item in user.profile]
     picked = []
-    for q in run.user.queries:
-        query = q.input.removeprefix(prefix)
+    for q in user.queries:
+        query = q.input.removeprefix(s.task.instruction)
         if retriever == "bm25":
             (i,) = baselines.retrieve_bm25(query, documents, k=1)
         else:
-            model, tok = load_encoder(retriever, "float32", run.device)
+            model, tok = load_encoder(retriever, "float32", s.settings.torch_device)
             embed = functools.partial(encoder.sentence_embeddings, model, tok, normalize=retriever != CONTRIEVER)
             (i,) = baselines.retrieve_dense(query, documents, embed, k=1)
-        picked.append(run.user.profile[i])
+        picked.append(user.profile[i])
     return picked
 
 
 def prompted(where: str, retriever: str | None = None):
     """A row where M_cloud or the device's M_base answers the appendix-B prompt as it is, or
     with one retrieved item in it (RAG) when a retriever is named."""
-    def method(run: cdcda.Run) -> list[str]:
-        model, tok = cloud_lm(run) if where == "cloud" else (run.device_model, run.tokenizer)
-        items = retrieve(run, retriever) if retriever else [None] * len(run.user.queries)
-        conversations = [run.task.messages(q.input, retrieved=[item] if item else [])
-                         for q, item in zip(run.user.queries, items)]
-        return reply(model, tok, run, conversations, where + (f"+{retriever}" if retriever else ""))
+    def method(s: cdcda.Shared, user, seed: int) -> Answers:
+        model, tok = cloud_lm(s) if where == "cloud" else (s.device.model, s.device.tokenizer)
+        items = retrieve(s, user, retriever) if retriever else [None] * len(user.queries)
+        conversations = [s.task.messages(q.input, retrieved=[item] if item else [])
+                         for q, item in zip(user.queries, items)]
+        chat = generate.chat if where == "cloud" else s.device.family.chat or generate.chat
+        texts = chat(model, tok, conversations, max_new_tokens=cdcda.ANSWER_TOKENS[s.task.name],
+                     temperature=s.settings.answer_temperature, seed=seed, desc=f"answer {where}")
+        return Answers(texts)
     return method
 
 
-def direct_ft_model(run: cdcda.Run):
-    """The Direct-FT personalized device model: its adapter from this user's directory when the
-    direct-ft row already trained it (same settings: cdcda.main checks), else trained here."""
-    path = run.user_dir / "direct-ft.adapter.safetensors"
+def direct_ft_model(s: cdcda.Shared, user, seed: int):
+    """The Direct-FT personalized device model: its adapter from the user's directory when the
+    direct-ft row already trained it (same settings: the harness checks), else trained here."""
+    path = user_dir(s, user) / "direct-ft.adapter.safetensors"
     if path.is_file():
-        model = lora.add_lora(copy.deepcopy(run.device_model), r=run.training.lora_r,
-                              alpha=run.training.lora_alpha, seed=run.seed)
+        model = lora.add_lora(copy.deepcopy(s.device.model), r=s.settings.lora_r, alpha=s.settings.lora_alpha,
+                              seed=seed)
         return load_adapter(model, path).eval()
-    model, run.losses["direct-ft"] = cdcda.personalize(run.device_model, run.tokenizer, run.task, run.pairs,
-                                                       run.training, run.seed, f"direct-ft {run.user.user_id}")
-    lora.save_adapter(model, path)
-    return model
+    return personalize(s.device, s.task, upload(s.task, user, s.rewrites), s.settings, seed)[0]
 
 
-def speculative(run: cdcda.Run) -> list[str]:
+def speculative(s: cdcda.Shared, user, seed: int) -> Answers:
     """Speculative decoding, one query at a time: M_cloud drafts, Direct-FT's model verifies."""
-    target, tok = direct_ft_model(run), run.tokenizer
-    draft, cloud_tok = cloud_lm(run)
+    target, tok = direct_ft_model(s, user, seed), s.device.tokenizer
+    draft, cloud_tok = cloud_lm(s)
     spec.check_shared_tokenizer(tok, cloud_tok, "cloud")
     same = target.config.vocab_size == draft.config.vocab_size
-    generator = torch.Generator().manual_seed(run.seed)
+    generator = torch.Generator().manual_seed(seed)
     answers, totals = [], {"drafted": 0, "accepted": 0, "target_calls": 0, "new_tokens": 0}
-    for q in run.user.queries:
-        prompt = tok.encode(tok.apply_chat_template(run.task.messages(q.input)))
+    for q in user.queries:
+        prompt = tok.encode(tok.apply_chat_template(s.task.messages(q.input)))
         ids, stats = spec.speculative_generate(
-            target, draft, torch.tensor([prompt]), cdcda.ANSWER_TOKENS[run.task.name], gamma=GAMMA,
-            temperature=run.settings.augmentation.temperature, eos_token_id=tok.eos_token_ids, generator=generator,
+            target, draft, torch.tensor([prompt]), cdcda.ANSWER_TOKENS[s.task.name], gamma=GAMMA,
+            temperature=s.settings.answer_temperature, eos_token_id=tok.eos_token_ids, generator=generator,
             vocab_size=None if same else tok.tokenizer.get_vocab_size())
         answers.append(tok.decode(ids[0, len(prompt):].tolist()).strip())  # up to the eos (special: dropped)
         totals = {key: totals[key] + stats[key] for key in totals}
-    hub.write_atomic(run.user_dir / "speculative.json", json.dumps(totals))
-    return answers
+    user_dir(s, user).mkdir(parents=True, exist_ok=True)
+    hub.write_atomic(user_dir(s, user) / "speculative.json", json.dumps(totals))
+    return Answers(answers)
 
 
-def eda_pairs(run: cdcda.Run) -> list[tuple[str, str]]:
+def eda_pairs(pairs, k: int, seed: int) -> list[tuple[str, str]]:
     """D_u plus k EDA variants of each pair's input, each with the pair's response."""
-    rng, wn = random.Random(run.seed), wordnet(WORDNET_DIR)
-    k = run.settings.augmentation.k
-    return list(run.pairs) + [(variant, y) for x, y in run.pairs
-                              for variant in baselines.eda(x, wn, alpha=EDA_ALPHA, n_aug=k, rng=rng)]
+    rng, wn = random.Random(seed), wordnet(WORDNET_DIR)
+    return list(pairs) + [(variant, y) for x, y in pairs
+                          for variant in baselines.eda(x, wn, alpha=EDA_ALPHA, n_aug=k, rng=rng)]
 
 
-def rkd_ft(run: cdcda.Run) -> list[str]:
+def eda_ft(s: cdcda.Shared, user, seed: int) -> Answers:
+    """EDA-FT: Direct-FT on D_u and its EDA variants (`eda_pairs`): k per pair, as CDCDA-PLM's budget."""
+    pairs = eda_pairs(upload(s.task, user, s.rewrites), s.settings.k, seed)
+    model, losses = personalize(s.device, s.task, pairs, s.settings, seed)
+    return Answers(answer(s.device, model, s.task, user.queries, s.settings, seed), model, losses)
+
+
+def rkd_ft(s: cdcda.Shared, user, seed: int) -> Answers:
     """RKD-FT: a fresh LoRA on M_base distilled from M_cloud with reverse KL on D_u."""
-    teacher, cloud_tok = cloud_lm(run)
-    student = lora.add_lora(copy.deepcopy(run.device_model), r=run.training.lora_r,
-                            alpha=run.training.lora_alpha, seed=run.seed)
-    run.losses["rkd-ft"] = baselines.rkd_finetune(
-        student, teacher, run.tokenizer, cdcda.training_examples(run.task, run.pairs), run.training, seed=run.seed,
-        desc=f"rkd-ft {run.user.user_id}", teacher_tokenizer=cloud_tok)
-    lora.save_adapter(student, run.user_dir / "rkd-ft.adapter.safetensors")
-    return run.answer(student.eval(), "rkd-ft")
+    teacher, cloud_tok = cloud_lm(s)
+    student = lora.add_lora(copy.deepcopy(s.device.model), r=s.settings.lora_r, alpha=s.settings.lora_alpha,
+                            seed=seed)
+    losses = baselines.rkd_finetune(
+        student, teacher, s.device.tokenizer, cdcda.examples(s.task, upload(s.task, user, s.rewrites)),
+        s.settings, seed=seed, desc=f"rkd-ft {user.user_id}", teacher_tokenizer=cloud_tok)
+    return Answers(answer(s.device, student.eval(), s.task, user.queries, s.settings, seed), student, losses)
 
 
 # ---------------------------------------------------------------- Table 2
-def candidates(run: cdcda.Run) -> list[tuple[str, str]]:
-    """Every parsed candidate of this user (kept or not), from the synthesize step's cache."""
-    return [(r["syn_input"], r["syn_output"]) for r in cdcda.synthetic_records(run.user_dir)]
+def ablation(keep):
+    """A row of Table 2: CDCDA-PLM with step 3 replaced by `keep(candidates, selection, seed)`,
+    which picks the synthetic pairs the device trains on."""
+    def method(s: cdcda.Shared, user, seed: int) -> Answers:
+        pairs = upload(s.task, user, s.rewrites)
+        candidates = augment(s.cloud, pairs, s.settings, seed, s.task)
+        selection = select(pairs, candidates, s.judge, s.settings)
+        model, losses = personalize(s.device, s.task, download(pairs, keep(candidates, selection, seed)),
+                                    s.settings, seed)
+        return Answers(answer(s.device, model, s.task, user.queries, s.settings, seed), model, losses, selection)
+    return method
 
 
-def random_selection(run: cdcda.Run) -> list[tuple[str, str]]:
+def random_selection(candidates, selection, seed: int) -> list[tuple[str, str]]:
     """RS: as many parsed candidates as the filters kept, drawn at random (seeded per user)."""
-    return random.Random(run.seed).sample(candidates(run), len(run.kept))
+    return random.Random(seed).sample(candidates.pairs, len(selection.kept))
 
 
 TABLE1 = ["cloud", "base", "cloud+bm25", "device+bm25", "cloud+dense", "device+dense", "direct-ft",
@@ -176,12 +194,8 @@ METHODS = {
     "cloud+contriever": Method("M_cloud + Contriever", prompted("cloud", CONTRIEVER), False),
     "device+contriever": Method("M_device + Contriever", prompted("device", CONTRIEVER), False),
     "speculative": Method("Speculative (M_cloud drafts, Direct-FT verifies)", speculative, False),
-    "eda-ft": Method("EDA-FT", lambda run: run.personalized("eda-ft", eda_pairs(run)), False),
+    "eda-ft": Method("EDA-FT", eda_ft, False),
     "rkd-ft": Method("RKD-FT", rkd_ft, False),
-    "rs": Method("CDCDA-PLM, random selection (RS)", lambda run: run.personalized(
-        "rs", cdcda.download(run.pairs, random_selection(run))), True),
-    "no-ds": Method("CDCDA-PLM, no selection (-DS)", lambda run: run.personalized(
-        "no-ds", cdcda.download(run.pairs, candidates(run))), True),
+    "rs": Method("CDCDA-PLM, random selection (RS)", ablation(random_selection), True),
+    "no-ds": Method("CDCDA-PLM, no selection (-DS)", ablation(lambda candidates, _, __: candidates.pairs), True),
 }
-
-

@@ -12,12 +12,13 @@ embedding (tied); the decoder output is rescaled only where `scale_decoder_outpu
 config without the key, as the hub's FlanT5 files: = `tie_word_embeddings`; transformers 5 writes
 every T5 tied and keeps the old meaning in that key). Module names are the safetensors keys.
 
-The pipeline's glue: `family` picks t5 or qwen2 from a config.json; `T5.blocks` / `lora_targets`
-say what NF4 and LoRA wrap; `T5.response_loss` is eq. 6 for seq2seq; `T5.new_tokens` is how
-`generate.chat` decodes it; the prompt is plain text (`Tokenizer`). No dropout (LoRA)."""
+The method's glue: `family` picks T5 or the decoder from a config.json, as a `cdcda.Family`
+whose `chat` decodes with `generate_ids` and whose `loss` is eq. 6 for seq2seq (`T5.response_loss`);
+`T5.blocks` / `lora_targets` say what NF4 and LoRA wrap; the prompt is plain text (`Tokenizer`).
+No dropout (LoRA)."""
+import functools
 import json
 import math
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -26,11 +27,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import cdcda
 import generate
 import hub
 import qwen2
 import train
 from errors import InputError
+
 
 @dataclass
 class Config:
@@ -295,8 +298,6 @@ class T5(nn.Module):
         keep = target != train.IGNORE
         return F.cross_entropy(self.lm_head(hidden[keep]).float(), target[keep])
 
-    new_tokens = generate_ids  # what generate.chat decodes with for this model
-
 
 class Tokenizer(qwen2.Tokenizer):
     """T5's SentencePiece tokenizer (tokenizer.json through `tokenizers`); no chat template: a
@@ -341,9 +342,20 @@ def load(source: str, dtype: str = "float32", device: str = "cpu"):
 save_pretrained = qwen2.save_pretrained  # the same files: config, weights (a tied head once), tokenizer
 
 
-def family(source):
-    """The module that loads `source` (`.load`, `.save_pretrained`, `.Config`): this one when its
-    config.json says model_type "t5", else qwen2 (Qwen2, Llama, the embedded default): what
-    experiments/ hands the pipeline as `cdcda.Steps.family`."""
+def chat(model, tokenizer, conversations, *args, reply_prefix="", scaffold="", **kwargs) -> list[str]:
+    """`generate.chat` for a T5: the same batching and seeds, decoded by `generate_ids`."""
+    if reply_prefix or scaffold:
+        raise ValueError("t5.chat: a reply prefix or a scaffold needs a decoder-only model")
+    return generate.chat(model, tokenizer, conversations, *args, decode=functools.partial(generate_ids, model),
+                         **kwargs)
+
+
+def response_loss(model, ids, labels):
+    return model.response_loss(ids, labels)
+
+
+def family(source) -> cdcda.Family:
+    """How the method loads, saves, asks and trains `source`: as a T5 when its config.json says
+    model_type "t5", else as the decoder (Qwen2, Llama, the embedded default)."""
     t5 = source != qwen2.EMBEDDED and hub.load_config(hub.snapshot(str(source))).get("model_type") == "t5"
-    return sys.modules[__name__] if t5 else qwen2
+    return cdcda.Family(load, save_pretrained, Config.from_json, chat, response_loss) if t5 else cdcda.Family()

@@ -3,8 +3,8 @@
     python -m online --buffer 16 [--buffer-policy random] [--synthesis-filter rouge1]
         the device streams the user's history through a 16-item buffer (EOE + DSS + IDD, or
         reservoir sampling) and only the kept items are uploaded and trained on, by every
-        method (`history`, in front of step 1); `--synthesis-filter rouge1` swaps step 3 for
-        that paper's ROUGE-1 check (`buffer.rouge1_select`)
+        row (`methods.history_methods`: the buffer in front of step 1); `--synthesis-filter
+        rouge1` swaps step 3 for that paper's ROUGE-1 check (`buffer.rouge1_select`)
     python -m online --compare-buffers --data data/stream [--buffer-sizes 16,32]
         Direct-FT and CDCDA-PLM on what a 16- or 32-item buffer keeps (scores, random; with and
         without augmentation) against the whole history (`buffer_methods`), in OUT/buffers. The
@@ -14,16 +14,17 @@
         upload, so a pair's draws depend on what else is in it).
 Every other option is cdcda.py's.
 """
-import functools
 import sys
 from dataclasses import replace
 from pathlib import Path
 
 import cdcda
 import options
+import runner
 from errors import InputError
 from online import buffer
-from online.methods import BUFFER_SIZES, OPTIONS, buffer_methods, history
+from online.methods import BUFFER_SIZES, OPTIONS, buffer_methods, history_methods
+
 
 def main(argv=None) -> dict:
     p = options.parser(cdcda.METHODS)
@@ -59,14 +60,14 @@ def main(argv=None) -> dict:
         args.methods, methods = ",".join(rows), {r: methods[r] for r in rows}
         args.out = str(Path(args.out or Path("runs") / args.task) / "buffers")
     settings = options.check(p, args, methods, extra=OPTIONS)
-    roles, steps = {}, cdcda.Steps()
+    roles = {}
     if args.buffer:
         roles["history"] = f"{args.buffer}-item online buffer, {args.buffer_policy} (Qin et al.)"
-        steps = replace(steps, history=history(args.buffer, args.buffer_policy))
     if args.synthesis_filter == "rouge1":
         roles["synthesis filter"] = f"ROUGE-1 > {args.eps_rouge1} (Qin et al.)"
-        steps = replace(steps, select=functools.partial(buffer.rouge1_select, threshold=args.eps_rouge1))
-    return cdcda.run(replace(settings, roles=roles), methods, steps)
+    if not args.compare_buffers:
+        methods = history_methods(args.buffer, args.buffer_policy, args.synthesis_filter, args.eps_rouge1)
+    return runner.run(replace(settings, roles=roles), methods, cdcda.prepare, cdcda.Family())
 
 
 if __name__ == "__main__":

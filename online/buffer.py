@@ -299,10 +299,11 @@ def rouge1_filter(source: str, generated: list[str], threshold: float) -> tuple[
     return scores, [s > threshold for s in scores]
 
 
-def rouge1_select(originals: list[tuple[str, str]], candidates: list[tuple[str, str]],
+def rouge1_select(pairs: list[tuple[str, str]], candidates, judge=None, settings=None,
                   threshold: float = EPS_ROUGE1) -> Selection:
-    """`rouge1_filter` over synthesized pairs, returned like `filters.select` (same record and
-    count keys for the fields both have), so the pipeline can use either check.
+    """`rouge1_filter` over step 2's candidates (`data.Candidates`), in the shape of
+    `filters.select` (same arguments, the judge and settings unused; same record and count keys
+    for the fields both have), so a row can take either as its step 3.
 
     As in eq. 2-4 the inputs are compared: x_syn is kept when ROUGE-1 F(x_syn, x) > threshold
     (the response of LaMP-1/2/3 is a label). Qin et al. give no threshold; EPS_ROUGE1 = 0.2
@@ -310,18 +311,17 @@ def rouge1_select(originals: list[tuple[str, str]], candidates: list[tuple[str, 
     texts of the same genre (figures in RESULTS.md).
     Unlike TDF (eq. 3), a high ROUGE-1 is never rejected: near-copies are kept.
     Each record: {"input", "output", "syn_input", "syn_output", "rouge_1", "kept"}."""
-    if len(originals) != len(candidates):
-        raise ValueError(f"rouge1_select: {len(originals)} originals but {len(candidates)} candidates")
     records, kept = [], []
-    for (x, y), (x_syn, y_syn) in zip(originals, candidates):
+    for i, (x_syn, y_syn) in zip(candidates.source, candidates.pairs):
+        x, y = pairs[i]
         (score,), (ok,) = rouge1_filter(x, [x_syn], threshold)
         records.append({"input": x, "output": y, "syn_input": x_syn, "syn_output": y_syn,
                         "rouge_1": score, "kept": ok})
         if ok:
             kept.append((x_syn, y_syn))
-    n = len(candidates)
+    n = len(candidates.pairs)
     counts = {"candidates": n, "kept": len(kept), "rejected": n - len(kept), "rejected_rouge1": n - len(kept)}
-    return Selection(kept, records, counts, {"filter": "rouge1", "eps_rouge1": threshold})
+    return Selection(kept, records, counts | candidates.counts, {"filter": "rouge1", "eps_rouge1": threshold})
 
 
 def keep_history(model, tokenizer, texts: list[str], capacity: int, policy: str = "scores",

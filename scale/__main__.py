@@ -4,6 +4,8 @@
                                             torchrun (`torchrun ... -m scale`) or Slurm, the
                                             launcher's rank; every shard writes into one --out
     python -m scale --plan [options]        the run's size and estimated time (plan.py)
+    python -m scale.report --out DIR        the table of a run whose shards all finished, or a
+                                            finished run scored again (report.py)
 The options are cdcda.py's, with any row of Table 1 or a deployed row in --methods, and
 --deploy (each fine-tuned row also deployed, as `python -m deployment`) and --buffer N (Qin et
 al.'s online buffer, as `python -m online`).
@@ -13,10 +15,11 @@ from dataclasses import replace
 
 import cdcda
 import options
+import runner
 from errors import InputError
 from experiments import baselines, methods as experiments
 from online import methods as online
-from scale import plan, shards
+from scale import plan, report, shards
 
 
 def main(argv=None) -> dict:
@@ -39,7 +42,7 @@ def main(argv=None) -> dict:
         p.error(str(e))
     extra = ("buffer",) * bool(args.buffer) + ("deploy_rounding", "deploy_tune_epochs") * args.deploy
     settings = options.check(p, args, plan.METHODS, extra=extra)
-    settings = replace(settings, device=shards.device_for(settings.device, shard))
+    settings = replace(settings, torch_device=shards.device_for(settings.torch_device, shard))
     if args.deploy:
         settings = replace(settings, methods=tuple(x for m in settings.methods for x in (m, f"{m}-deployed")
                                                    if x in plan.METHODS))
@@ -47,11 +50,13 @@ def main(argv=None) -> dict:
         baselines.check_wordnet(experiments.WORDNET_DIR)
     if args.plan:
         return plan.plan(settings, shard)
-    steps = cdcda.Steps(share=lambda targets: shards.share(targets, shard),
-                        history=online.history(args.buffer, "scores") if args.buffer else None)
-    if args.buffer:
+    methods = plan.METHODS
+    if args.buffer:  # Direct-FT and CDCDA-PLM on what the buffer keeps, as `python -m online --buffer N`
+        methods = plan.METHODS | online.history_methods(args.buffer, "scores", "cdcda", 0.0)
         settings = replace(settings, roles={"history": f"{args.buffer}-item online buffer, scores (Qin et al.)"})
-    return cdcda.run(settings, plan.METHODS, steps)
+    report.write_pending(settings, {m: methods[m].label for m in settings.methods})
+    return runner.run(settings, methods, cdcda.prepare, cdcda.Family(),
+                      share=lambda targets: shards.share(targets, shard))
 
 
 if __name__ == "__main__":

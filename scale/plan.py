@@ -20,6 +20,7 @@ Times are these counts times rates measured here on --device with the run's mode
 LoRA steps and decoding steps, `train_rate`, `decode_rate`); a deployed row costs DEPLOY_COST
 times its tuning tokens at the training rate. It trains nothing and writes nothing.
 """
+import functools
 import json
 import math
 import time
@@ -31,6 +32,7 @@ import torch
 import augment
 import cdcda
 import data
+import filters
 import generate
 import lora
 import nf4
@@ -56,7 +58,7 @@ def _timed(fn) -> float:
     return time.perf_counter() - t
 
 
-def train_rate(model, tok, examples, training: train.Training, seed: int = 0) -> float:
+def train_rate(model, tok, examples, training: options.Settings, seed: int = 0) -> float:
     """Seconds per training token (prompt + response) of LoRA fine-tuning `model` (changed in
     place): one batch to warm up, then two batches timed."""
     lora.add_lora(model, r=training.lora_r, alpha=training.lora_alpha, seed=seed)
@@ -70,10 +72,10 @@ def train_rate(model, tok, examples, training: train.Training, seed: int = 0) ->
 def decode_rate(model, tok, conversations, batch: int, steps: int = 8) -> tuple[float, float]:
     """(seconds of the prefill, seconds per decoding step) of `batch` conversations at once:
     1 and 1 + `steps` new tokens timed, never stopping at an end token; the difference is
-    the steps. A T5 decodes its own way (`new_tokens`)."""
+    the steps. A T5 decodes its own way (`t5.generate_ids`)."""
     prompts = [tok.encode(tok.apply_chat_template(c)) for c in (conversations * batch)[:batch]]
     ids, mask = generate.left_pad(prompts, tok.pad_token_id, next(model.parameters()).device)
-    decode = getattr(model, "new_tokens", None) or (lambda *a, **kw: generate.generate(model, *a, **kw))
+    decode = functools.partial(t5.generate_ids if isinstance(model, t5.T5) else generate.generate, model)
 
     def run(n):
         return _timed(lambda: decode(ids, n, 0.7, eos_token_id=None, attention_mask=mask))
@@ -91,18 +93,18 @@ def generation_seconds(rate: tuple[float, float], rows: int, batch: int, budget:
 
 def counts(settings: options.Settings, task: data.Task, user: data.User, rewrites, tok, cloud_tok) -> dict:
     """What the run does for one user (the module's docstring), in pairs and tokens."""
-    training, aug, methods = settings.training, settings.augmentation, settings.methods
+    training, aug, methods = settings, settings, settings.methods
     pairs = cdcda.upload(task, user, rewrites)
     buffer = settings.extra.get("buffer") or len(pairs)
     h = min(buffer, len(pairs))
     tokens = [len(train.encode_example(tok, m, y, training.max_length)[0])
-              for m, y in cdcda.training_examples(task, pairs)]
+              for m, y in cdcda.examples(task, pairs)]
     mean = sum(tokens) / max(len(tokens), 1)
     d_u = round(mean * h) if h < len(pairs) else sum(tokens)  # a buffer's items: the history's mean each
-    replies = h * aug.k if any(METHODS[m].synthetic for m in methods) else 0
+    replies = h * aug.k if any(METHODS[m].cloud for m in methods) else 0
     texts = ([x for x, _ in pairs], [y for _, y in pairs]) if aug.augment_decoding == "structured" else (
         [f"Input: [{x}], Response: [{y}]" for x, y in pairs],)
-    budget = sum(augment.generation_budget(cloud_tok, t, aug.thresholds.eps_max_len) for t in texts) if pairs else 0
+    budget = sum(augment.generation_budget(cloud_tok, t, aug.eps_max_len) for t in texts) if pairs else 0
     fine_tuned = {m.removesuffix("-deployed") for m in methods if m not in ANSWER_ONLY}
     fine_tuned |= {"direct-ft"} if "speculative" in methods else set()  # its adapter verifies
     candidates = round(mean * replies)  # tokens of every candidate, were each as long as a pair
@@ -125,50 +127,50 @@ def plan(settings: options.Settings, shard: shards.Shard) -> dict:
     users = data.load_users(task.name, settings.data)
     targets, others = data.split_users(users, min(settings.users, len(users)), settings.user_selection, settings.seed)
     done = {r["user_id"] for r in runner.finished(Path(settings.out), targets, settings.methods)[0]}
-    models, device = settings.models, settings.device
+    models, device = settings, settings.torch_device
     family = t5.family(models.device_model)
     device_model, tok = family.load(models.device_model, "float32", device)
     rewrites, todo = None, []
     if settings.history_pairs == "rewrite" and rewrite.needs_rewrites(task):
-        judge = augment.make_judge(models.judge, device)
-        texts, path = rewrite.texts_and_cache(task, users, models.device_model, judge.name,
-                                              settings.augmentation.thresholds)
+        judge = filters.make_judge(models.judge, device)
+        texts = rewrite.history_texts(task, users)
+        path = cdcda.rewrites_path(task, texts, settings, judge.name)
         rewrites = json.loads(path.read_text()) if path.is_file() else None
         todo = [] if rewrites else texts
         if not rewrites:
             print(f"plan: the history rewrites are not made yet ({path}): each tweet counts as its own rewrite")
-    synthetic = any(METHODS[m].synthetic for m in settings.methods)
+    synthetic = any(METHODS[m].cloud for m in settings.methods)
     cloud, cloud_tok = (qwen2.load(models.cloud_model, "float32", device) if synthetic
                         and models.cloud_model != models.device_model else (device_model, tok))
     rows = {u.user_id: counts(settings, task, u, rewrites, tok, cloud_tok) for u in targets}
-    base = cdcda.base_pairs(task, others, rewrites)
+    base = cdcda.base_examples(task, others, rewrites)
     shared = {"M_base training tokens": settings.base_epochs * sum(
-        len(train.encode_example(tok, task.messages(x), y, settings.training.max_length)[0]) for x, y in base)}
+        len(train.encode_example(tok, m, y, settings.max_length)[0]) for m, y in base)}
     if todo:
         shared["rewrite replies"] = len(todo) * (1 + rewrite.SAMPLES)
 
     sample = max(targets, key=lambda u: len(u.profile))
     pairs = cdcda.upload(task, sample, rewrites)
-    examples = cdcda.training_examples(task, pairs)
+    examples = cdcda.examples(task, pairs)
     prompts = [[{"role": "user", "content": augment.AUGMENT_PROMPT.format(x=x, y=y)}] for x, y in pairs]
     print("plan: calibrating on", device)
-    rate = {"decode full": decode_rate(device_model, tok, prompts, augment.AUGMENT_BATCH),
-            "decode cloud": decode_rate(cloud, cloud_tok, prompts, augment.AUGMENT_BATCH)}
+    rate = {"decode full": decode_rate(device_model, tok, prompts, generate.BATCH),
+            "decode cloud": decode_rate(cloud, cloud_tok, prompts, generate.BATCH)}
     nf4_model = nf4.quantize_model(family.load(models.device_model, "float32", device)[0], torch.bfloat16)
     rate["decode nf4"] = decode_rate(nf4_model, tok, [task.messages(q.input) for q in sample.queries] or
                                      [m for m, _ in examples], 8)
-    rate["train nf4"] = train_rate(nf4_model, tok, examples, settings.training)
-    rate["train full"] = train_rate(device_model, tok, examples, settings.training)
+    rate["train nf4"] = train_rate(nf4_model, tok, examples, settings)
+    rate["train full"] = train_rate(device_model, tok, examples, settings)
 
     def seconds(row: dict, case: str) -> float:
         answers = len(settings.methods) * generation_seconds(rate["decode nf4"], row["queries"], 8,
                                                                cdcda.ANSWER_TOKENS[task.name])
-        cloud_side = generation_seconds(rate["decode cloud"], row["cloud replies"], augment.AUGMENT_BATCH,
+        cloud_side = generation_seconds(rate["decode cloud"], row["cloud replies"], generate.BATCH,
                                         row["reply budget"])
         return (answers + cloud_side + row[f"training tokens, {case}"] * rate["train nf4"]
                 + DEPLOY_COST * row[f"tuning tokens, {case}"] * rate["train nf4"])
     setup = shared["M_base training tokens"] * rate["train full"] + (generation_seconds(
-        rate["decode full"], shared["rewrite replies"], augment.AUGMENT_BATCH,
+        rate["decode full"], shared["rewrite replies"], generate.BATCH,
         max(len(tok.encode(t)) for t in todo) + 16) if todo else 0.0)
     totals = {key: sum(r[key] for r in rows.values()) for key in next(iter(rows.values()))}
     estimate = {}

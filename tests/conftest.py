@@ -11,11 +11,11 @@ import types
 from pathlib import Path
 
 import pytest
+import tokenizers
 import torch
 from safetensors.torch import save_file
-from torch import nn
-import tokenizers
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from torch import nn
 
 import augment
 import cdcda
@@ -24,7 +24,13 @@ import encoder
 import generate
 import lora
 import qwen2
-import smollm2
+from embedded import smollm2
+
+
+@pytest.fixture(scope="session", autouse=True)
+def embedded_model():
+    """The embedded SmolLM2 converted into the cache, as `make test` does first (`python -m embedded`)."""
+    return smollm2.embedded_dir()
 
 
 @pytest.fixture(scope="session")

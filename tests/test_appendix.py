@@ -5,7 +5,6 @@ from types import SimpleNamespace
 
 import pytest
 
-import cdcda
 import data
 import metrics
 from errors import InputError
@@ -82,14 +81,14 @@ def test_a_tiny_run_gives_table5_and_a_case_study(tiny_run, tiny_model_dir, tmp_
     history = sum(len(u.profile) for u in targets) / 2
     line = f"| LaMP-7 (ours) | {len(ids)} | {history:.2f} | "
     calls = []  # --table5: the finished run is read, a task without one is run
-    real_run = cdcda.run
-    monkeypatch.setattr(cdcda, "run", lambda settings, rows, steps: calls.append(settings) or {"missing": ["x"]})
+    real_run = experiments_main.run
+    monkeypatch.setattr(experiments_main, "run", lambda settings, rows, family: calls.append(settings) or {"missing": ["x"]})
     rows = experiments_main.main(["--table5", "lamp7,lamp2", "--out", str(tmp_path / "runs")])["table5"]
     assert list(rows) == ["lamp7"] and rows["lamp7"]["synthetic"] == rep["counts"]["kept"]
     assert [(s.task, s.methods, s.out) for s in calls] == [("lamp2", ("cdcda",), str(tmp_path / "runs" / "lamp2"))]
     table = (tmp_path / "runs" / "table5.md").read_text()
     assert line in table and f" | {out_tokens:.2f} | {rep['counts']['kept']} | " in table
-    monkeypatch.setattr(cdcda, "run", real_run)
+    monkeypatch.setattr(experiments_main, "run", real_run)
 
     user = targets[1]  # the case study of one user: history, kept pairs and their scores, every answer
     page = experiments_main.main(["--case-study", user.user_id, "--out", str(out)])["case_study"]

@@ -7,8 +7,9 @@ import augment
 import data
 import filters
 import generate
+import options
 import qwen2
-import smollm2
+from embedded import smollm2
 
 
 def test_augment_prompt_is_the_papers():
@@ -88,11 +89,12 @@ def test_augment_counts_unparsable_and_off_label_apart():
     tok = qwen2.Tokenizer.from_dir(smollm2.embedded_dir())
     chat = lambda model, tokenizer, conversations, *args, **kw: replies[:len(conversations)]
     task = data.get_task("lamp3")
-    cloud, settings = augment.CloudLM(None, tok, chat), augment.Augmentation(k=4, augment_decoding="free")
+    cloud, settings = augment.CloudLM(None, tok, chat), options.Settings(k=4, augment_decoding="free")
     out = augment.augment(cloud, [("good", "4")], settings, 0, task)
-    assert (out.originals, out.candidates, out.unparsable, out.off_label) == ([("good", "4")], [("good", "4")], 1, 2)
+    assert (out.source, out.pairs) == ([0], [("good", "4")])
+    assert out.counts == {"generated": 4, "unparsable": 1, "off_label": 2}
     out = augment.augment(cloud, [("good", "4")], settings, 0)
-    assert (out.unparsable, out.off_label) == (1, 0)  # no task: no label check
+    assert (out.counts["unparsable"], out.counts["off_label"]) == (1, 0)  # no task: no label check
 
 
 @pytest.mark.parametrize("ratio", [1.0, 2.0, 3.5])
@@ -106,7 +108,7 @@ def test_augment_budget_allows_the_length_filters_upper_bound(ratio):
     def chat(model, tokenizer, conversations, max_new_tokens, **kw):
         seen["budget"] = max_new_tokens
         return ["nothing"] * len(conversations)
-    settings = augment.Augmentation(k=1, augment_decoding="free", thresholds=filters.Thresholds(eps_max_len=ratio))
+    settings = options.Settings(k=1, augment_decoding="free", eps_max_len=ratio)
     augment.augment(augment.CloudLM(None, tok, chat), pairs, settings, 0)
     longest = len(tok.encode(f"Input: [{pairs[1][0]}], Response: [{pairs[1][1]}]"))
     assert longest > 300  # past the old cap of 512 when doubled
@@ -115,7 +117,7 @@ def test_augment_budget_allows_the_length_filters_upper_bound(ratio):
 
 def test_make_judge_names_the_option():
     with pytest.raises(ValueError, match="--judge"):
-        augment.make_judge("minilm", "cpu")
+        filters.make_judge("minilm", "cpu")
 
 
 def test_structured_augmentation_always_yields_the_pair_shape(tiny_model_dir, monkeypatch):
@@ -126,9 +128,9 @@ def test_structured_augmentation_always_yields_the_pair_shape(tiny_model_dir, mo
     seen, texts, real = [], [], generate.chat
     monkeypatch.setattr(generate, "chat", lambda *a, **kw: seen.append(kw) or texts.extend(real(*a, **kw)) or texts)
     pairs = [("rain again", "ugh rain smh"), ("big game tonight", "LETS GO big game")]
-    out = augment.augment(augment.CloudLM(model, tok), pairs, augment.Augmentation(k=2, temperature=1.0), 0)
+    out = augment.augment(augment.CloudLM(model, tok), pairs, options.Settings(k=2, temperature=1.0), 0)
     assert len(seen) == 1 and seen[0]["stop"] == "]" and seen[0]["scaffold"] == augment.SCAFFOLD
     assert seen[0]["reply_prefix"] == augment.REPLY_PREFIX and len(texts) == 4
     assert all(t.startswith("Input: [") and t.count("], Response: [") == 1 and "]" not in t.split("Response: [")[1]
                for t in texts)
-    assert out.unparsable + len(out.candidates) == 4 and len(out.originals) == len(out.candidates)
+    assert out.counts["unparsable"] + len(out.pairs) == 4 and len(out.source) == len(out.pairs)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import lora
+import options
 import qwen2
 import train
 from errors import InputError
@@ -212,7 +213,7 @@ def test_rkd_finetune_loss_is_the_reverse_kl_on_response_positions(tiny_model):
             expected.append(baselines.reverse_kl(s, t, torch.ones(len(s))) * len(s))
     n_response = sum(len(tok.encode(r)) + 1 for _, r in EXAMPLES)
     lora.add_lora(student)
-    losses = baselines.rkd_finetune(student, teacher, tok, EXAMPLES, train.Training(epochs=1, lr=0.0, batch_size=3))
+    losses = baselines.rkd_finetune(student, teacher, tok, EXAMPLES, options.Settings(epochs=1, lr=0.0, batch_size=3))
     assert losses[0] == pytest.approx(sum(expected).item() / n_response, rel=1e-5)
 
 
@@ -220,13 +221,13 @@ def test_rkd_finetune_learns_and_checks_vocab(tiny_model):
     tok = tiny_tokenizer()
     teacher = tiny_model(1, vocab=12)
     student = lora.add_lora(tiny_model(0, vocab=12))
-    losses = baselines.rkd_finetune(student, teacher, tok, EXAMPLES, train.Training(epochs=6, lr=2e-2, batch_size=2))
+    losses = baselines.rkd_finetune(student, teacher, tok, EXAMPLES, options.Settings(epochs=6, lr=2e-2, batch_size=2))
     assert losses[-1] < 0.7 * losses[0]
     copy = lora.add_lora(tiny_model(1, vocab=12))  # the teacher itself: nothing to learn
-    assert baselines.rkd_finetune(copy, teacher, tok, EXAMPLES, train.Training(epochs=1, lr=0.0))[0] == pytest.approx(0, abs=1e-6)
+    assert baselines.rkd_finetune(copy, teacher, tok, EXAMPLES, options.Settings(epochs=1, lr=0.0))[0] == pytest.approx(0, abs=1e-6)
     with pytest.raises(ValueError, match="teacher model's tokenizer differs"):
-        baselines.rkd_finetune(student, teacher, tok, EXAMPLES, train.Training(), teacher_tokenizer=tiny_tokenizer(WORDS[:-1] + ["f"]))
+        baselines.rkd_finetune(student, teacher, tok, EXAMPLES, options.Settings(), teacher_tokenizer=tiny_tokenizer(WORDS[:-1] + ["f"]))
     with pytest.raises(ValueError, match="the teacher has 8 logits"):
-        baselines.rkd_finetune(student, tiny_model(1, vocab=8), tok, EXAMPLES, train.Training())
+        baselines.rkd_finetune(student, tiny_model(1, vocab=8), tok, EXAMPLES, options.Settings())
     with pytest.raises(ValueError, match="no trainable parameters"):
-        baselines.rkd_finetune(tiny_model(0, vocab=12).requires_grad_(False), teacher, tok, EXAMPLES, train.Training())
+        baselines.rkd_finetune(tiny_model(0, vocab=12).requires_grad_(False), teacher, tok, EXAMPLES, options.Settings())

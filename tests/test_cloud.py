@@ -7,10 +7,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-import augment
+import options
 from cloud import client as cloud
 
-ONE = augment.Augmentation(k=1)
+ONE = options.Settings(k=1)
 
 
 def test_client_retries_then_raises_cloud_unavailable_on_a_closed_port(free_port):

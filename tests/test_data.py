@@ -97,15 +97,19 @@ PAIRS = {
 
 @pytest.mark.parametrize("task", list(TASKS))
 def test_profile_item_to_pair(task):
-    item, expected = PAIRS[task]
-    assert TASKS[task].pair(item) == expected
+    """The pair holds the user's content; the instruction comes back in `training_input`, the one
+    place that adds it, as the task's queries read."""
+    item, (query_input, y) = PAIRS[task]
+    x, output = TASKS[task].pair(item)
+    assert output == y and not x.startswith(TASKS[task].instruction[:10])
+    assert TASKS[task].training_input(x) == query_input
 
 
 def test_pair_input_matches_query_format():
     """A pair's input starts with the same instruction as the task's demo queries."""
     for task in ["lamp2", "lamp3", "lamp4", "lamp5", "lamp7"]:
         user = load_users(task)[0]
-        x, _ = TASKS[task].pair(user.profile[0])
+        x = TASKS[task].training_input(TASKS[task].pair(user.profile[0])[0])
         prefix = x[: x.index(":", x.index("following")) + 1]
         assert user.queries[0].input.startswith(prefix), task
 

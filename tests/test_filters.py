@@ -4,7 +4,9 @@ import json
 
 import pytest
 
+import data
 import filters
+import options
 
 
 class FakeJudge:
@@ -72,8 +74,9 @@ def test_select_rejects_exactly_the_right_samples():
         table[(text, ORIGINAL[0])] = 0.2 if name.startswith("scf") else 0.8
     judge = FakeJudge(table)
     names = list(CANDIDATES)
-    sel = filters.select([ORIGINAL] * len(names), [(CANDIDATES[n], f"y_{n}") for n in names], judge,
-                         filters.Thresholds(eps_tdf=0.75, eps_min_len=0.5, eps_max_len=2.0))
+    step2 = {"generated": 6, "unparsable": 1, "off_label": 0}  # step 2's counts go on, after step 3's
+    candidates = data.Candidates([0] * len(names), [(CANDIDATES[n], f"y_{n}") for n in names], step2)
+    sel = filters.select([ORIGINAL], candidates, judge, options.Settings(eps_tdf=0.75, eps_min_len=0.5, eps_max_len=2.0))
     assert judge.calls == [2 * len(names)]  # one batched call, both directions
     verdicts = {n: (r["scf"], r["tdf"], r["lsf"], r["kept"]) for n, r in zip(names, sel.records)}
     assert verdicts == {"keep": (True, True, True, True), "scf": (False, True, True, False),
@@ -81,7 +84,7 @@ def test_select_rejects_exactly_the_right_samples():
                         "scf+lsf": (False, True, False, False)}
     assert sel.kept == [(CANDIDATES["keep"], "y_keep")]
     assert sel.counts == {"candidates": 5, "kept": 1, "rejected": 4, "rejected_scf": 2, "rejected_tdf": 1,
-                          "rejected_lsf": 2}
+                          "rejected_lsf": 2} | step2
     r = sel.records[1]
     assert (r["input"], r["output"], r["syn_input"], r["syn_output"]) == (*ORIGINAL, CANDIDATES["scf"], "y_scf")
     assert (r["scf_forward"], r["scf_backward"]) == (0.9, 0.2)
@@ -90,15 +93,14 @@ def test_select_rejects_exactly_the_right_samples():
                               "eps_max_len": 2.0}
     json.dumps(sel.records)  # records go to synthetic.jsonl as they are
     # a stricter eps_scf rejects the candidates whose backward score is 0.8, too
-    strict = filters.select([ORIGINAL] * len(names), [(CANDIDATES[n], "") for n in names], judge, filters.Thresholds(eps_scf=0.85))
+    strict = filters.select([ORIGINAL], data.Candidates([0] * len(names), [(CANDIDATES[n], "") for n in names], {}),
+                            judge, options.Settings(eps_scf=0.85))
     assert strict.counts["rejected_scf"] == 5 and strict.kept == []
 
 
-def test_select_input_errors_and_empty():
+def test_select_of_no_candidates_asks_no_judge():
     judge = FakeJudge({})
-    with pytest.raises(ValueError, match="2 originals but 1 candidates"):
-        filters.select([("a", "b")] * 2, [("a", "b")], judge)
-    empty = filters.select([], [], judge)
+    empty = filters.select([("a", "b")], data.Candidates([], [], {}), judge, options.Settings())
     assert empty.kept == [] and empty.counts["candidates"] == 0 and judge.calls == []
 
 

@@ -9,9 +9,9 @@ import copy
 
 import pytest
 import torch
+from test_deploy import nf4_lora_model
 
 from deployment import deploy, gptq
-from test_deploy import nf4_lora_model
 
 
 def loss(weight, codes, scale, zero, H):

@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from test_deploy import nf4_lora_model, reference_logits
 
 from deployment import deploy, gptq, gridtune
-from test_deploy import nf4_lora_model, reference_logits
 
 
 def test_grid_by_hand():

@@ -13,7 +13,7 @@ import augment
 import cdcda
 import data
 import qwen2
-from online import __main__ as run_online, buffer as online
+from online import __main__ as run_online, buffer as online, methods as online_methods
 from online.buffer import GENERAL, OnlineBuffer, dss, eoe, idd, random_buffer, rouge1_filter
 
 # -------------------------------------------------------------------- EOE
@@ -210,16 +210,15 @@ def test_rouge1_filter():
 
 
 def test_rouge1_select_compares_inputs_like_filters_select():
-    originals = [("a b c d", "y1"), ("a b c d", "y1"), ("e f", "y2")]
-    candidates = [("a b x y", "anything"), ("a x y z", "y1"), ("e f", "z")]
-    sel = online.rouge1_select(originals, candidates, threshold=0.25)
+    pairs = [("a b c d", "y1"), ("e f", "y2")]
+    candidates = data.Candidates([0, 0, 1], [("a b x y", "anything"), ("a x y z", "y1"), ("e f", "z")], {"unparsable": 2})
+    sel = online.rouge1_select(pairs, candidates, threshold=0.25)
     # ROUGE-1 F of the inputs: 2/4 overlap -> 0.5 kept; 1/4 -> 0.25 not above 0.25; identical -> 1.0
     assert [r["rouge_1"] for r in sel.records] == pytest.approx([0.5, 0.25, 1.0])
     assert sel.kept == [("a b x y", "anything"), ("e f", "z")]  # the response is never checked
-    assert sel.counts == {"candidates": 3, "kept": 2, "rejected": 1, "rejected_rouge1": 1}
+    assert sel.counts == {"candidates": 3, "kept": 2, "rejected": 1, "rejected_rouge1": 1, "unparsable": 2}
     assert set(sel.records[0]) >= {"input", "output", "syn_input", "syn_output", "kept"}
-    with pytest.raises(ValueError, match="2 originals but 1"):
-        online.rouge1_select(originals[:2], candidates[:1])
+    assert (sel.records[2]["input"], sel.records[2]["output"]) == pairs[1]
 
 
 # -------------------------------------------------------------------- embeddings
@@ -291,25 +290,25 @@ def test_buffer_keeps_n_items_and_only_they_are_uploaded(tiny_model_dir, tmp_pat
     monkeypatch.setenv("CDCDA_CACHE", str(tmp_path / "cache"))
     uploaded, trained = [], []
     real_augment, real_personalize = augment.augment, cdcda.personalize
-    monkeypatch.setattr(augment, "augment", lambda cloud, pairs, *a, **kw: uploaded.append(list(pairs))
+    monkeypatch.setattr(online_methods, "augment", lambda cloud, pairs, *a, **kw: uploaded.append(list(pairs))
                         or real_augment(cloud, pairs, *a, **kw))
-    monkeypatch.setattr(cdcda, "personalize", lambda model, tok, task, pairs, training, seed, desc: trained.append(
-        (desc, list(pairs))) or real_personalize(model, tok, task, pairs, training, seed, desc))
+    monkeypatch.setattr(online_methods, "personalize", lambda device, task, pairs, settings, seed: trained.append(
+        list(pairs)) or real_personalize(device, task, pairs, settings, seed))
     out = tmp_path / "run"
     rep = run_online.main(tiny_args(tiny_model_dir, out) + ["--buffer", "4", "--synthesis-filter", "rouge1"])
     users = data.split_users(data.load_users("lamp7"), 2)[0]
     task = data.get_task("lamp7")
-    for user, sent in zip(users, uploaded):
+    assert len(uploaded) == len(users) and len(trained) == 2 * len(users)  # each user: direct-ft, cdcda
+    for user, sent, (direct, augmented) in zip(users, uploaded, zip(trained[::2], trained[1::2])):
         buffer = json.loads((out / "users" / user.user_id / "buffer.json").read_text())
         history = cdcda.upload(task, user)
         assert len(sent) == 4 and buffer["kept"] == 4 and buffer["seen"] == len(history) > 4
         assert sent == [p for p in history if p in sent]  # a subsequence of the history, in order
-        assert dict(trained)[f"direct-ft {user.user_id}"] == sent
+        assert direct == sent
         records = [json.loads(line) for line in (out / "users" / user.user_id / "synthetic.jsonl").read_text().splitlines()]
         assert records and all("rouge_1" in r and (r["input"], r["output"]) in sent for r in records)
         kept = [(r["syn_input"], r["syn_output"]) for r in records if r["kept"]]
-        assert dict(trained)[f"cdcda {user.user_id}"] == sent + kept
-    assert rep["counts"]["history"] == sum(len(u.profile) for u in users) and rep["counts"]["buffered"] == 8
+        assert augmented == sent + kept
     assert "4-item online buffer, scores" in rep["models"]["history"] and "ROUGE-1" in rep["models"]["synthesis filter"]
 
 
@@ -328,28 +327,35 @@ def test_buffer_options_are_checked_before_any_work(bad, option, capsys, tmp_pat
 def test_compare_buffers_trains_each_row_on_its_buffer(tiny_model_dir, tmp_path, monkeypatch, fake_cloud, tiny_args):
     monkeypatch.setenv("CDCDA_CACHE", str(tmp_path / "cache"))
     trained, real_personalize = [], cdcda.personalize
-    monkeypatch.setattr(cdcda, "personalize", lambda model, tok, task, pairs, training, seed, desc: trained.append(
-        (desc, list(pairs))) or real_personalize(model, tok, task, pairs, training, seed, desc))
+
+    def personalize(device, task, pairs, settings, seed):
+        trained.append(list(pairs))
+        return real_personalize(device, task, pairs, settings, seed)
+    monkeypatch.setattr(cdcda, "personalize", personalize)
+    monkeypatch.setattr(online_methods, "personalize", personalize)
     out = tmp_path / "run"
     rep = run_online.main(tiny_args(tiny_model_dir, out) + ["--compare-buffers", "--buffer-sizes", "4,8"])
     assert list(rep["rows"]) == ["base", "direct-ft", "cdcda"] + [f"{p}-{n}{a}" for n in (4, 8)
                                                                 for p in ("scores", "random") for a in ("", "+aug")]
     assert rep["labels"]["random-8+aug"] == "8-item buffer, random + augmentation"
     assert all(row["gold_nll"] > 0 for row in rep["rows"].values())
-    sizes = dict(trained)
     task = data.get_task("lamp7")
-    for user in data.split_users(data.load_users("lamp7"), 2)[0]:
+    rows = [r for r in rep["rows"] if r != "base"]  # each user's trained rows, in order
+    users = data.split_users(data.load_users("lamp7"), 2)[0]
+    assert len(trained) == len(rows) * len(users)
+    for i, user in enumerate(users):
+        sizes = dict(zip(rows, trained[i * len(rows):(i + 1) * len(rows)]))
         user_dir = out / "buffers" / "users" / user.user_id
         history = cdcda.upload(task, user)
         records = [json.loads(line) for line in (user_dir / "synthetic.jsonl").read_text().splitlines()]
         for n in (4, 8):
             for policy in ("scores", "random"):
                 kept = [history[i] for i in json.loads((user_dir / f"buffer-{policy}-{n}.json").read_text())["kept_indices"]]
-                assert sizes[f"{policy}-{n} {user.user_id}"] == kept and len(kept) == n
+                assert sizes[f"{policy}-{n}"] == kept and len(kept) == n
                 synthetic = [(r["syn_input"], r["syn_output"]) for r in records
                              if r["kept"] and (r["input"], r["output"]) in kept]
-                assert synthetic and sizes[f"{policy}-{n}+aug {user.user_id}"] == kept + synthetic
-        assert sizes[f"direct-ft {user.user_id}"] == history
+                assert synthetic and sizes[f"{policy}-{n}+aug"] == kept + synthetic
+        assert sizes["direct-ft"] == history
         assert json.loads((user_dir / "buffer-scores-4.json").read_text()) != json.loads(
             (user_dir / "buffer-random-4.json").read_text())
     trained.clear()  # --buffer-rows: a subset of the rows, from the finished users' results

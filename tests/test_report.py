@@ -11,6 +11,8 @@ import data
 import metrics
 import options
 import report
+import runner
+from scale import report as scale_report
 
 
 def rep(rows):
@@ -31,9 +33,9 @@ def test_reading_orders_the_rows_by_gold_nll_and_the_first_metric():
 
 def test_models_used_names_the_history_pairs_only_where_they_are_a_choice():
     settings = options.parse(["--task", "lamp7", "--history-pairs", "identity"], cdcda.METHODS)
-    assert report.models_used(settings)["history pairs"].startswith("identity")
+    assert runner.models_used(settings)["history pairs"].startswith("identity")
     settings = options.parse(["--task", "lamp2"], cdcda.METHODS)  # the default "rewrite" does not apply to lamp2
-    assert report.models_used(settings)["history pairs"].startswith("the task's own")
+    assert runner.models_used(settings)["history pairs"].startswith("the task's own")
 
 
 # ---------------------------------------------------------------- LaMP's own files, scored as LaMP does
@@ -107,8 +109,7 @@ def hand_run(task_name: str, golds, *predictions):
 @pytest.mark.parametrize("task_name", list(CASES))
 def test_lamp_files_score_as_lamps_evaluation_gives_the_reports_numbers(tmp_path, task_name):
     task, users, results, methods = hand_run(task_name, *CASES[task_name])
-    settings = options.parse(["--task", task_name], cdcda.METHODS)
-    rep = report.build(task, users, results, settings, {m: m for m in methods}, "cpu")
+    rep = report.build(task, users, results, {m: m for m in methods}, {}, {})
     report.lamp_files(task, users, results, methods, tmp_path)
     golds = json.loads((tmp_path / "lamp" / "golds.json").read_text())
     assert golds["task"] == task.lamp_name and [g["id"] for g in golds["golds"]] == ["110", "7x", "2", "a-1"]
@@ -128,7 +129,7 @@ def test_where_the_project_differs_from_lamp_on_purpose(tmp_path):
     outside the label list: LaMP maps it to -1 and scores an off-label prediction against it as
     right; ours refuses it (and data.load_users refuses such a file)."""
     task, users, results, methods = hand_run("lamp3", ["5", "1", "3", "2"], ["nan", "inf", "3", "-inf"])
-    rep = report.build(task, users, results, options.parse(["--task", "lamp3"], cdcda.METHODS), {"base": "B"}, "cpu")
+    rep = report.build(task, users, results, {"base": "B"}, {}, {})
     report.lamp_files(task, users, results, methods, tmp_path)
     with pytest.raises(ValueError):  # LaMP: float("nan") is a number, and the MAE of it is no number
         lamp_evaluate(tmp_path / "lamp" / "golds.json", tmp_path / "lamp" / "base.json")
@@ -157,5 +158,5 @@ def test_a_tiny_run_writes_lamps_files(tiny_run):
                                                           for p in results[u.user_id]["predictions"][method]]
         theirs = lamp_evaluate(out / "lamp" / "golds.json", out / "lamp" / f"{method}.json")
         assert theirs == pytest.approx({k: rep["rows"][method][k] for k in theirs}, abs=1e-12)
-    rescored = cdcda.main(["report", "--out", str(out)])  # the report writes them again, the same
+    rescored = scale_report.main(["--out", str(out)])  # the report writes them again, the same
     assert rescored["rows"] == rep["rows"] and json.loads((out / "lamp" / "cdcda.json").read_text()) == written

@@ -1,13 +1,13 @@
 """rewrite.py: LaMP-7's history tweets paired with the device's neutral rewrites."""
-import json
 
 import pytest
 
 import cdcda
 import data
-import filters
-import generate
+import options
+import qwen2
 import rewrite
+from embedded import smollm2
 
 
 class FakeJudge:
@@ -30,21 +30,22 @@ def test_history_pair_uses_the_rewrite_and_drops_rejected_items():
     items = [{"text": "ngl lowkey tired fr"}, {"text": "lol rain"}]
     rewrites = {"ngl lowkey tired fr": "I am tired.", "lol rain": ""}
     assert rewrite.history_pair(task, items[0]) == task.pair(items[0])
-    assert rewrite.history_pair(task, items[0], rewrites) == (task.instruction + "I am tired.", "ngl lowkey tired fr")
+    assert rewrite.history_pair(task, items[0], rewrites) == ("I am tired.", "ngl lowkey tired fr")
     assert rewrite.history_pair(task, items[1], rewrites) is None
     assert cdcda.upload(task, data.User("u", items, []), rewrites) == [("I am tired.", "ngl lowkey tired fr")]
     assert cdcda.upload(task, data.User("u", items[1:], []), rewrites) == [("lol rain", "lol rain")]  # none left
     others = [data.User("o1", items, [data.Query("q", "Paraphrase ...: hi", "hey")]), data.User("o2", items[1:], [])]
-    assert cdcda.base_pairs(task, others, rewrites) == [  # M_base's users: the same rule as the targets'
-        (task.instruction + "I am tired.", "ngl lowkey tired fr"), task.pair(items[1]), ("Paraphrase ...: hi", "hey")]
+    assert cdcda.base_examples(task, others, rewrites) == [  # M_base's users: the same rule as the targets'
+        (task.messages(task.instruction + "I am tired."), "ngl lowkey tired fr"),
+        (task.messages(task.instruction + items[1]["text"]), items[1]["text"]),
+        (task.messages("Paraphrase ...: hi"), "hey")]
     lamp2 = data.get_task("lamp2")
     movie = {"description": "a heist", "tag": "twist ending"}
     assert rewrite.history_pair(lamp2, movie, {}) == lamp2.pair(movie)  # a real input: left alone
 
 
-def test_neutral_rewrites_keeps_the_closest_passing_rewrite(tiny_model_dir, tmp_path, monkeypatch):
+def test_rewrite_all_keeps_the_closest_passing_rewrite():
     """Greedy and sampled rewrites by hand: a copy, a labelled good one, an unrelated one."""
-    monkeypatch.setenv("CDCDA_CACHE", str(tmp_path))
     replies = {0.0: {"ngl the team won again fr": "The team won",  # passes, but further in meaning
                      "rain all day ugh": "rain all day ugh"},  # an exact copy: rejected
                0.7: {"ngl the team won again fr": "Rewrite: the team won again",  # labelled: label cut, closest
@@ -54,17 +55,13 @@ def test_neutral_rewrites_keeps_the_closest_passing_rewrite(tiny_model_dir, tmp_
     def chat(model, tok, conversations, max_new_tokens, temperature=0.7, **kw):
         calls.append(list(temperature))  # one call: each tweet's greedy and sampled rewrites, one prefill
         return [replies[t][c[-1]["content"].split("Text: ")[1]] for c, t in zip(conversations, temperature)]
-    monkeypatch.setattr(generate, "chat", chat)
     task = data.get_task("lamp7")
     users = [data.User("u", [{"text": "ngl the team won again fr"}, {"text": "rain all day ugh"}], [])]
-    thresholds = filters.Thresholds(eps_scf=0.3)
-    got = rewrite.neutral_rewrites(task, users, str(tiny_model_dir), FakeJudge(), thresholds, "cpu", samples=1)
+    texts = rewrite.history_texts(task, users)
+    tok = qwen2.Tokenizer.from_dir(smollm2.embedded_dir())
+    got = rewrite.rewrite_all(None, tok, texts, FakeJudge(), options.Settings(eps_scf=0.3), samples=1, chat=chat)
     assert got == {"ngl the team won again fr": "the team won again", "rain all day ugh": ""}
     assert calls == [[0.0, 0.7, 0.0, 0.7]]
-    cached = list((tmp_path / "rewrites").glob("lamp7-*.json"))
-    assert len(cached) == 1 and json.loads(cached[0].read_text()) == got
-    assert rewrite.neutral_rewrites(task, users, str(tiny_model_dir), FakeJudge(), thresholds, "cpu",
-                                    samples=1) == got and len(calls) == 1  # from the cache
 
 
 @pytest.mark.parametrize("text, expected", [("Rewrite: the team won", "the team won"),

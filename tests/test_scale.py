@@ -16,13 +16,12 @@ import cdcda
 import data
 import generate
 import qwen2
-import report
 import train
 from deployment import __main__ as run_deployment, gridtune
 from errors import InputError
 from experiments import methods as experiments
 from online import __main__ as run_online
-from scale import __main__ as run_scale, shards
+from scale import __main__ as run_scale, report as scale_report, shards
 
 
 def tokens(tok, examples, max_length) -> int:
@@ -35,11 +34,11 @@ def test_the_plan_counts_what_the_run_does(tiny_model_dir, tmp_path, monkeypatch
     monkeypatch.setattr(generate, "chat", lambda model, tok, conversations, *a, **kw: [  # instead, a plan is off
         r + " for real" for r in faked(model, tok, conversations, *a, **kw)] if (kw.get("desc") or "").startswith(
         "rewrite") else faked(model, tok, conversations, *a, **kw))
-    trained, calibrated, real_finetune, real_tune = {}, {}, train.finetune, gridtune.tune
+    trained, calibrated, real_finetune, real_tune = [], {}, train.finetune, gridtune.tune
 
-    def finetune(model, tok, examples, training, seed=0, desc=None, loss_fn=None):
-        trained[desc] = (examples, tok, training)
-        return real_finetune(model, tok, examples, training, seed, desc, loss_fn)
+    def finetune(model, tok, examples, settings, seed=0, desc=None, loss=None):
+        trained.append((desc, examples, tok, settings))
+        return real_finetune(model, tok, examples, settings, seed, desc, loss)
 
     def tune(model, state, calibration, epochs, *a, **kw):
         calibrated.setdefault("calls", []).append(epochs * sum(map(len, calibration)))
@@ -52,15 +51,15 @@ def test_the_plan_counts_what_the_run_does(tiny_model_dir, tmp_path, monkeypatch
     plan = run_scale.main(argv + ["--deploy", "--deploy-tune-epochs", "1", "--plan"])
 
     max_length, epochs = 96, 1
-    base_examples, base_tok, base_training = trained["M_base"]
+    (base_examples, base_tok, base_training), = [t[1:] for t in trained if t[0] == "M_base"]
+    personal = [t[1:3] for t in trained if t[0] is None]  # each user's direct-ft, then cdcda
     assert plan["shared"]["M_base training tokens"] == base_training.epochs * tokens(base_tok, base_examples, max_length)
     assert "rewrite replies" not in plan["shared"]  # made by the run: the plan counts on them
     users = data.split_users(data.load_users("lamp7"), 2)[0]
-    for user in users:
+    assert len(personal) == 2 * len(users)
+    for user, (direct, tok), (together, _) in zip(users, personal[::2], personal[1::2]):
         row, counts = plan["users"][user.user_id], json.loads(
             (tmp_path / "run" / "users" / user.user_id / "result.json").read_text())["counts"]
-        direct, tok, _ = trained[f"direct-ft {user.user_id}"]
-        together, _, _ = trained[f"cdcda {user.user_id}"]
         assert together[:len(direct)] == direct  # CDCDA-PLM trains on D_u, then the kept candidates
         assert row["history"] == len(direct) and row["cloud replies"] == counts["generated"]
         assert row["candidates, at most"] >= counts["candidates"]
@@ -70,13 +69,13 @@ def test_the_plan_counts_what_the_run_does(tiny_model_dir, tmp_path, monkeypatch
         assert row["tuning tokens, none kept"] == 2 * tokens(tok, direct, max_length)  # 1 tune epoch, both rows
         assert row["answer tokens"] == 4 * len(user.queries) * cdcda.ANSWER_TOKENS["lamp7"]
     assert sorted(calibrated["calls"]) == sorted(  # the tuning's real inputs: prompt + response, as counted
-        tokens(trained[f"{m} {u.user_id}"][1], trained[f"{m} {u.user_id}"][0], max_length)
-        for u in users for m in ("direct-ft", "cdcda"))
+        tokens(tok, examples, max_length) for examples, tok in personal)
     assert list(rep["rows"]) == ["direct-ft", "direct-ft-deployed", "cdcda", "cdcda-deployed"]
 
     buffered = run_online.main(argv + ["--out", str(tmp_path / "buffered"), "--buffer", "4"])
     plan = run_scale.main(argv + ["--out", str(tmp_path / "buffered"), "--buffer", "4", "--plan"])
-    assert plan["totals"]["history"] == buffered["counts"]["buffered"] == 4 * len(users)
+    kept = [json.loads((tmp_path / "buffered" / "users" / u.user_id / "buffer.json").read_text())["kept"] for u in users]
+    assert plan["totals"]["history"] == sum(kept) == 4 * len(users)
     assert plan["totals"]["cloud replies"] == buffered["counts"]["generated"]
     assert not (tmp_path / "cache" / "plan").exists()
 
@@ -92,7 +91,7 @@ def test_the_plan_trains_and_writes_nothing(tiny_model_dir, tmp_path, monkeypatc
     task, tok = data.get_task("lamp7"), qwen2.Tokenizer.from_dir(tiny_model_dir)
     for user in data.split_users(data.load_users("lamp7"), 2)[0]:
         row = plan["users"][user.user_id]
-        d_u = tokens(tok, cdcda.training_examples(task, cdcda.upload(task, user)), 96)  # identity pairs
+        d_u = tokens(tok, cdcda.examples(task, cdcda.upload(task, user)), 96)  # identity pairs
         assert row["history"] == len(user.profile) and row["cloud replies"] == 3 * len(user.profile)
         # direct-ft and cdcda on D_u, eda-ft on D_u and k = 3 variants of each pair; 1 epoch
         assert row["training tokens, none kept"] == (1 + 1 + 4) * d_u
@@ -184,7 +183,7 @@ def test_two_shards_equal_one_process_and_a_killed_shard_resumes(tiny_model_dir,
     assert sum(o.count("M_base: cached") for o in outputs) == 1
     base = next((tmp_path / "cache2" / "base").iterdir()) / "model.safetensors"
     mtime = base.stat().st_mtime_ns
-    merged = subprocess.run([sys.executable, "cdcda.py", "report", "--out", str(two)], cwd=ROOT, env=env,
+    merged = subprocess.run([sys.executable, "-m", "scale.report", "--out", str(two)], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=600)
     assert merged.returncode == 0, merged.stderr[-3000:]
     assert predictions(two) == predictions(one) and len(predictions(one)) == 4
@@ -212,7 +211,7 @@ def test_two_shards_equal_one_process_and_a_killed_shard_resumes(tiny_model_dir,
     assert first.stat().st_mtime_ns == written  # the finished user was not redone
     assert "are not yet" in again and not (three / "results.md").exists()  # shard 1's users are missing
     with pytest.raises(InputError, match=f"2 of 4 users are not finished: {', '.join(theirs)}"):
-        report.main(["--out", str(three)])
+        scale_report.main(["--out", str(three)])
     assert "M_base: training on" not in again and base.stat().st_mtime_ns == mtime  # still the one M_base
     for uid in mine:
         assert predictions(three)[uid] == predictions(one)[uid]

@@ -26,6 +26,7 @@ import augment
 import data
 import filters
 import generate
+import options
 import qwen2
 from cloud import __main__ as run_cloud, batcher, client as cloud, server as cloud_server
 from errors import InputError
@@ -115,8 +116,8 @@ PAIRS = [("cannot believe it is raining again this weekend", "ugh raining AGAIN 
 SERVICE = cloud.Endpoint("", TOKEN)  # the module's server, its URL filled in by each test
 
 
-def settings(k: int, temperature: float = 0.7) -> augment.Augmentation:
-    return augment.Augmentation(k, temperature, "free")
+def settings(k: int, temperature: float = 0.7) -> options.Settings:
+    return options.Settings(k=k, temperature=temperature, augment_decoding="free")
 
 
 def test_augment_over_http_equals_in_process(server, tiny_model_dir, monkeypatch):
@@ -125,9 +126,9 @@ def test_augment_over_http_equals_in_process(server, tiny_model_dir, monkeypatch
     records, counts = cloud.remote_augment(service, "lamp7", pairs, settings(3), 5)
     monkeypatch.setattr(generate, "chat", parsable(generate.chat))
     model, tok = qwen2.load(str(tiny_model_dir))
-    judge = augment.make_judge(JUDGE, "cpu")
+    judge = filters.make_judge(JUDGE, "cpu")
     out = augment.augment(augment.CloudLM(model, tok), pairs, settings(3), 5, data.get_task("lamp7"))
-    sel = filters.select(out.originals, out.candidates, judge, filters.Thresholds())
+    sel = filters.select(out.originals, out.candidates, judge, options.Settings())
     assert records == sel.records  # same seed, same synthetic data, across processes and the wire
     assert counts == {**sel.counts, "generated": 9, "unparsable": out.unparsable, "off_label": out.off_label}
     assert 0 < counts["kept"] < counts["candidates"] < 9 and out.unparsable > 0  # not a trivial comparison

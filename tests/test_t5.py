@@ -13,6 +13,7 @@ import data
 import generate
 import lora
 import nf4
+import options
 import qwen2
 import train
 from deployment import __main__ as run_deployment
@@ -129,7 +130,9 @@ def test_save_and_load_round_trip(tmp_path, t5_checkpoint):
     assert again.state_dict().keys() == model.state_dict().keys()
     assert all(torch.equal(again.state_dict()[k], v) for k, v in model.state_dict().items())
     assert tok2.encode("the cat sat") == tok.encode("the cat sat")
-    assert t5.family(tmp_path / "b") is t5 and t5.family(qwen2.EMBEDDED) is qwen2
+    assert t5.family(tmp_path / "b") == cdcda.Family(t5.load, t5.save_pretrained, t5.Config.from_json, t5.chat,
+                                                     t5.response_loss)
+    assert t5.family(qwen2.EMBEDDED) == cdcda.Family()  # the decoder's
 
 
 def test_cached_decoding_equals_the_full_forward(tmp_path, t5_checkpoint):
@@ -175,12 +178,12 @@ def test_plain_text_prompt_and_chat(tmp_path, t5_checkpoint):
     text = tok.apply_chat_template(messages)
     assert text == task.system + task.pair_input.format(text="the cat sat") + task.user_end + "</s>"
     assert tok.encode(text)[-1] == 1 and tok.eos_token_ids == [1] and tok.pad_token_id == 0
-    replies = generate.chat(model, tok, [messages] * 3, max_new_tokens=6, temperature=0.0)
+    replies = t5.chat(model, tok, [messages] * 3, max_new_tokens=6, temperature=0.0)
     ids, mask = generate.left_pad([tok.encode(text)], 0)
     expected = t5.generate_ids(model, ids, 6, temperature=0.0, eos_token_id=[1], attention_mask=mask)
     assert replies == [generate.reply_text(tok, expected[0, ids.shape[1]:].tolist())[0].strip()] * 3
     with pytest.raises(ValueError, match="reply prefix"):  # the cloud's priming is for a decoder
-        generate.chat(model, tok, [messages], max_new_tokens=2, reply_prefix="Input: [")
+        t5.chat(model, tok, [messages], max_new_tokens=2, reply_prefix="Input: [")
 
 
 def test_response_loss_equals_transformers_labels_loss(tmp_path, t5_checkpoint):
@@ -253,7 +256,7 @@ def test_nf4_quantizes_block_linears_and_finetuning_lowers_the_loss(tmp_path, t5
     assert F.cosine_similarity(logits.float().flatten(), ref.flatten(), dim=0) > 0.9  # 4-bit weights of a tiny model
     lora.add_lora(model)
     examples = [([{"role": "user", "content": "the cat sat"}], "a dog ran fast")] * 4
-    losses = train.finetune(model, tok, examples, train.Training(epochs=4, lr=1e-2, batch_size=2, max_length=32))
+    losses = train.finetune(model, tok, examples, options.Settings(epochs=4, lr=1e-2, batch_size=2, max_length=32))
     assert losses[-1] < losses[0] / 2
     assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if "lora_" in n)
 

