@@ -42,6 +42,10 @@ class LabelTrie:
                     self.next.setdefault(seq[:n], set()).add(seq[n])
                 self.complete[seq] = label
 
+    def __iter__(self):
+        """The labels, in their order (an API's choice list)."""
+        return iter(dict.fromkeys(self.complete.values()))
+
     def allowed(self, prefix) -> list[int]:
         """The next ids after `prefix` (the reply's ids so far): those continuing a label, and the
         closing ids if `prefix` is a whole label. A prefix that no label starts with is an error."""
