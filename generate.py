@@ -59,8 +59,8 @@ class Replies:
     PER_REPLY = ("generator", "budget", "second", "cap", "new", "resumed", "spent", "phase", "forced")  # lists
 
     def __init__(self, model: Qwen2, input_ids, max_new_tokens, temperature=0.7, top_p: float = 1.0, eos_token_id=...,
-                 attention_mask=None, generator=None, copies=None, scaffold=None, scaffold_tokens: int = 0,
-                 labels=None):
+                 attention_mask=None, generator=None, copies=None, scaffold=None,
+                 scaffold_tokens: int = 0, labels=None):
         eos = model.config.eos_token_id if eos_token_id is ... else eos_token_id
         self.ends = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
         (B, T), device = input_ids.shape, input_ids.device
@@ -136,8 +136,8 @@ class Replies:
 
 @torch.inference_mode()
 def generate(model: Qwen2, input_ids, max_new_tokens, temperature=0.7, top_p: float = 1.0, eos_token_id=...,
-             attention_mask=None, generator=None, copies=None, scaffold=None, scaffold_tokens: int = 0,
-             labels=None):
+             attention_mask=None, generator=None, copies=None, scaffold=None,
+             scaffold_tokens: int = 0, labels=None):
     """Continue input_ids (B, T), left padded -> (R, T + n), n <= the longest reply's new tokens.
 
     copies: replies per prompt (default one; R their sum, in order): a prompt is prefilled once and
