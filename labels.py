@@ -62,9 +62,3 @@ class LabelTrie:
             ids = torch.tensor(self.allowed(prefix), dtype=torch.long, device=logits.device)
             keep[row, ids[ids < logits.shape[1]]] = True
         return logits.masked_fill(~keep, float("-inf"))
-
-    def label(self, ids) -> str | None:
-        """The label that `ids` spell, a closing id at the end dropped; None if they spell none."""
-        ids = list(ids)
-        ids = ids[:-1] if ids and ids[-1] in self.end_ids else ids
-        return self.complete.get(tuple(ids))
