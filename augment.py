@@ -10,6 +10,7 @@ from typing import Callable, NamedTuple
 
 import data
 import generate
+import labels
 
 AUGMENT_PROMPT = ("Generate an Input and Response pairs semantically similar to the following "
                   "example, no need to explain. Input: [{x}], Response: [{y}].")  # sec. 4, verbatim
@@ -88,7 +89,8 @@ def augment(cloud: CloudLM, pairs, settings, seed: int,
     Response: [") and samples the response up to its "]", in one pass from the same cache, so the
     filters judge content, not format. A part may take `generation_budget` tokens: a candidate as
     long as eq. 4 allows is never cut off. Counted: replies with no parsable pair (unparsable), and
-    responses `task.valid_output` rejects (off_label)."""
+    responses `task.valid_output` rejects (off_label). With --label-decoding constrained, a
+    task's response in structured decoding may only spell one of its pair_labels (labels.py)."""
     k = settings.k
     prompts = [[{"role": "user", "content": AUGMENT_PROMPT.format(x=x, y=y)}]
                for x, y in pairs for _ in range(k)]
@@ -98,9 +100,11 @@ def augment(cloud: CloudLM, pairs, settings, seed: int,
     reply = functools.partial(cloud.chat or generate.chat, cloud.model, cloud.tokenizer,
                               temperature=settings.temperature, batch_size=generate.BATCH)
     if settings.augment_decoding == "structured":  # one pass: the scaffold where the input stops
+        constrained = settings.label_decoding == "constrained" and task and task.pair_labels
         texts = reply(prompts, budget([x for x, _ in pairs]), seed=seed, stop="]",
                       desc="augment (cloud)", reply_prefix=REPLY_PREFIX, scaffold=SCAFFOLD,
-                      scaffold_tokens=budget([y for _, y in pairs]))
+                      scaffold_tokens=budget([y for _, y in pairs]),
+                      labels=label_trie(cloud.tokenizer, task.pair_labels) if constrained else None)
         texts = [text + "]" for text in texts]
     else:
         texts = reply(prompts, budget([f"Input: [{x}], Response: [{y}]" for x, y in pairs]),
@@ -117,6 +121,12 @@ def augment(cloud: CloudLM, pairs, settings, seed: int,
             candidates.append(pair)
     counts = {"generated": len(texts), "unparsable": unparsable, "off_label": off_label}
     return data.Candidates(source, candidates, counts)
+
+
+@functools.lru_cache(maxsize=4)
+def label_trie(tokenizer, names: tuple[str, ...]) -> labels.LabelTrie:
+    """The labels as structured decoding's response spells them, after SCAFFOLD, up to a "]"."""
+    return labels.LabelTrie(tokenizer, names, labels.close_ids(tokenizer, "]"), after=SCAFFOLD)
 
 
 def generation_budget(tokenizer, texts: list[str], eps_max_len: float) -> int:

@@ -59,7 +59,8 @@ class Replies:
     PER_REPLY = ("generator", "budget", "second", "cap", "new", "resumed", "spent", "phase", "forced")  # lists
 
     def __init__(self, model: Qwen2, input_ids, max_new_tokens, temperature=0.7, top_p: float = 1.0, eos_token_id=...,
-                 attention_mask=None, generator=None, copies=None, scaffold=None, scaffold_tokens: int = 0):
+                 attention_mask=None, generator=None, copies=None, scaffold=None,
+                 scaffold_tokens: int = 0, labels=None):
         eos = model.config.eos_token_id if eos_token_id is ... else eos_token_id
         self.ends = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
         (B, T), device = input_ids.shape, input_ids.device
@@ -78,13 +79,15 @@ class Replies:
         self.mask = None if mask is None else mask[rows]
         self.temperature = torch.as_tensor(temperature, dtype=torch.float).expand(R).to(device)
         self.model, self.top_p, self.generator, self.scaffold = model, top_p, generator, scaffold
+        self.labels = labels
         self.live, self.new, self.resumed = list(range(R)) if max(self.cap) else [], [[] for _ in range(R)], [None] * R
         self.spent, self.phase, self.forced = [0] * R, [0] * R, [[] for _ in range(R)]
 
     def step(self):
         """Each live reply's next token, sampled or a scaffold's; the replies that end leave the batch."""
         gens = [self.generator[i] for i in self.live] if isinstance(self.generator, list) else self.generator
-        tokens = sample(self.logits, self.temperature[self.live], self.top_p, gens).tolist()
+        logits = self.logits if self.labels is None else self.constrain(self.logits)
+        tokens = sample(logits, self.temperature[self.live], self.top_p, gens).tolist()
         done, ends, forced = set(), set(self.ends), self.forced
         for j, i in enumerate(self.live):
             if not forced[i]:
@@ -114,6 +117,17 @@ class Replies:
             mask = None if self.mask is None else self.mask[:, :self.cache.seq_len + 1]
             self.logits = self.model.lm_head(self.model.model(ids, mask, self.cache)[:, -1])
 
+    def constrain(self, logits):
+        """Each live reply past its scaffold may only go on spelling a label (`labels`, a
+        labels.LabelTrie, masks the logits outside the labels' continuations of its second part)."""
+        rows = [j for j, i in enumerate(self.live) if self.phase[i] == 1 and not self.forced[i]]
+        if not rows:
+            return logits
+        logits = logits.clone()
+        prefixes = [self.new[self.live[j]][self.resumed[self.live[j]]:] for j in rows]
+        logits[rows] = self.labels.mask(logits[rows], prefixes)
+        return logits
+
     def new_ids(self, replies) -> torch.Tensor:
         """These replies' new ids, ended ones filled with the first end id: (len(replies), the longest)."""
         n, fill = max(len(self.new[i]) for i in replies), self.ends[0] if self.ends else 0
@@ -122,7 +136,8 @@ class Replies:
 
 @torch.inference_mode()
 def generate(model: Qwen2, input_ids, max_new_tokens, temperature=0.7, top_p: float = 1.0, eos_token_id=...,
-             attention_mask=None, generator=None, copies=None, scaffold=None, scaffold_tokens: int = 0):
+             attention_mask=None, generator=None, copies=None, scaffold=None,
+             scaffold_tokens: int = 0, labels=None):
     """Continue input_ids (B, T), left padded -> (R, T + n), n <= the longest reply's new tokens.
 
     copies: replies per prompt (default one; R their sum, in order): a prompt is prefilled once and
@@ -131,9 +146,10 @@ def generate(model: Qwen2, input_ids, max_new_tokens, temperature=0.7, top_p: fl
     None: never stop); a finished reply leaves the batch, filled with the first. scaffold: {end id,
     or None for a budget run out: the ids written in its place}: at its first end a reply writes them
     and goes on from the same cache for up to scaffold_tokens more (augment.py's structured
-    decoding); then the return is (ids, where each reply's second part starts among its new ids)."""
+    decoding); then the return is (ids, where each reply's second part starts among its new ids).
+    labels: None, or a labels.LabelTrie: the second part may only spell one of its labels."""
     replies = Replies(model, input_ids, max_new_tokens, temperature, top_p, eos_token_id, attention_mask, generator,
-                      copies, scaffold, scaffold_tokens)
+                      copies, scaffold, scaffold_tokens, labels)
     while replies.live:
         replies.step()
     out = torch.cat([input_ids[replies.prompt], replies.new_ids(range(len(replies.new)))], 1)
@@ -178,7 +194,7 @@ def scaffold_ids(tokenizer: Tokenizer, stop: str, scaffold: str) -> dict:
 def chat(model: Qwen2, tokenizer: Tokenizer, conversations: list[list[dict]], max_new_tokens: int = 64,
          temperature=0.7, seed: int = 0, batch_size: int = 8, desc: str | None = None,
          reply_prefix: str | list[str] = "", stop: str = "", scaffold: str = "", scaffold_tokens: int = 0,
-         decode=None) -> list[str]:
+         decode=None, labels=None) -> list[str]:
     """Reply to each conversation (ChatML messages): the text up to the end of turn, stripped.
 
     A prompt's replies (step 2's k samples of one pair) share one prefill; batches hold about
@@ -186,7 +202,8 @@ def chat(model: Qwen2, tokenizer: Tokenizer, conversations: list[list[dict]], ma
     whatever the others and batch_size. `temperature`, `reply_prefix`: one, or one per conversation;
     the prefix starts the assistant's turn and stays in the reply; `stop` ends a reply before that
     text (OpenAI's); `scaffold` is written where a reply first ends (`generate`). decode: what decodes
-    a batch (`generate`'s arguments but the model; default `generate` on `model`)."""
+    a batch (`generate`'s arguments but the model; default `generate` on `model`); labels: the
+    scaffold's continuation spells one of them (`generate`; its end ids among `stop`'s)."""
     decode = decode or functools.partial(generate, model)
     prefixes = [reply_prefix] * len(conversations) if isinstance(reply_prefix, str) else list(reply_prefix)
     temperatures = torch.as_tensor(temperature, dtype=torch.float).expand(len(conversations))
@@ -205,6 +222,8 @@ def chat(model: Qwen2, tokenizer: Tokenizer, conversations: list[list[dict]], ma
     if scaffold:
         kwargs |= dict(scaffold=scaffold_ids(tokenizer, stop, scaffold),
                        scaffold_tokens=scaffold_tokens or max_new_tokens)
+    if labels is not None:
+        kwargs["labels"] = labels
     replies = [""] * len(prompts)
     with tqdm(total=len(prompts), desc=desc, unit="reply") as bar:
         for batch in batches + ([batch] if batch else []):

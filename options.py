@@ -71,6 +71,10 @@ class Settings:
     augment_decoding: str = option("structured", "step 2: sample the reply after 'Input: [' and "
                                    "parse it, or force its 'Input: [...], Response: [...]' shape "
                                    "(augment.py)", choices=["free", "structured"])
+    label_decoding: str = option("constrained", "step 2, structured decoding, a task with labels "
+                                 "(lamp2, lamp3): the response may only spell one of them, or is "
+                                 "free (free augment decoding is never constrained; README)",
+                                 choices=["constrained", "free"])
     # step 3, eq. 2-4: the filters' thresholds (the paper gives none; README)
     eps_scf: float | None = option(None, "eq. 2's threshold (default: the judge's own, filters.py)",
                                    type=float)

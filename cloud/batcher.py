@@ -2,7 +2,7 @@
 
 A request's thread queues its batch (`Batcher.generate`, `generate.generate`'s arguments but the
 model) and waits. The decoding loop (the server's main thread) keeps one running batch
-(`generate.Replies`) and decodes it a token a step; between two steps the requests waiting whose end ids, scaffold and top-p agree
+(`generate.Replies`) and decodes it a token a step; between two steps the requests waiting whose end ids, scaffold, top-p and labels agree
 with it are prefilled and join it (`join`: continuous batching, as vLLM does), and a request whose
 replies have all ended gets them at once. Each reply draws from its own generator, so it is the
 reply its request gets alone."""
@@ -76,7 +76,7 @@ class Batcher:
         return self
 
     def generate(self, ids, max_new_tokens: int, temperature, attention_mask=None, generator=None, copies=None,
-                 eos_token_id=..., scaffold=None, scaffold_tokens: int = 0, top_p: float = 1.0):
+                 eos_token_id=..., scaffold=None, scaffold_tokens: int = 0, top_p: float = 1.0, labels=None):
         copies = [1] * len(ids) if copies is None else [int(c) for c in copies]
         R = sum(copies)
         if not isinstance(generator, list) or len(generator) != R:
@@ -85,7 +85,7 @@ class Batcher:
             ids=ids, mask=torch.ones_like(ids) if attention_mask is None else attention_mask, copies=copies,
             budget=[max_new_tokens] * R, second=[scaffold_tokens] * R, generator=generator,
             temperature=torch.as_tensor(temperature, dtype=torch.float).expand(R),
-            key=(eos_token_id, scaffold, top_p), done=threading.Event(), out=None, error=None, first=0)
+            key=(eos_token_id, scaffold, top_p, labels), done=threading.Event(), out=None, error=None, first=0)
         with self.ready:
             self.waiting.append(job)
             self.ready.notify()
@@ -144,7 +144,7 @@ class Batcher:
         """The jobs' prompts, left-padded to the longest, prefilled together and joined to the batch
         (the ended requests' replies dropped); each job's replies numbered after the running ones'."""
         T = max(job.ids.shape[1] for job in jobs)
-        eos, scaffold, top_p = jobs[0].key
+        eos, scaffold, top_p, labels = jobs[0].key
 
         def joined(name):
             return [x for job in jobs for x in getattr(job, name)]
@@ -152,7 +152,7 @@ class Batcher:
             self.model, torch.cat([F.pad(job.ids, (T - job.ids.shape[1], 0)) for job in jobs]), joined("budget"),
             torch.cat([job.temperature for job in jobs]), top_p, eos,
             torch.cat([F.pad(job.mask, (T - job.mask.shape[1], 0)) for job in jobs]),
-            joined("generator"), joined("copies"), scaffold, joined("second"))
+            joined("generator"), joined("copies"), scaffold, joined("second"), labels)
         if batch is not None:
             join(batch, new, [i for job in running for i in replies(job)])
         first = 0

@@ -10,6 +10,7 @@ with exponential backoff on connection errors and 5xx, a clear error on 4xx.
 """
 import http.client
 import json
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -93,14 +94,14 @@ def chat_url(url: str) -> str:
 
 
 def openai_chat(api: Endpoint, model: str, conversations: list[list[dict]], max_tokens: int, temperature: float,
-                seed: int, stop: str = "") -> list[str]:
+                seed: int, stop: str = "", extra: dict | None = None) -> list[str]:
     """One reply per conversation from an OpenAI-compatible server (vLLM, or server.py), as the
     server wrote it. Conversation i is sent with seed + i, so the k copies of one augmentation
     prompt differ. A conversation that ends in an assistant message is continued (vLLM's
     `continue_final_message`); `stop` ends a reply before that text. Up to `api.concurrency`
     requests are in flight at once (a thread pool), so a batching server (vLLM) has several
     to decode together; the replies come back in the conversations' order, and the seeds make
-    them independent of it.
+    them independent of it. `extra`: more fields of every request's body.
 
     What vLLM (0.32) does otherwise than `generate.chat` in process, which no request can change:
     it samples with its own generator per seed (so the same seed gives other replies than ours, and
@@ -119,6 +120,7 @@ def openai_chat(api: Endpoint, model: str, conversations: list[list[dict]], max_
             body |= {"continue_final_message": True, "add_generation_prompt": False}
         if stop:
             body["stop"] = stop
+        body |= extra or {}
         answer = post_json(api, endpoint, body)
         try:
             return answer["choices"][0]["message"]["content"] or ""
@@ -136,17 +138,36 @@ def api_chat(api: Endpoint, model: str):
     assistant message to be continued, and kept in the reply; a scaffold is written after the
     first reply and continued by a second request (seeds after the first requests'). In process
     the scaffold's tokens follow the first part's tokens; here the server tokenizes the text of
-    both again, so the ids at the seam may differ (the text does not)."""
+    both again, so the ids at the seam may differ (the text does not). `labels` (a
+    labels.LabelTrie) go with that request as vLLM's choice list (`constrained`)."""
+    refused = []  # the server's refusal of the choice list: warned once, then not sent again
+
     def chat(_model, _tokenizer, conversations, max_new_tokens=64, temperature=0.7, seed=0, batch_size=8, desc=None,
-             reply_prefix="", stop="", scaffold="", scaffold_tokens=0):
+             reply_prefix="", stop="", scaffold="", scaffold_tokens=0, labels=None):
         prefixes = [reply_prefix] * len(conversations) if isinstance(reply_prefix, str) else list(reply_prefix)
         primed = [c + [{"role": "assistant", "content": p}] if p else c for c, p in zip(conversations, prefixes)]
         texts = [p + t for p, t in zip(prefixes, openai_chat(api, model, primed, max_new_tokens, temperature, seed, stop))]
         if scaffold:  # the API cannot write into a reply: the scaffold starts a second request
             primed = [c + [{"role": "assistant", "content": t + scaffold}] for c, t in zip(conversations, texts)]
-            texts = [t + scaffold + more for t, more in zip(texts, openai_chat(
-                api, model, primed, scaffold_tokens or max_new_tokens, temperature, seed + len(texts), stop))]
+            texts = [t + scaffold + more for t, more in zip(texts, constrained(
+                labels, primed, scaffold_tokens or max_new_tokens, temperature, seed + len(texts), stop))]
         return [t.strip() for t in texts]
+
+    def constrained(labels, *args):
+        """The replies to `args` (openai_chat's), each one of `labels`: vLLM's (0.12+)
+        structured_outputs.choice (its older guided_choice is ignored: free replies). A server that
+        refuses the field (HTTP 400/422 naming it) gets the free request, with a warning, once. This
+        project's service (server.py) ignores the field: its replies are free."""
+        if labels is None or refused:
+            return openai_chat(api, model, *args)
+        try:
+            return openai_chat(api, model, *args, {"structured_outputs": {"choice": list(labels)}})
+        except CloudError as e:
+            if not any(f"HTTP {code}" in str(e) for code in (400, 422)) or "structured_outputs" not in str(e):
+                raise
+            refused.append(e)
+            print(f"warning: {e}; the labels are not enforced, the responses are free", file=sys.stderr)
+            return openai_chat(api, model, *args)
     return chat
 
 

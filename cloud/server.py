@@ -13,7 +13,8 @@ device downloads D_filtered (step 4; client.py is the device's client, `python -
                              -> {"records": [selection records], "counts", "judge", "model"}
                              (upload = the request, download = the response)
   POST /v1/chat/completions  an OpenAI-compatible subset (messages, temperature, top_p,
-                             max_tokens, n, seed, model, stop; vLLM's continue_final_message)
+                             max_tokens, n, seed, model, stop; vLLM's continue_final_message;
+                             vLLM's structured_outputs is ignored: those replies are free)
   GET  /health, GET /v1/models
 
 Errors are JSON {"error": {"message", "field"}}: 400 malformed JSON, 401 missing or wrong bearer

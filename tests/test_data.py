@@ -362,3 +362,28 @@ def test_stream_set_extends_only_the_targets_histories():
         assert [t for t in texts if t in old] == old and len(set(texts)) == 48
         query_texts = {q.gold for q in user.queries} | {q.input.split(": ", 1)[1] for q in user.queries}
         assert not query_texts & set(texts)
+
+
+@pytest.mark.parametrize("task", ["lamp2", "lamp3"])
+def test_heldout_sets_are_their_own_users_in_lamps_query_format(task):
+    """data/heldout (issue 30's label-decoding measurement): 12 users of 8-14 items and 2-4
+    queries, each query LaMP's instruction over a 25-60-word text, golds among the labels, no
+    text or user of the demo, no query text in a history; --users 3 leaves 9 others for M_base."""
+    spec, heldout = TASKS[task], load_users(task, Path(data.__file__).parent / "heldout")
+    text = spec.profile_fields[0]
+    assert len(heldout) == 12 and len(split_users(heldout, 3)[1]) == 9
+    demo = load_users(task)
+    demo_texts = ({p[text] for u in demo for p in u.profile}
+                  | {q.input for u in demo for q in u.queries})
+    assert not {u.user_id for u in demo} & {u.user_id for u in heldout}
+    for u in heldout:
+        assert 8 <= len(u.profile) <= 14 and 2 <= len(u.queries) <= 4, u.user_id
+        items = [p[text] for p in u.profile]
+        assert all(spec.valid_output(str(p[spec.pair_output])) for p in u.profile)
+        for q in u.queries:
+            body = q.input.removeprefix(spec.instruction)
+            assert q.input == spec.pair({text: body, spec.pair_output: q.gold})[0]
+            assert q.gold in spec.pair_labels
+            items.append(body)
+            assert body not in items[:-1] and q.input not in demo_texts
+        assert all(25 <= len(t.split()) <= 60 and t not in demo_texts for t in items), u.user_id

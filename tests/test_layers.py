@@ -15,7 +15,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 LAYERS = [  # the core, bottom first; a module may import from its own layer or any layer below
-    ["errors", "hub", "data", "nf4", "tokenizer"],  # leaves
+    ["errors", "hub", "data", "nf4", "labels", "tokenizer"],  # leaves
     ["qwen2", "generate", "encoder", "lora", "train", "metrics", "options"],  # models, maths, the settings
     ["filters", "augment", "rewrite"],  # the paper's pieces
     ["report", "runner"],  # the harness: the run around the method
