@@ -28,19 +28,31 @@ def left_pad(sequences: list[list[int]], pad_token_id: int, device="cpu"):
     return ids.to(device), mask.to(device)
 
 
-def sample(logits, temperature, top_p: float = 1.0, generator=None):
+def sample(logits, temperature, top_p=1.0, generator=None):
     """Next token (B,) from logits (B, V): argmax at temperature 0; else a draw from softmax(logits
-    / T) (sec. 5.1: T = 0.7), cut to the top-p nucleus (Holtzman et al. 2020). `temperature`: one,
-    or one per row (B,); `generator`: one, or each row's own (its draws then ignore the others)."""
-    temperature = torch.as_tensor(temperature, dtype=torch.float, device=logits.device).expand(logits.shape[0])
+    / T) (sec. 5.1: T = 0.7), cut to the top-p nucleus (Holtzman et al. 2020). `temperature`,
+    `top_p` (in (0, 1]): one, or one per row (B,); `generator`: one, or each row's own (its draws
+    then ignore the others). Logits that cannot be sampled (a NaN, +inf, all -inf) raise ValueError."""
+    B = logits.shape[0]
+    temperature = torch.as_tensor(temperature, dtype=torch.float, device=logits.device).expand(B)
+    top_p = torch.as_tensor(top_p, dtype=torch.float, device=logits.device).expand(B)
+    if not bool(((top_p > 0) & (top_p <= 1)).all()):
+        raise ValueError(f"sample: top_p {top_p.tolist()}: each must be in (0, 1]")
+    best = logits.amax(-1)  # NaN where a row holds one, +inf where it holds one, -inf where all are -inf
+    if not bool(torch.isfinite(best).all()):
+        row = int((~torch.isfinite(best)).nonzero()[0])
+        what = ("a NaN" if bool(logits[row].isnan().any()) else "+inf" if float(best[row]) > 0
+                else "only -inf: no token has any probability")
+        raise ValueError(f"sample: row {row}'s logits hold {what}; nothing can be sampled")
     hot = temperature > 0
     if not bool(hot.any()):
         return logits.argmax(-1)
     probs = torch.softmax(logits.float() / temperature.clamp(min=1e-6)[:, None], dim=-1)  # (B, V)
-    if top_p < 1.0:
-        sorted_p, order = probs.sort(dim=-1, descending=True)
-        outside = sorted_p.cumsum(-1) - sorted_p >= top_p  # the tokens before it already reach top_p
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p.masked_fill(outside, 0.0))
+    if bool((top_p < 1).any()):  # only the rows with a nucleus: a row at top_p 1 keeps every token
+        rows = (top_p < 1).nonzero().squeeze(1)
+        sorted_p, order = probs[rows].sort(dim=-1, descending=True)
+        outside = sorted_p.cumsum(-1) - sorted_p >= top_p[rows, None]  # the tokens before it already reach top_p
+        probs[rows] = torch.zeros_like(sorted_p).scatter_(-1, order, sorted_p.masked_fill(outside, 0.0))
     if isinstance(generator, list):  # one uniform a row, from the row's generator
         u = torch.cat([torch.rand(1, generator=g, device=g.device) for g in generator]).to(probs.device)
     else:
@@ -53,16 +65,16 @@ def sample(logits, temperature, top_p: float = 1.0, generator=None):
 class Replies:
     """Replies decoded together, a token a step: `generate` runs them to their ends; cloud/batcher.py
     lets new prompts join between steps. Reply i: budget[i], second[i] (its phases' budgets), cap[i]
-    (its most new ids), new[i] (its new ids), resumed[i] (where its second phase starts in new[i]).
+    (its most new ids), new[i] (its new ids), resumed[i] (where its second phase starts in new[i]),
+    ends[i] (the ids that end it), fill[i] (what fills it once ended), scaffold[i], top_p[i].
     The batch: `live` (the unended replies, in cache order), their `cache`, `mask` (None: no padding),
-    the `logits` of their next tokens. Arguments: `generate`'s; the prompts are prefilled here."""
-    PER_REPLY = ("generator", "budget", "second", "cap", "new", "resumed", "spent", "phase", "forced")  # lists
-
+    the `logits` of their next tokens. Arguments: `generate`'s; the prompts are prefilled here, or,
+    with prefill=False, by the caller, a chunk of positions at a time (`prefill`: vLLM's chunked prefill)."""
     def __init__(self, model: Qwen2, input_ids, max_new_tokens, temperature=0.7, top_p: float = 1.0, eos_token_id=...,
                  attention_mask=None, generator=None, copies=None, scaffold=None,
-                 scaffold_tokens: int = 0, labels=None):
+                 scaffold_tokens: int = 0, labels=None, prefill: bool = True):
         eos = model.config.eos_token_id if eos_token_id is ... else eos_token_id
-        self.ends = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        ends = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
         (B, T), device = input_ids.shape, input_ids.device
         copies = torch.as_tensor(1 if copies is None else copies, device=device)
         self.prompt = torch.arange(B, device=device).repeat_interleave(copies)  # each reply's: prefilled once for all
@@ -72,34 +84,52 @@ class Replies:
         self.cap = [b + (longest + s if scaffold else 0) for b, s in zip(self.budget, self.second)]
         self.cache = KVCache(model.config, B, T + max(self.cap), model.model.norm.weight.dtype, device)
         padded = attention_mask is not None and not bool(attention_mask.all())  # else plain causal attention
-        mask = torch.cat([attention_mask.long(), attention_mask.new_ones(B, max(self.cap))], 1) if padded else None
-        logits = model.lm_head(model.model(input_ids, None if mask is None else mask[:, :T], self.cache)[:, -1])
-        rows = self.prompt
-        self.cache.k, self.cache.v, self.logits = self.cache.k[:, rows], self.cache.v[:, rows], logits[rows]
-        self.mask = None if mask is None else mask[rows]
+        self.mask = torch.cat([attention_mask.long(), attention_mask.new_ones(B, max(self.cap))], 1) if padded else None
+        self.input_ids, self.logits = input_ids, None  # the logits once the prompts are prefilled
         self.temperature = torch.as_tensor(temperature, dtype=torch.float).expand(R).to(device)
-        self.model, self.top_p, self.generator, self.scaffold = model, top_p, generator, scaffold
-        self.labels = labels
+        self.model, self.generator, self.scaffold = model, generator, [scaffold] * R
+        self.ends, self.fill, self.top_p = [frozenset(ends)] * R, [ends[0] if ends else 0] * R, [top_p] * R
+        self.labels = [labels] * R  # None, or a labels.LabelTrie its second part must spell
         self.live, self.new, self.resumed = list(range(R)) if max(self.cap) else [], [[] for _ in range(R)], [None] * R
         self.spent, self.phase, self.forced = [0] * R, [0] * R, [[] for _ in range(R)]
+        if prefill:
+            self.prefill(T)
+
+    def prefill(self, positions: int) -> bool:
+        """The prompts' next `positions` positions into the cache; at the last, the logits of each
+        reply's first token and the prompts' rows copied to their replies. True once prefilled."""
+        (B, T), s = self.input_ids.shape, self.cache.seq_len
+        e = min(T, s + positions)
+        mask = None if self.mask is None else self.mask[:, :e]
+        hidden = self.model.model(self.input_ids[:, s:e], mask, self.cache)  # (B, e - s, hidden)
+        if e < T:
+            return False
+        rows = self.prompt
+        self.logits = self.model.lm_head(hidden[:, -1])[rows]
+        self.cache.k, self.cache.v = self.cache.k[:, rows], self.cache.v[:, rows]
+        self.mask = None if self.mask is None else self.mask[rows]
+        return True
 
     def step(self):
         """Each live reply's next token, sampled or a scaffold's; the replies that end leave the batch."""
         gens = [self.generator[i] for i in self.live] if isinstance(self.generator, list) else self.generator
-        logits = self.logits if self.labels is None else self.constrain(self.logits)
-        tokens = sample(logits, self.temperature[self.live], self.top_p, gens).tolist()
-        done, ends, forced = set(), set(self.ends), self.forced
+        labelled = [j for j, i in enumerate(self.live) if self.labels[i] is not None]
+        logits = self.constrain(self.logits, labelled) if labelled else self.logits
+        top_p = [self.top_p[i] for i in self.live]
+        tokens = sample(logits, self.temperature[self.live], top_p, gens).tolist()
+        done, forced = set(), self.forced
         for j, i in enumerate(self.live):
             if not forced[i]:
                 self.spent[i] += 1
-                ended = tokens[j] in ends
+                ended = tokens[j] in self.ends[i]
                 if not (ended or self.spent[i] >= (self.budget[i] if self.phase[i] == 0 else self.second[i])):
                     continue
-                if not self.scaffold or self.phase[i] == 1:
+                scaffold = self.scaffold[i]
+                if not scaffold or self.phase[i] == 1:
                     done.add(j)
                     continue
-                forced[i], self.phase[i], self.spent[i] = list(self.scaffold.get(tokens[j] if ended else None,
-                                                                                 self.scaffold[None])), 1, 0
+                forced[i], self.phase[i], self.spent[i] = list(scaffold.get(tokens[j] if ended else None,
+                                                                            scaffold[None])), 1, 0
                 if not ended:  # the first phase ends: its scaffold is written in place of its end id,
                     continue  # or after the last token its budget allowed
             tokens[j] = forced[i].pop(0)  # a scaffold id, written, not sampled
@@ -107,31 +137,37 @@ class Replies:
         for j, i in enumerate(self.live):
             self.new[i].append(tokens[j])
         done |= {j for j, i in enumerate(self.live) if len(self.new[i]) >= self.cap[i]}  # a second phase of 0
-        if done:  # ended replies leave the batch; their cache rows are overwritten in place
-            keep = [j for j in range(len(self.live)) if j not in done]
-            self.live, self.logits = [self.live[j] for j in keep], self.logits[keep]
-            self.mask = None if self.mask is None else self.mask[keep]
-            self.cache.keep(keep)
+        self.leave(done)
         if self.live:
             ids = torch.tensor([[self.new[i][-1]] for i in self.live], device=self.logits.device)  # (R', 1)
             mask = None if self.mask is None else self.mask[:, :self.cache.seq_len + 1]
             self.logits = self.model.lm_head(self.model.model(ids, mask, self.cache)[:, -1])
 
-    def constrain(self, logits):
-        """Each live reply past its scaffold may only go on spelling a label (`labels`, a
-        labels.LabelTrie, masks the logits outside the labels' continuations of its second part)."""
-        rows = [j for j, i in enumerate(self.live) if self.phase[i] == 1 and not self.forced[i]]
-        if not rows:
-            return logits
+    def constrain(self, logits, rows):
+        """Each of these rows whose reply is past its scaffold may only go on spelling a label: its
+        trie (labels.LabelTrie) masks the logits outside the labels' continuations of its second
+        part, so the draw is from the softmax renormalized over them."""
         logits = logits.clone()
-        prefixes = [self.new[self.live[j]][self.resumed[self.live[j]]:] for j in rows]
-        logits[rows] = self.labels.mask(logits[rows], prefixes)
+        for j in rows:
+            i = self.live[j]
+            if self.phase[i] == 1 and not self.forced[i]:
+                logits[j:j + 1] = self.labels[i].mask(logits[j:j + 1], [self.new[i][self.resumed[i]:]])
         return logits
 
+    def leave(self, rows):
+        """These rows of the batch (positions in `live`) leave it: their state is dropped, their
+        cache rows overwritten in place (ended replies; the batcher's cancelled ones)."""
+        if rows:
+            keep = [j for j in range(len(self.live)) if j not in rows]
+            self.live, self.logits = [self.live[j] for j in keep], self.logits[keep]
+            self.mask = None if self.mask is None else self.mask[keep]
+            self.cache.keep(keep)
+
     def new_ids(self, replies) -> torch.Tensor:
-        """These replies' new ids, ended ones filled with the first end id: (len(replies), the longest)."""
-        n, fill = max(len(self.new[i]) for i in replies), self.ends[0] if self.ends else 0
-        return torch.tensor([self.new[i] + [fill] * (n - len(self.new[i])) for i in replies], device=self.logits.device)
+        """These replies' new ids, ended ones filled with their first end id: (len(replies), the longest)."""
+        n = max(len(self.new[i]) for i in replies)
+        return torch.tensor([self.new[i] + [self.fill[i]] * (n - len(self.new[i])) for i in replies],
+                            device=self.logits.device)
 
 
 @torch.inference_mode()
@@ -153,7 +189,7 @@ def generate(model: Qwen2, input_ids, max_new_tokens, temperature=0.7, top_p: fl
     while replies.live:
         replies.step()
     out = torch.cat([input_ids[replies.prompt], replies.new_ids(range(len(replies.new)))], 1)
-    return (out, replies.resumed) if replies.scaffold else out
+    return (out, replies.resumed) if scaffold else out
 
 
 @functools.lru_cache(maxsize=8)

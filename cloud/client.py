@@ -6,7 +6,8 @@ D_filtered (step 4). `remote_augment` does steps 1-4 against `python -m cloud.se
 project's cloud service, `POST /v1/augment`; the protocol is in server.py); `api_chat`
 augments through any OpenAI-compatible server (vLLM, or the service's `/v1/chat/completions`)
 and the filters then run on the device. Standard library only (`urllib.request`): timeouts, retries
-with exponential backoff on connection errors and 5xx, a clear error on 4xx.
+with exponential backoff of what a retry can cure (a timeout, a refused or dropped connection, 502,
+503, 504), a clear error at once on the rest (4xx: the request; 500: a bug on the server).
 """
 import http.client
 import json
@@ -22,18 +23,24 @@ import qwen2
 
 
 class CloudError(Exception):
-    """The server refused the request (4xx): retrying would not help."""
+    """The server refused the request (4xx) or failed on it (500, another 5xx but 502-504; an
+    answer that is not JSON): retrying would not help."""
 
 
 class CloudUnavailable(ConnectionError):
-    """No answer (connection refused or reset, timeout, 5xx) after the last try."""
+    """No answer (a timeout, a refused or dropped connection, 502, 503, 504) after the last try,
+    or no route to the server at all (an unknown host)."""
+
+
+RETRIED = (502, 503, 504)  # a gateway's or a busy server's: the same request may succeed later
 
 
 @dataclass(frozen=True)
 class Endpoint:
     """A server the device talks to: its URL, the bearer token (None: none sent), how long one
-    request may take, how often a failed one is retried (waiting backoff * 2**i), and how many
-    requests `openai_chat` keeps in flight at once (--cloud-concurrency)."""
+    request may take (then the connection is closed, and the service cancels the request), how
+    often a failed one is retried (waiting backoff * 2**i), and how many requests `openai_chat`
+    keeps in flight at once (--cloud-concurrency)."""
     url: str
     token: str | None = None
     timeout: float = 600
@@ -43,7 +50,10 @@ class Endpoint:
 
 
 def post_json(endpoint: Endpoint, url: str, body: dict) -> dict:
-    """POST JSON to `url` (on `endpoint`'s server); retry connection errors, timeouts and 5xx."""
+    """POST JSON to `url` (on `endpoint`'s server). Retried: a timeout, a refused, reset or dropped
+    connection, HTTP 502, 503 and 504 (CloudUnavailable after the last try). Raised at once: a 4xx
+    (the request is at fault) and any other 5xx (a 500 is a bug on the server: the same request
+    would fail again), as CloudError; a host that cannot be reached at all, as CloudUnavailable."""
     raw = json.dumps(body).encode()
     headers = {"Content-Type": "application/json"} | (
         {"Authorization": f"Bearer {endpoint.token}"} if endpoint.token else {})
@@ -58,11 +68,15 @@ def post_json(endpoint: Endpoint, url: str, body: dict) -> dict:
                 message = json.loads(e.read())["error"]["message"]
             except (ValueError, KeyError, TypeError, OSError):
                 message = e.reason
-            if e.code < 500:
-                raise CloudError(f"{url}: HTTP {e.code}: {message}") from None
+            if e.code not in RETRIED:
+                raise CloudError(f"{url}: HTTP {e.code}: {message}" + (" (a server error: not retried)"
+                                                                       if e.code >= 500 else "")) from None
             last = f"HTTP {e.code}: {message}"
         except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
-            last = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
+            reason = getattr(e, "reason", e)
+            last = f"{type(reason).__name__}: {reason}"
+            if not isinstance(reason, (TimeoutError, ConnectionError, http.client.HTTPException)):
+                raise CloudUnavailable(f"cloud {url} unreachable: {last}") from None
         except ValueError as e:
             raise CloudError(f"{url}: the answer is not JSON ({e})") from None
         if attempt < endpoint.retries:

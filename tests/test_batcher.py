@@ -15,25 +15,31 @@ SCAFFOLD = {None: [14, 15], 10: [14, 15], 9: [13, 14, 15]}  # id 9 keeps "its ow
 KW = dict(temperature=1.5, eos_token_id=[9, 10], scaffold=SCAFFOLD, scaffold_tokens=4)
 
 
-def alone(model, prompt, seed, budget=3):
+def alone(model, prompt, seed, budget=3, **kw):
     """(new ids, where the second phase starts) of one reply decoded by itself."""
-    out, resumed = generate.generate(model, torch.tensor([list(prompt)]), budget,
-                                     generator=[torch.Generator().manual_seed(seed)], **KW)
+    kw = KW | kw
+    out = generate.generate(model, torch.tensor([list(prompt)]), budget,
+                            generator=[torch.Generator().manual_seed(seed)], **kw)
+    out, resumed = out if kw["scaffold"] else (out, [None])
     return out[0, len(prompt):].tolist(), resumed[0]
 
 
-def replies(model, prompts, seeds, copies):
+def replies(model, prompts, seeds, copies, **kw):
     ids, mask = generate.left_pad(prompts, pad_token_id=0)
     return generate.Replies(model, ids, 3, attention_mask=mask, copies=copies,
-                            generator=[torch.Generator().manual_seed(s) for s in seeds], **KW)
+                            generator=[torch.Generator().manual_seed(s) for s in seeds], **(KW | kw))
+
+
+OTHER = dict(temperature=2.0, eos_token_id=[11], scaffold=None, top_p=0.9)  # another request's kind
 
 
 @torch.inference_mode()
 def test_replies_joining_a_running_batch_get_what_they_get_alone(tiny_model):
     """Two left-padded prompts decode two steps; a prompt longer than their rows so far joins with
-    two replies (the running rows padded on the left); later a one-token prompt joins (its row
-    padded) and the state of the replies that have ended is dropped. Each reply, sampled at T = 1.5
-    with a scaffold, is the one it gets alone, ended ones filled with the first end id."""
+    two replies (the running rows padded on the left), with other end ids, no scaffold, top-p 0.8;
+    later a one-token prompt joins (its row padded) and the state of the replies that have ended
+    is dropped. Each reply, sampled with its own settings, is the one it gets alone, ended ones
+    filled with their own first end id."""
     model = tiny_model(3, vocab=16)
     long, short = (8, 7, 6, 5, 4, 3, 2, 1, 8, 7, 6, 5), (6,)
     a = replies(model, [[1, 2, 3], [4, 5, 6, 7]], [0, 1], [1, 1])
@@ -42,7 +48,7 @@ def test_replies_joining_a_running_batch_get_what_they_get_alone(tiny_model):
     for _ in range(2):
         a.step()
     assert a.cache.seq_len < len(long)
-    b = replies(model, [list(long)], [2, 3], [2])
+    b = replies(model, [list(long)], [2, 3], [2], **OTHER)
     batcher.join(a, b, keep=list(range(len(names))))
     names += [(long, 2), (long, 3)]
     while len(a.live) == len(names):
@@ -58,52 +64,131 @@ def test_replies_joining_a_running_batch_get_what_they_get_alone(tiny_model):
     got |= {name: (a.new[i], a.resumed[i]) for i, name in enumerate(names)}
     assert len(got) == 5 and len({tuple(new) for new, _ in got.values()}) == 5
     for (prompt, seed), reply in got.items():
-        assert reply == alone(model, prompt, seed)
+        assert reply == alone(model, prompt, seed, **(OTHER if prompt == long else {}))
     filled = a.new_ids(range(len(names)))
-    assert all(row[len(a.new[i]):] == [9] * (filled.shape[1] - len(a.new[i])) for i, row in enumerate(filled.tolist()))
+    for i, row in enumerate(filled.tolist()):
+        fill = 11 if names[i][0] == long else 9
+        assert row[len(a.new[i]):] == [fill] * (filled.shape[1] - len(a.new[i]))
 
 
-def test_a_request_joins_the_running_batch_and_returns_when_its_replies_end(tiny_model):
-    """Request A (300 tokens) is decoding when request B (3 tokens) arrives: B joins A's batch at
-    the next step and gets its replies back while A goes on; each gets what it gets alone. A request
-    that cannot join (another scaffold), arriving first, makes the batch drain before others join."""
+def test_join_carries_every_per_reply_list_of_replies(tiny_model):
+    """`batcher.PER_REPLY` names every per-reply list `generate.Replies` holds (a list as long as
+    its replies, but `live`, which `join` renumbers): a list it did not name would keep a's old
+    entries after a join."""
+    model = tiny_model(3, vocab=16)
+    r = replies(model, [[1, 2, 3], [4, 5]], range(7), [4, 3])
+    per_reply = {name for name, value in vars(r).items() if isinstance(value, list) and len(value) == 7}
+    assert per_reply - {"live"} == set(batcher.PER_REPLY)
+
+
+def test_requests_join_oldest_first_long_prompts_in_chunks(tiny_model, monkeypatch):
+    """Request A (300 tokens) is decoding when B (3 tokens) arrives: B joins A's batch at the next
+    step and gets its replies back while A goes on; so does C, another kind of request (a scaffold,
+    other end ids). L's 40-token prompt is prefilled 8 tokens a step (--prefill-chunk 8) while the
+    batch decodes, so S, a short one sent after it, ends first. D (4 replies) does not fit beside A
+    (--max-batch 4) and waits for A's end; E, sent after D, fits beside A but does not pass D.
+    Each gets what it gets alone."""
     model = tiny_model(4, vocab=16)
-    decoder = batcher.Batcher(model, max_batch=8)
-    prompts = {"A": [1, 2, 3], "B": [4, 5, 6, 7, 8, 9, 1, 2], "C": [3, 4], "D": [5]}
-    budgets, seeds = {"A": 300, "B": 3, "C": 3, "D": 3}, {"A": 0, "B": 1, "C": 2, "D": 3}
-    kwargs = {name: dict(eos_token_id=None, temperature=1.5) for name in "ABD"} | {"C": dict(KW, temperature=1.0)}
+    decoder = batcher.Batcher(model, max_batch=4, chunk=8)
+    long = [1 + i % 13 for i in range(40)]
+    prompts = {"A": [1, 2, 3], "B": [4, 5, 6, 7, 8, 9, 1, 2], "C": [3, 4], "L": long, "S": [5, 6, 7],
+               "D": [5], "E": [6, 7]}
+    budgets = dict.fromkeys(prompts, 3) | {"A": 300}
+    copies = dict.fromkeys(prompts, 1) | {"D": 4}
+    kwargs = {name: dict(eos_token_id=None, temperature=1.5) for name in prompts} | {"C": dict(KW, temperature=1.0)}
+    arrivals = {3: "B", 5: "C", 8: "L", 9: "S", 30: "D", 31: "E"}  # at these steps of the loop
+    seeds = {name: i for i, name in enumerate(prompts)}
     ended, got, takes, real_take = [], {}, [], decoder.take
+    chunks, real_prefill = [], generate.Replies.prefill
+
+    def gens(name):
+        return [torch.Generator().manual_seed(seeds[name] * 10 + i) for i in range(copies[name])]
 
     def ask(name):
-        got[name] = decoder.generate(torch.tensor([prompts[name]]), budgets[name],
-                                     generator=[torch.Generator().manual_seed(seeds[name])], **kwargs[name])
+        got[name] = decoder.generate(torch.tensor([prompts[name]]), budgets[name], generator=gens(name),
+                                     copies=[copies[name]], **kwargs[name])
         ended.append(name)
 
-    def take(batch, key):  # on the decoding thread, before a step: B comes after A's second step, C and D later
-        takes.append(batch is not None)
-        arriving = {3: "B", 20: "C", 21: "D"}.get(len(takes))
-        if arriving:
+    def take(rows):  # on the decoding thread, before a step: a request arrives
+        takes.append(rows)
+        if arriving := arrivals.get(len(takes)):
             threading.Thread(target=ask, args=(arriving,)).start()
-            while all(j.generator[0].initial_seed() != seeds[arriving] for j in decoder.waiting):
+            while all(j.generator[0].initial_seed() != seeds[arriving] * 10 for j in decoder.waiting):
                 time.sleep(0.001)
-        return real_take(batch, key)
-    decoder.take = take
-    first = threading.Thread(target=ask, args=("A",))
-    first.start()
+        return real_take(rows)
+    monkeypatch.setattr(decoder, "take", take)
+    monkeypatch.setattr(generate.Replies, "prefill", lambda self, n: chunks.append(
+        (self.input_ids.shape[1], n)) or real_prefill(self, n))
+    threading.Thread(target=ask, args=("A",)).start()
     decoder.start()
     deadline = time.time() + 60
-    while len(ended) < 4 and time.time() < deadline:
+    while len(ended) < len(prompts) and time.time() < deadline:
         time.sleep(0.01)
-    assert ended == ["B", "A", "C", "D"]  # B joined and left; C (another scaffold) waited for A, D for C
-    assert decoder.most == 2
+    assert set(ended) == set(prompts)
+    assert ended.index("B") < ended.index("A") and ended.index("C") < ended.index("A")  # joined A's batch
+    assert ended.index("S") < ended.index("L") < ended.index("A") < ended.index("D") < ended.index("E")
+    assert [n for T, n in chunks if T == len(long)] == [8] * 5  # L: five chunks of 8
+    assert decoder.counts == {"answered": len(prompts), "failed": 0, "cancelled": 0}
     for name, out in got.items():
-        expected = generate.generate(model, torch.tensor([prompts[name]]), budgets[name],
-                                     generator=[torch.Generator().manual_seed(seeds[name])], **kwargs[name])
+        expected = generate.generate(model, torch.tensor([prompts[name]]), budgets[name], generator=gens(name),
+                                     copies=[copies[name]], **kwargs[name])
         if name == "C":
-            out, expected = (out[0], out[1]), (expected[0], expected[1])
             assert out[1] == expected[1]
             out, expected = out[0], expected[0]
-        assert out.tolist() == expected.tolist()
+        assert out.tolist() == expected.tolist(), name
+
+
+def test_a_failing_or_cancelled_request_leaves_the_others_untouched(tiny_model):
+    """Five requests decoded together: one whose prompt holds an id the model lacks (its prefill
+    raises), one whose prompt makes NaN logits (a NaN embedding row), one whose client goes away
+    while it decodes; each fails or is cancelled alone and leaves the batch at the next step,
+    and the other two get what they get alone."""
+    model = tiny_model(5, vocab=16)
+    with torch.no_grad():
+        model.model.embed_tokens.weight[15] = float("nan")
+    decoder = batcher.Batcher(model, max_batch=16, chunk=4, poll=0.05)
+    left = threading.Event()
+    asks = {"good": ([1, 2, 3], 20, None), "no such id": ([4, 99, 5], 5, None),
+            "NaN": ([4, 15, 5], 5, None), "gone": ([6, 7], 300, left.is_set), "good too": ([8, 9, 10, 11, 12], 30, None)}
+    got, live_rows = {}, []
+
+    def ask(name, seed):
+        prompt, budget, gone = asks[name]
+        try:
+            got[name] = decoder.generate(torch.tensor([prompt]), budget, 1.5, eos_token_id=[15], gone=gone,
+                                         generator=[torch.Generator().manual_seed(seed)])
+        except Exception as e:
+            got[name] = e
+    threads = [threading.Thread(target=ask, args=(name, i)) for i, name in enumerate(asks)]
+    for t in threads:
+        t.start()
+    while len(decoder.waiting) < len(asks):
+        time.sleep(0.01)
+    real_step = generate.Replies.step
+
+    def step(self):  # the client goes away at the 5th step; the next comes after its next poll
+        live_rows.append(len(self.live))
+        if len(live_rows) == 5:
+            left.set()
+            time.sleep(0.3)
+        real_step(self)
+    generate.Replies.step = step
+    try:
+        decoder.start()
+        for t in threads:
+            t.join(60)
+    finally:
+        generate.Replies.step = real_step
+    assert isinstance(got["no such id"], RuntimeError) and "index" in str(got["no such id"])
+    assert isinstance(got["NaN"], RuntimeError) and "NaN" in str(got["NaN"])
+    assert isinstance(got["gone"], batcher.Cancelled)
+    assert decoder.counts == {"answered": 2, "failed": 2, "cancelled": 1}
+    assert max(live_rows) == 3 and live_rows[-1] == 1  # "gone" left: "good too" decodes alone at the end
+    for seed, name in ((0, "good"), (4, "good too")):
+        prompt, budget, _ = asks[name]
+        expected = generate.generate(model, torch.tensor([prompt]), budget, 1.5, eos_token_id=[15],
+                                     generator=[torch.Generator().manual_seed(seed)])
+        assert got[name].tolist() == expected.tolist()
 
 
 @pytest.mark.parametrize("rows", [1, 2, 5, 16, 17])

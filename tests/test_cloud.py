@@ -43,8 +43,8 @@ def test_client_retries_5xx_with_backoff():
     threading.Thread(target=stub.serve_forever, daemon=True).start()
     try:
         url = f"http://127.0.0.1:{stub.server_address[1]}"
-        assert cloud.remote_augment(cloud.Endpoint(url, backoff=0.05), "lamp7", [("a", "b")], ONE, 0) == (
-            [], {"generated": 1})
+        selection = cloud.remote_augment(cloud.Endpoint(url, backoff=0.05), "lamp7", [("a", "b")], ONE, 0)
+        assert (selection.kept, selection.records, selection.counts) == ([], [], {"generated": 1})
         assert len(calls) == 3 and calls[2] - calls[0] >= 0.15 - 0.01
         calls.clear()
         with pytest.raises(cloud.CloudUnavailable, match="after 2 tries: HTTP 503: busy"):
@@ -130,3 +130,59 @@ def test_api_chat_sends_what_vllm_needs_for_the_scaffold():
     assert [b["max_tokens"] for b in bodies] == [8, 8, 5, 5]
     assert all(b["continue_final_message"] is True and b["add_generation_prompt"] is False
                and b["stop"] == "]" and b["top_p"] == 1.0 and b["model"] == "m" for b in bodies)
+
+
+@pytest.mark.parametrize("how, retried", [
+    (400, False), (401, False), (404, False), (413, False), (422, False),
+    (500, False),  # a bug on the server: the same request would fail again
+    (502, True), (503, True), (504, True), ("drop", True), ("slow", True)])
+def test_client_retries_only_what_a_retry_can_cure(how, retried):
+    """A stub that answers the first two tries with an HTTP status, drops the connection without an
+    answer, or answers after the client's timeout; the third try gets 200. Retried: 502-504, a
+    dropped connection, a timeout; raised at once: 4xx, and 500."""
+    calls = []
+
+    class Stub(BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            calls.append(time.time())
+            if len(calls) < 3 and how == "drop":
+                self.close_connection = True
+                return  # no answer: the client reads an empty status line
+            if len(calls) < 3 and how == "slow":
+                time.sleep(0.6)  # past the client's timeout
+            status = 200 if len(calls) >= 3 else how if isinstance(how, int) else 200
+            raw = json.dumps({"records": [], "counts": {}} if status == 200 else
+                             {"error": {"message": f"status {status}", "field": None}}).encode()
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(raw)))
+            self.end_headers()
+            try:
+                self.wfile.write(raw)
+            except OSError:
+                pass
+
+        def log_message(self, *a):
+            pass
+    stub = ThreadingHTTPServer(("127.0.0.1", 0), Stub)
+    stub.daemon_threads = True
+    threading.Thread(target=stub.serve_forever, daemon=True).start()
+    try:
+        endpoint = cloud.Endpoint(f"http://127.0.0.1:{stub.server_address[1]}", retries=3, backoff=0.01, timeout=0.3)
+        if retried:
+            assert cloud.remote_augment(endpoint, "lamp7", [("a", "b")], ONE, 0).records == []
+            assert len(calls) == 3
+        else:
+            with pytest.raises(cloud.CloudError, match=f"HTTP {how}: status {how}"):
+                cloud.remote_augment(endpoint, "lamp7", [("a", "b")], ONE, 0)
+            assert len(calls) == 1
+    finally:
+        stub.shutdown()
+        stub.server_close()
+
+
+def test_client_does_not_retry_an_unknown_host():
+    t = time.time()
+    with pytest.raises(cloud.CloudUnavailable, match="unreachable"):
+        cloud.post_json(cloud.Endpoint("http://host.invalid", backoff=5), "http://host.invalid/v1/augment", {})
+    assert time.time() - t < 5  # no backoff sleep

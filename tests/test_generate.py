@@ -145,3 +145,24 @@ def test_shared_prefill_scaffold_and_leaving_rows_see_what_a_full_recompute_sees
             with torch.no_grad():
                 full = model(torch.tensor([prompts[prompt_of[r]] + out[r, T:T + step].tolist()]))[0, -1]
             assert torch.allclose(logits[j], full, atol=1e-5), (r, step)
+
+
+@pytest.mark.parametrize("logits, top_p, message", [
+    ([[0.0, 1.0]], 0.0, "top_p"), ([[0.0, 1.0]], 1.5, "top_p"), ([[0.0, 1.0]], -0.1, "top_p"),
+    ([[0.0, 1.0], [float("nan"), 1.0]], 1.0, "row 1's logits hold a NaN"),
+    ([[float("-inf")] * 2, [0.0, 1.0]], 1.0, "row 0's logits hold only -inf"),
+    ([[0.0, float("inf")]], 1.0, r"row 0's logits hold \+inf")])
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+def test_sample_refuses_logits_it_cannot_sample(logits, top_p, message, temperature):
+    with pytest.raises(ValueError, match=message):
+        generate.sample(torch.tensor(logits), temperature, top_p, torch.Generator().manual_seed(0))
+
+
+def test_sample_top_p_per_row_equals_each_row_alone():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]] * 3))
+    for s in range(30):
+        together = generate.sample(logits, 1.0, [0.7, 1.0, 0.9], [torch.Generator().manual_seed(s + i)
+                                                                 for i in range(3)]).tolist()
+        alone = [int(generate.sample(logits[:1], 1.0, p, [torch.Generator().manual_seed(s + i)]))
+                 for i, p in enumerate((0.7, 1.0, 0.9))]
+        assert together == alone

@@ -214,3 +214,31 @@ def test_bertscore_of_identical_sentences_is_one_with_minilm():
     assert all(s < 0.9 for s in other)
     out = metrics.evaluate("lamp5", texts, texts, bertscore_model=(model, tokenizer))
     assert out["bertscore_f1"] == pytest.approx(1.0, abs=1e-6) and out["bertscore_model"] == "all-minilm-l6-v2"
+
+
+def test_lamp_bootstrap_rouge_is_our_exact_mean_within_its_noise():
+    """LaMP's eval/evaluation.py scores ROUGE with `evaluate`'s rouge, whose default aggregator is
+    rouge_score's BootstrapAggregator: the median ("mid") of 1,000 means of resamples with
+    replacement, not the exact mean that metrics.py reports. The bootstrap means spread about the
+    exact mean with the standard error SE = s / sqrt(n); the median of B of them is off by a
+    normal error of sd ~ 1.2533 SE / sqrt(B) and a bias of about the mean's skewness / 6 SE.
+    On 300 pairs built here the difference stays within 5 of those sds and the bias."""
+    np = pytest.importorskip("numpy")
+    scoring = pytest.importorskip("rouge_score.scoring")
+    rouge_scorer = pytest.importorskip("rouge_score.rouge_scorer")
+    rng = np.random.default_rng(0)
+    words = "the rain again this weekend coffee shop downtown thesis draft finally done new".split()
+    golds = [" ".join(rng.choice(words, rng.integers(3, 12))) for _ in range(300)]
+    preds = [" ".join(rng.choice(words, rng.integers(1, 12))) for _ in range(300)]
+    scorer, aggregator = rouge_scorer.RougeScorer(["rouge1", "rougeL"]), scoring.BootstrapAggregator(n_samples=1000)
+    for p, g in zip(preds, golds):
+        aggregator.add_scores(scorer.score(g, p))
+    np.random.seed(0)  # LaMP's is unseeded: each of its runs draws other resamples
+    mid = aggregator.aggregate()
+    for name, ours in (("rouge1", metrics.rouge_1), ("rougeL", metrics.rouge_l)):
+        scores = np.array([ours(p, g) for p, g in zip(preds, golds)])
+        n, se = len(scores), scores.std() / math.sqrt(len(scores))
+        skew = float(((scores - scores.mean()) ** 3).mean() / scores.std() ** 3)
+        bound = se * (5 * 1.2533 / math.sqrt(1000) + abs(skew) / math.sqrt(n) / 6)
+        difference = abs(mid[name].mid.fmeasure - scores.mean())
+        assert 0 < difference <= bound, (name, difference, bound, se)
