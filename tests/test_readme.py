@@ -53,5 +53,5 @@ def test_every_python_m_command_finds_its_module(module):
 
 
 def test_it_stays_short_and_cites_the_paper_not_a_path_outside_the_repository():
-    assert len(README.splitlines()) <= 230
+    assert len(README.splitlines()) <= 260  # issues 28-31 each asked the README for a paragraph
     assert "arXiv:2508.21313" in README and "Zhaofeng Zhong" in README and "../shared" not in README
