@@ -23,7 +23,9 @@ demo: $(VENV)/.installed
 	$(PY) -m experiments --table5 lamp7 --out runs
 	$(PY) -m experiments --case-study --out runs/lamp7
 
+# ruff first (line length, unused imports and names, import order: pyproject.toml), then the suite.
 test: $(VENV)/.installed-test
+	$(PY) -m ruff check .
 	$(PY) -m embedded
 	$(PY) -m pytest -q
 
