@@ -382,8 +382,8 @@ def test_heldout_sets_are_their_own_users_in_lamps_query_format(task):
         assert all(spec.valid_output(str(p[spec.pair_output])) for p in u.profile)
         for q in u.queries:
             body = q.input.removeprefix(spec.instruction)
-            assert q.input == spec.pair({text: body, spec.pair_output: q.gold})[0]
-            assert q.gold in spec.pair_labels
+            content, gold = spec.pair({text: body, spec.pair_output: q.gold})
+            assert q.input == spec.training_input(content) and gold in spec.pair_labels
             items.append(body)
             assert body not in items[:-1] and q.input not in demo_texts
         assert all(25 <= len(t.split()) <= 60 and t not in demo_texts for t in items), u.user_id
