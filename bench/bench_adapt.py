@@ -28,6 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import lora  # noqa: E402
 import nf4  # noqa: E402
+import options  # noqa: E402
 import qwen2  # noqa: E402
 import train  # noqa: E402
 from embedded import smollm2  # noqa: E402
@@ -49,7 +50,7 @@ def examples(n: int, seed: int = 0) -> list[tuple[list[dict], str]]:
 
 def ours(model, tokenizer, data, batch_size) -> float:
     """Seconds per example-batch of `train.finetune` (after a warm-up batch)."""
-    one = train.Training(epochs=1, lr=1e-4, batch_size=batch_size, max_length=512)
+    one = options.Settings(epochs=1, lr=1e-4, batch_size=batch_size, max_length=512)
     train.finetune(model, tokenizer, data[:batch_size], one, desc="warm-up")
     start = time.perf_counter()
     train.finetune(model, tokenizer, data, one, desc="ours")
@@ -143,7 +144,7 @@ def measure(which: str, fmt: str) -> dict:
         packed, absmax = nf4.quantize(embedding)  # what quantizing the embedding too would store
         extra["embedding_nf4"] = packed.numel() + 4 * absmax.numel()
         extra["embedding_bf16"] = 2 * embedding.numel()
-        nf4.quantize_model(model, double_quant=fmt == "nf4+dq")
+        nf4.quantize_model(model)
         extra["codes_and_rest"] = sum(  # transformers' get_memory_footprint: NF4 codes, no absmax
             t.numel() * t.element_size() for name, t in model.state_dict().items()
             if not name.endswith(("absmax", "absmax_code", "absmax_scale", "absmax_offset", "lm_head.weight")))
@@ -162,16 +163,16 @@ def memory():
           "before loading, after prefilling 128 tokens; peak: the most during that prefill")
     print("| model | format | stored GB | resident GB | peak GB |\n| --- | --- | ---: | ---: | ---: |")
     for which in ("smollm2-135m", "qwen2.5-0.5b-shape"):
-        for fmt in ("fp32", "bf16", "nf4", "nf4+dq"):
+        for fmt in ("fp32", "bf16", "nf4"):
             out = subprocess.run([sys.executable, __file__, "--measure", which, fmt], capture_output=True, text=True)
             if out.returncode:
                 raise RuntimeError(f"measuring {which} {fmt} failed:\n{out.stderr[-2000:]}")
             m = json.loads(out.stdout.strip().splitlines()[-1])
             print(f"| {which} | {fmt} | {m['stored'] / 1e9:.3f} | {m['resident'] / 1e9:.3f} | {m['peak'] / 1e9:.3f} |",
                   flush=True)
-            if fmt == "nf4+dq":
+            if fmt == "nf4":
                 also = m["stored"] - m["embedding_bf16"] + m["embedding_nf4"]
-                print(f"|  | (nf4+dq, embedding NF4 too: not what quantize_model does) | {also / 1e9:.3f} | | |")
+                print(f"|  | (nf4, embedding NF4 too: not what quantize_model does) | {also / 1e9:.3f} | | |")
             if fmt == "nf4":
                 print(f"|  | (nf4 counted as transformers' get_memory_footprint, absmax left out) | "
                       f"{m['codes_and_rest'] / 1e9:.3f} ({m['codes_and_rest'] / 2**30:.3f} GiB) | | |")

@@ -72,14 +72,16 @@ def main():
     for uid in wanted:
         user = users[uid]
         pairs = cdcda.upload(task, user, rewrites)
-        kept = [(r["syn_input"], r["syn_output"]) for r in cdcda.synthetic_records(run / "users" / uid) if r["kept"]]
+        lines = (run / "users" / uid / "synthetic.jsonl").read_text().splitlines()
+        kept = [(r["syn_input"], r["syn_output"]) for r in map(json.loads, lines) if r["kept"]]
         for method, trained_on in (("direct-ft", pairs), ("cdcda", pairs + kept)):
             model = lora.add_lora(copy.deepcopy(device_model), r=settings["lora_r"], alpha=settings["lora_alpha"])
             lora.load_adapter(model, run / "users" / uid / f"{method}.adapter")
             model.eval()
             calibration = [train.encode_example(tok, messages, y, max_length)[0]
-                           for messages, y in cdcda.training_examples(task, trained_on)]
-            nll = {"nf4+lora": cdcda.gold_nll(model, tok, task, user.queries, max_length)}
+                           for messages, y in cdcda.examples(task, trained_on)]
+            golds = [(task.messages(q.input), q.gold) for q in user.queries]
+            nll = {"nf4+lora": train.nll(model, tok, golds, max_length)}
             makers = {"nearest": lambda: deploy.portable_state(model),
                       "gptq": lambda: deploy.portable_state(model, rounded=gptq.gptq_blocks(model, calibration)),
                       "gptq-onepass": lambda: one_pass_state(model, calibration)}
@@ -90,7 +92,7 @@ def main():
                 if tuned:
                     state = gridtune.tune(model, state, calibration, seed=args.tune_seed)
                 deployed = deploy.from_portable(model.config, state)
-                nll[variant] = cdcda.gold_nll(deployed, tok, task, user.queries, max_length)
+                nll[variant] = train.nll(deployed, tok, golds, max_length)
             results[f"{uid}/{method}"] = nll
             ref = sum(nll["nf4+lora"]) / len(nll["nf4+lora"])
             changes = [f"{v} {100 * (sum(x) / len(x) / ref - 1):+.1f}%" for v, x in nll.items() if v != "nf4+lora"]

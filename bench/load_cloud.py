@@ -36,9 +36,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-import augment  # noqa: E402
 import cdcda  # noqa: E402
 import data  # noqa: E402
+import options  # noqa: E402
 import qwen2  # noqa: E402
 from cloud import client as cloud  # noqa: E402
 from embedded import smollm2  # noqa: E402
@@ -110,8 +110,8 @@ def main(argv=None):
                 t = time.perf_counter()
                 try:
                     service = cloud.Endpoint(url, token, timeout=args.timeout, retries=2, backoff=0.5)
-                    records, counts = cloud.remote_augment(service, "lamp7", pairs,
-                                                           augment.Augmentation(args.k, augment_decoding="free"), 0)
+                    counts = cloud.remote_augment(service, "lamp7", pairs,
+                                                  options.Settings(k=args.k, augment_decoding="free"), 0).counts
                     assert counts["generated"] == len(pairs) * args.k, counts
                     with lock:
                         latencies.append(time.perf_counter() - t)
