@@ -12,6 +12,7 @@ import generate
 import lora
 import nf4
 import qwen2
+import runner
 from deployment import __main__ as run_deployment, deploy, gptq, gridtune
 from errors import InputError
 
@@ -283,7 +284,7 @@ def test_deploy_answers_with_the_deployed_model_and_reports_both(tiny_model_dir,
 
 def test_deployed_methods_need_their_adapter_first(capsys, monkeypatch):
     ran = []
-    monkeypatch.setattr(cdcda, "run", lambda settings, methods: ran.append(settings.methods))
+    monkeypatch.setattr(runner, "run", lambda settings, methods, prepare, family: ran.append(settings.methods))
     run_deployment.main([])
     assert ran == [("base", "direct-ft", "direct-ft-deployed", "cdcda", "cdcda-deployed")]
     for bad, message in ((["--methods", "cdcda-deployed,cdcda"], "--methods: cdcda-deployed needs cdcda before it"),
