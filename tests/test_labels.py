@@ -202,14 +202,14 @@ def test_the_labels_go_to_an_api_as_vllms_choice_list_and_a_refusal_falls_back(t
         api = client.Endpoint(f"http://127.0.0.1:{stub.server_address[1]}", retries=0)
         cloud = augment.CloudLM(None, tokenizer, client.api_chat(api, "m"))
         task, pairs = data.get_task("lamp2"), [("A heist.", "action")]
-        out = augment.augment(cloud, pairs, options.Settings(k=2), 0, task)
+        out = augment.augment(cloud, pairs, options.Settings(k=2, label_decoding="constrained"), 0, task)
         assert [y for _, y in out.pairs] == ["true story"] * 2 and out.counts["off_label"] == 0
         assert ["structured_outputs" in b for b in bodies] == [False, False, True, True]
         assert bodies[-1]["structured_outputs"] == {"choice": list(data.LAMP2_TAGS)}
         refuse.append(True)
         bodies.clear()
         for _ in range(2):
-            out = augment.augment(cloud, pairs, options.Settings(k=2), 0, task)
+            out = augment.augment(cloud, pairs, options.Settings(k=2, label_decoding="constrained"), 0, task)
             assert out.counts["off_label"] == 2  # free: "a film"
         sent = ["structured_outputs" in b for b in bodies]  # refused twice, then never sent again
         assert sent == [False, False, True, True] + [False] * 6
