@@ -71,7 +71,7 @@ class Settings:
     augment_decoding: str = option("structured", "step 2: sample the reply after 'Input: [' and "
                                    "parse it, or force its 'Input: [...], Response: [...]' shape "
                                    "(augment.py)", choices=["free", "structured"])
-    label_decoding: str = option("free", "step 2, structured decoding, a task with labels "
+    label_decoding: str = option("constrained", "step 2, structured decoding, a task with labels "
                                  "(lamp2, lamp3): the response may only spell one of them, or is "
                                  "free (free augment decoding is never constrained; README)",
                                  choices=["constrained", "free"])
