@@ -28,13 +28,14 @@ def sample(logits, temperature, top_p=1.0, generator=None):
     """Next token (B,) from logits (B, V): argmax at temperature 0; else a draw from softmax(logits
     / T) (sec. 5.1: T = 0.7), cut to the top-p nucleus (Holtzman et al. 2020). `temperature`,
     `top_p` (in (0, 1]): one, or one per row (B,); `generator`: one, or each row's own (its draws
-    then ignore the others). Logits that cannot be sampled (a NaN, +inf, all -inf) raise ValueError."""
+    then ignore the others). Logits that cannot be sampled (a NaN, +inf, all -inf) raise
+    ValueError."""
     B = logits.shape[0]
     temperature = torch.as_tensor(temperature, dtype=torch.float, device=logits.device).expand(B)
     top_p = torch.as_tensor(top_p, dtype=torch.float, device=logits.device).expand(B)
     if not bool(((top_p > 0) & (top_p <= 1)).all()):
         raise ValueError(f"sample: top_p {top_p.tolist()}: each must be in (0, 1]")
-    best = logits.amax(-1)  # NaN where a row holds one, +inf where it holds one, -inf where all are -inf
+    best = logits.amax(-1)  # NaN where a row holds one, +inf likewise, -inf where all are -inf
     if not bool(torch.isfinite(best).all()):
         row = int((~torch.isfinite(best)).nonzero()[0])
         what = ("a NaN" if bool(logits[row].isnan().any()) else "+inf" if float(best[row]) > 0
@@ -47,8 +48,9 @@ def sample(logits, temperature, top_p=1.0, generator=None):
     if bool((top_p < 1).any()):  # only the rows with a nucleus: a row at top_p 1 keeps every token
         rows = (top_p < 1).nonzero().squeeze(1)
         sorted_p, order = probs[rows].sort(dim=-1, descending=True)
-        outside = sorted_p.cumsum(-1) - sorted_p >= top_p[rows, None]  # the tokens before it already reach top_p
-        probs[rows] = torch.zeros_like(sorted_p).scatter_(-1, order, sorted_p.masked_fill(outside, 0.0))
+        outside = sorted_p.cumsum(-1) - sorted_p >= top_p[rows, None]  # those before reach top_p
+        kept = sorted_p.masked_fill(outside, 0.0)
+        probs[rows] = torch.zeros_like(sorted_p).scatter_(-1, order, kept)
     if isinstance(generator, list):  # one uniform a row, from the row's generator
         u = torch.cat([torch.rand(1, generator=g, device=g.device) for g in generator]).to(probs.device)
     else:
@@ -65,7 +67,8 @@ class Replies:
     ends[i] (the ids that end it), fill[i] (what fills it once ended), scaffold[i], top_p[i].
     The batch: `live` (the unended replies, in cache order), their `cache`, `mask` (None: no padding),
     the `logits` of their next tokens. Arguments: `generate`'s; the prompts are prefilled here, or,
-    with prefill=False, by the caller, a chunk of positions at a time (`prefill`: vLLM's chunked prefill)."""
+    with prefill=False, by the caller, a chunk of positions at a time (`prefill`: vLLM's
+    chunked prefill)."""
     def __init__(self, model: Qwen2, input_ids, max_new_tokens, temperature=0.7, top_p: float = 1.0, eos_token_id=...,
                  attention_mask=None, generator=None, copies=None, scaffold=None, scaffold_tokens: int = 0,
                  prefill: bool = True):
@@ -84,7 +87,8 @@ class Replies:
         self.input_ids, self.logits = input_ids, None  # the logits once the prompts are prefilled
         self.temperature = torch.as_tensor(temperature, dtype=torch.float).expand(R).to(device)
         self.model, self.generator, self.scaffold = model, generator, [scaffold] * R
-        self.ends, self.fill, self.top_p = [frozenset(ends)] * R, [ends[0] if ends else 0] * R, [top_p] * R
+        self.ends, self.fill = [frozenset(ends)] * R, [ends[0] if ends else 0] * R
+        self.top_p = [top_p] * R
         self.live, self.new, self.resumed = list(range(R)) if max(self.cap) else [], [[] for _ in range(R)], [None] * R
         self.spent, self.phase, self.forced = [0] * R, [0] * R, [[] for _ in range(R)]
         if prefill:
@@ -108,7 +112,8 @@ class Replies:
     def step(self):
         """Each live reply's next token, sampled or a scaffold's; the replies that end leave the batch."""
         gens = [self.generator[i] for i in self.live] if isinstance(self.generator, list) else self.generator
-        tokens = sample(self.logits, self.temperature[self.live], [self.top_p[i] for i in self.live], gens).tolist()
+        top_p = [self.top_p[i] for i in self.live]
+        tokens = sample(self.logits, self.temperature[self.live], top_p, gens).tolist()
         done, forced = set(), self.forced
         for j, i in enumerate(self.live):
             if not forced[i]:
@@ -145,10 +150,11 @@ class Replies:
             self.cache.keep(keep)
 
     def new_ids(self, replies) -> torch.Tensor:
-        """These replies' new ids, ended ones filled with their first end id: (len(replies), the longest)."""
+        """These replies' new ids, ended ones filled with their first end id: (len(replies), the
+        longest)."""
         n = max(len(self.new[i]) for i in replies)
-        return torch.tensor([self.new[i] + [self.fill[i]] * (n - len(self.new[i])) for i in replies],
-                            device=self.logits.device)
+        rows = [self.new[i] + [self.fill[i]] * (n - len(self.new[i])) for i in replies]
+        return torch.tensor(rows, device=self.logits.device)
 
 
 @torch.inference_mode()
