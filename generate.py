@@ -79,8 +79,7 @@ class Replies:
     the prompts are prefilled here, or, with prefill=False, by the caller, a chunk of positions at
     a time (`prefill`: vLLM's chunked prefill)."""
     def __init__(self, model: Qwen2, input_ids, max_new_tokens, temperature=0.7, top_p: float = 1.0,
-                 eos_token_id=...,
-                 attention_mask=None, generator=None, copies=None, scaffold=None,
+                 eos_token_id=..., attention_mask=None, generator=None, copies=None, scaffold=None,
                  scaffold_tokens: int = 0, labels=None, prefill: bool = True):
         eos = model.config.eos_token_id if eos_token_id is ... else eos_token_id
         ends = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
@@ -196,8 +195,7 @@ class Replies:
         longest)."""
         n = max(len(self.new[i]) for i in replies)
         rows = [self.new[i] + [self.fill[i]] * (n - len(self.new[i])) for i in replies]
-        return torch.tensor(rows,
-                            device=self.logits.device)
+        return torch.tensor(rows, device=self.logits.device)
 
 
 @torch.inference_mode()

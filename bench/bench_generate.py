@@ -18,8 +18,10 @@ augment   step 2 (structured decoding, k = 5, T = 0.7, the run's seeds and budge
 server    `python -m cloud.server` in its own process; --requests chat completions at concurrency
           1, 4, 16 and 1 again (the load may drift), in two shapes (`bench_server`), over the
           demo's first user's pairs.
+beside    a short chat request's seconds alone and while a 4,000-token upload is being served,
+          with the server's --prefill-chunk and with chunking off (`bench_beside`).
 
-    .venv/bin/python bench/bench_generate.py [--parts augment,server] [--users 3] [--requests 32]
+    .venv/bin/python bench/bench_generate.py [--parts augment,server,beside] [--users 3] [--requests 32]
 
 Prints only; writes nothing but the model cache. Run it on a quiet machine (it prints the load).
 """
@@ -192,6 +194,72 @@ def bench_augment(args, settings, tok):
               f"{sel.counts['kept']} of {len(texts)} |")
 
 
+def start_server(extra: list[str]):
+    """`python -m cloud.server` on a free port with these options: (its URL, process, log)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = tempfile.NamedTemporaryFile("w+", suffix=".log")
+    proc = subprocess.Popen([sys.executable, "-m", "cloud.server", "--port", str(port)] + extra,
+                            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    while True:
+        try:
+            urllib.request.urlopen(url + "/health", timeout=2).close()
+            return url, proc, log
+        except OSError:
+            if proc.poll() is not None:
+                log.seek(0)
+                raise SystemExit(f"cloud.server exited:\n{log.read()[-2000:]}")
+            time.sleep(0.3)
+
+
+def bench_beside(args, tok):
+    """A short chat request (16 new tokens) timed alone, then sent 1 s after an upload of one
+    4,000-token pair (k = 1, free decoding, eps_max_len 0.9 so that its budget fits the context);
+    with --prefill-chunk's default and with chunking off (a chunk longer than the prompt: the
+    upload's prefill in one piece). The server is stopped once the chat is answered."""
+    x = " ".join(f"rain {i % 97}" for i in range(1_000))  # about 4,000 tokens
+    upload = {"task": "lamp7", "pairs": [[x, "ugh rain again"]], "k": 1, "seed": 0, "decoding": "free",
+              "thresholds": {"eps_max_len": 0.9}}
+    chat = {"messages": [{"role": "user", "content": "Say hi in five words."}], "max_tokens": 16,
+            "temperature": 0.7, "seed": 1}
+    prompt = len(tok.encode(tok.apply_chat_template([{"role": "user", "content": augment.AUGMENT_PROMPT.format(
+        x=x, y="ugh rain again")}]) + augment.REPLY_PREFIX))
+
+    def post(url, body):
+        t = time.perf_counter()
+        request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=3600) as r:
+            answer = json.loads(r.read())
+        return time.perf_counter() - t, answer
+    rows = []
+    for name, extra in (("--prefill-chunk 128 (the default)", []),
+                        ("chunking off (--prefill-chunk 8192)", ["--prefill-chunk", "8192"])):
+        url, proc, log = start_server(extra)
+        pool = ThreadPoolExecutor(1)
+        try:
+            post(url + "/v1/chat/completions", chat)  # warm-up
+            alone = [post(url + "/v1/chat/completions", chat) for _ in range(2)]
+            uploading = pool.submit(post, url + "/v1/augment", upload)
+            time.sleep(1.0)
+            seconds, answer = post(url + "/v1/chat/completions", chat)
+            assert answer["choices"] == alone[0][1]["choices"]  # the reply it gets alone
+            assert not uploading.done(), uploading.exception() or "the upload ended first"  # in flight
+            rows.append((name, [a for a, _ in alone], seconds))
+            print(f"  {name}: alone {[round(a, 2) for a, _ in alone]} s; beside the upload {seconds:.2f} s", flush=True)
+        finally:
+            proc.terminate()  # the upload in flight goes with it
+            proc.wait(30)
+            pool.shutdown(wait=False, cancel_futures=True)
+    print(f"\ncloud.server, a chat request (16 new tokens) 1 s after an upload of a {prompt}-token prompt, "
+          f"load average now {os.getloadavg()[0]:.2f}")
+    print("| server | alone (s, 2 tries) | beside the upload (s) | over the slowest alone |")
+    print("|---|---|---|---|")
+    for name, alone, seconds in rows:
+        print(f"| {name} | {', '.join(f'{a:.2f}' for a in alone)} | {seconds:.2f} | {seconds / max(alone):.1f}x |")
+
+
 def server_rates(url, ask, n_requests) -> list[tuple[int, float]]:
     """requests/s of n_requests asks at concurrency 1, 4, 16 and 1 again (the load may drift)."""
     ask(0)  # warm-up
@@ -219,23 +287,9 @@ def bench_server(args, settings, tok):
     first_budget = augment.generation_budget(tok, [x for x, _ in pairs], settings.augmentation.thresholds.eps_max_len)
     shapes = {f"augmentation's first part (stop \"]\", max_tokens {first_budget})": (first_parts, first_budget, "]"),
               "a tweet written to a short question (max_tokens 64)": (questions, 64, "")}
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = tempfile.NamedTemporaryFile("w+", suffix=".log")
-    proc = subprocess.Popen([sys.executable, "-m", "cloud.server", "--port", str(port), "--max-batch", str(args.max_batch)],
-                            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-    url, table = f"http://127.0.0.1:{port}", {}
+    url, proc, log = start_server(["--max-batch", str(args.max_batch)])
+    table = {}
     try:
-        while True:
-            try:
-                urllib.request.urlopen(url + "/health", timeout=2).close()
-                break
-            except OSError:
-                if proc.poll() is not None:
-                    log.seek(0)
-                    raise SystemExit(f"cloud.server exited:\n{log.read()[-2000:]}")
-                time.sleep(0.3)
         for name, (convs, max_tokens, stop) in shapes.items():
             print(f"server, {name}:", flush=True)
             table[name] = server_rates(url, lambda i: client.openai_chat(  # one conversation a request, as --cloud-api
@@ -256,16 +310,16 @@ def bench_server(args, settings, tok):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--parts", default="augment,server", help="comma-separated: augment, server")
+    p.add_argument("--parts", default="augment,server", help="comma-separated: augment, server, beside")
     p.add_argument("--users", type=int, default=3, help="the demo's target users to augment for")
     p.add_argument("--no-transformers", action="store_true", help="leave transformers' generate out")
     p.add_argument("--requests", type=int, default=32, help="chat completions per concurrency level")
-    p.add_argument("--max-batch", type=int, default=64, help="the server's --max-batch")
+    p.add_argument("--max-batch", type=int, default=96, help="the server's --max-batch (its default)")
     args = p.parse_args(argv)
     args.load = f"{os.getloadavg()[0]:.2f}"
     parts = set(args.parts.split(","))
-    if parts - {"augment", "server"}:
-        p.error(f"--parts {args.parts}: use augment, server")
+    if parts - {"augment", "server", "beside"}:
+        p.error(f"--parts {args.parts}: use augment, server, beside")
     settings = options.parse(["--task", "lamp7"], cdcda.METHODS)  # the demo's settings
     tok = qwen2.Tokenizer.from_dir(smollm2.embedded_dir())
     print(f"{os.cpu_count()} CPUs, {torch.get_num_threads()} threads, load average {args.load}; SmolLM2-135M-Instruct")
@@ -273,6 +327,8 @@ def main(argv=None):
         bench_augment(args, settings, tok)
     if "server" in parts:
         bench_server(args, settings, tok)
+    if "beside" in parts:
+        bench_beside(args, tok)
 
 
 if __name__ == "__main__":

@@ -69,7 +69,8 @@ def join(a: Replies, b: Replies, keep: list[int]) -> None:
     cache.seq_len = n
     renumbered = {old: new for new, old in enumerate(keep)}
     live = [renumbered[i] for i in a.live] + [len(keep) + i for i in b.live]
-    logits, temperature = torch.cat([a.logits, b.logits]), torch.cat([a.temperature[keep], b.temperature])
+    logits = torch.cat([a.logits, b.logits])
+    temperature = torch.cat([a.temperature[keep], b.temperature])
     lists = {name: [getattr(a, name)[i] for i in keep] + getattr(b, name) for name in PER_REPLY}
     a.cache, a.mask, a.live, a.logits, a.temperature = cache, mask, live, logits, temperature
     for name, values in lists.items():
@@ -83,11 +84,13 @@ class Batcher:
     max_batch live replies, and hands each request its rows as `generate.generate` would have.
     When idle it waits `linger` seconds for requests sent together. `most`: the most requests
     decoded together so far; `counts`: the jobs answered, failed and cancelled so far."""
-    def __init__(self, model, max_batch: int, chunk: int = 256, linger: float = 0.02, poll: float = 0.2):
+    def __init__(self, model, max_batch: int, chunk: int = 128, linger: float = 0.02,
+                 poll: float = 0.2):
         for module in model.modules():
             if type(module) is nn.Linear:
                 module.__class__ = FewRowLinear  # the same weights and names; a few rows computed faster
-        self.model, self.max_batch, self.chunk, self.linger, self.poll = model, max_batch, chunk, linger, poll
+        self.model, self.max_batch, self.chunk = model, max_batch, chunk
+        self.linger, self.poll = linger, poll
         self.most, self.counts = 0, {"answered": 0, "failed": 0, "cancelled": 0}
         self.waiting, self.ready = [], threading.Condition()
 
@@ -96,8 +99,8 @@ class Batcher:
         return self
 
     def generate(self, ids, max_new_tokens: int, temperature, attention_mask=None, generator=None, copies=None,
-                 eos_token_id=..., scaffold=None, scaffold_tokens: int = 0, top_p: float = 1.0, gone=None,
-                 labels=None):
+                 eos_token_id=..., scaffold=None, scaffold_tokens: int = 0, top_p: float = 1.0,
+                 gone=None, labels=None):
         """`generate.generate(model, ...)` decoded in the shared batch. gone: a callable polled
         while waiting; once it says the client is gone the job is cancelled (raises Cancelled)."""
         copies = [1] * len(ids) if copies is None else [int(c) for c in copies]
@@ -106,10 +109,10 @@ class Batcher:
             raise ValueError("Batcher.generate: one generator per reply")
         job = SimpleNamespace(
             ids=ids, mask=torch.ones_like(ids) if attention_mask is None else attention_mask, copies=copies,
-            budget=max_new_tokens, second=scaffold_tokens, generator=generator, R=R, eos=eos_token_id,
-            temperature=torch.as_tensor(temperature, dtype=torch.float).expand(R), scaffold=scaffold,
-            top_p=top_p, labels=labels, done=threading.Event(), out=None, error=None, first=0, replies=None,
-            cancelled=False)
+            budget=max_new_tokens, second=scaffold_tokens, generator=generator, R=R,
+            eos=eos_token_id, scaffold=scaffold, top_p=top_p, labels=labels,
+            temperature=torch.as_tensor(temperature, dtype=torch.float).expand(R),
+            done=threading.Event(), out=None, error=None, first=0, replies=None, cancelled=False)
         with self.ready:
             self.waiting.append(job)
             self.ready.notify()
@@ -142,7 +145,7 @@ class Batcher:
             try:
                 with torch.inference_mode():
                     batch, running, filling = self.step(batch, running, filling)
-            except Exception as e:  # the step of all (or a bug): a model failure fails the batch's jobs
+            except Exception as e:  # the step of all (or a bug): it fails the batch's jobs
                 traceback.print_exc()
                 for job in running + filling:
                     if not job.done.is_set():
@@ -154,10 +157,11 @@ class Batcher:
         prefilled one joins); drop the jobs whose logits cannot be sampled; one step of the batch;
         answer the jobs whose replies have all ended. -> the new (batch, running, filling)."""
         batch, running, filling = self.drop_cancelled(batch, running, filling)
-        filling = filling + self.take((len(batch.live) if batch else 0) + sum(job.R for job in filling))
+        rows = (len(batch.live) if batch else 0) + sum(job.R for job in filling)
+        filling = filling + self.take(rows)
         for job in list(filling):
             ready = self.prefill(job)
-            if ready or job.error is not None:  # out of `filling` by identity: == would compare tensors
+            if ready or job.error is not None:  # out by identity: == would compare tensors
                 filling = [other for other in filling if other is not job]
             if ready:
                 batch, running = self.admit(batch, running, job)
@@ -165,7 +169,8 @@ class Batcher:
             self.drop_unsampleable(batch, running)
         if batch is not None and batch.live:
             batch.step()
-        self.most, live, still = max(self.most, len(running)), set(batch.live) if batch else set(), []
+        self.most, still = max(self.most, len(running)), []
+        live = set(batch.live) if batch else set()
         for job in running:  # a request whose replies have all ended gets them now
             if live & set(replies(job)):
                 still.append(job)
@@ -180,8 +185,8 @@ class Batcher:
             if job.replies is None:
                 ids, mask = job.ids, job.mask
                 job.replies = Replies(
-                    self.model, ids, job.budget, job.temperature, job.top_p, job.eos, mask, job.generator,
-                    job.copies, job.scaffold, job.second, job.labels, prefill=False)
+                    self.model, ids, job.budget, job.temperature, job.top_p, job.eos, mask,
+                    job.generator, job.copies, job.scaffold, job.second, job.labels, prefill=False)
             return job.replies.prefill(max(1, self.chunk // job.ids.shape[0]))
         except Exception as e:
             traceback.print_exc()
@@ -223,14 +228,15 @@ class Batcher:
         return (batch if running else None), running, [job for job in filling if not job.cancelled]
 
     def drop_unsampleable(self, batch: Replies, running: list):
-        """A job whose next-token logits hold a NaN or an inf, or are all -inf, fails alone: its rows
-        leave before the step (`generate.sample` would raise for the whole batch)."""
+        """A job whose next-token logits hold a NaN or an inf, or are all -inf, fails alone: its
+        rows leave before the step (`generate.sample` would raise for the whole batch)."""
         bad = (~torch.isfinite(batch.logits.amax(-1))).nonzero().squeeze(1).tolist()
         if bad:
             jobs = [job for job in running if {batch.live[j] for j in bad} & set(replies(job))]
             self.leave(batch, jobs)
             for job in jobs:
-                self.end(job, ValueError("the model's logits hold a NaN or an inf: nothing can be sampled"))
+                self.end(job, ValueError("the model's logits hold a NaN or an inf: "
+                                         "nothing can be sampled"))
 
     @staticmethod
     def leave(batch: Replies | None, jobs: list):

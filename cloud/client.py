@@ -69,8 +69,8 @@ def post_json(endpoint: Endpoint, url: str, body: dict) -> dict:
             except (ValueError, KeyError, TypeError, OSError):
                 message = e.reason
             if e.code not in RETRIED:
-                raise CloudError(f"{url}: HTTP {e.code}: {message}" + (" (a server error: not retried)"
-                                                                       if e.code >= 500 else "")) from None
+                bug = " (a server error: not retried)" if e.code >= 500 else ""
+                raise CloudError(f"{url}: HTTP {e.code}: {message}{bug}") from None
             last = f"HTTP {e.code}: {message}"
         except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
             reason = getattr(e, "reason", e)

@@ -66,7 +66,7 @@ def start_server(model_dir, port: int, log: Path, token: str = "") -> subprocess
     cmd = [sys.executable, "-c", "import test_server; test_server.serve_parsable()", "--port", str(port),
            "--cloud-model", str(model_dir), "--judge", JUDGE]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
-    deadline = time.time() + 90
+    deadline = time.time() + 300  # a loaded machine: minutes
     while time.time() < deadline:
         if proc.poll() is not None:
             pytest.fail(f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
@@ -77,7 +77,7 @@ def start_server(model_dir, port: int, log: Path, token: str = "") -> subprocess
         except OSError:
             time.sleep(0.2)
     stop(proc)
-    pytest.fail(f"server not up after 90 s:\n{log.read_text()[-3000:]}")
+    pytest.fail(f"server not up after 300 s:\n{log.read_text()[-3000:]}")
 
 
 def stop(proc: subprocess.Popen):
@@ -98,7 +98,7 @@ def server(tiny_model_dir, tmp_path_factory, free_port):
     stop(proc)
 
 
-def post(url, body: bytes, token=TOKEN, timeout=60):
+def post(url, body: bytes, token=TOKEN, timeout=300):
     """(status, JSON answer) of a plain urllib POST."""
     headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {token}"} if token else {})
     try:
@@ -343,7 +343,7 @@ def chat_body(i: int) -> bytes:
                        "temperature": 0.7, "seed": i}).encode()
 
 
-def timed_post(url, body, out, i, timeout=60):
+def timed_post(url, body, out, i, timeout=300):
     t = time.time()
     out[i] = post(url, body, timeout=timeout) + (time.time() - t,)
 
@@ -397,7 +397,8 @@ def test_an_abandoned_upload_is_cancelled_and_holds_up_nothing(server):
     assert time.time() - t < 10
     after = {}
     timed_post(server + "/v1/chat/completions", chat_body(7), after, 0)
-    assert after[0][:2] == alone[0][:2] and after[0][2] <= 3 * alone[0][2] + 1.0, (after[0][2], alone[0][2])
+    assert after[0][1]["choices"] == alone[0][1]["choices"]
+    assert after[0][2] <= 3 * alone[0][2] + 1.0, (after[0][2], alone[0][2])
     deadline = time.time() + 10
     while health(server)["jobs"]["cancelled"] == before["cancelled"] and time.time() < deadline:
         time.sleep(0.1)
