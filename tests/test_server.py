@@ -288,9 +288,10 @@ def test_api_priming_and_stop_equal_in_process(server, tiny_model_dir):
 
 
 def test_batched_requests_get_what_they_get_alone(tiny_model_dir):
-    """Four requests queued before the decoding thread starts, one that cannot join the others
-    (a scaffold) between them, are decoded in two batches (prompts of other lengths, other seeds
-    and temperatures, k replies of one prompt), and each gets the replies `generate.chat` gives it alone."""
+    """Four requests queued before the decoding thread starts, one of them scaffolded (each reply
+    carries its own end ids, scaffold and top-p), are decoded in one batch (prompts of other
+    lengths, other seeds and temperatures, k replies of one prompt), and each gets the replies
+    `generate.chat` gives it alone."""
     model, tok = qwen2.load(str(tiny_model_dir))
     decoder = batcher.Batcher(model, max_batch=64)
     conversations = [[{"role": "user", "content": text}] for text in ("say hi", "a much longer prompt than that one",
@@ -316,7 +317,7 @@ def test_batched_requests_get_what_they_get_alone(tiny_model_dir):
     for t in threads:
         t.join(max(0.0, deadline - time.time()))
     assert together == alone and len(set(alone[0])) > 1  # k samples of one prompt differ
-    assert decoder.most == 3  # the three without a scaffold in one batch, the scaffolded one apart
+    assert decoder.most == 4  # the scaffolded one shares the batch too
 
 
 def test_concurrent_http_requests_equal_sequential_ones(server):

@@ -194,7 +194,7 @@ def test_response_loss_equals_transformers_labels_loss(tmp_path, t5_checkpoint):
     encoded = [train.encode_example(tok, m, r, 64) for m, r in examples]
     assert all(ids[n - 1] == 1 and ids[-1] == 1 for ids, n in encoded)  # prompt and response end in </s>
     ids, labels = train.right_pad(encoded, tok.pad_token_id)
-    ours = train.response_loss(model, ids, labels)
+    ours = t5.response_loss(model, ids, labels)  # the loss t5.family hands train.finetune
     enc, mask = generate.left_pad([i[:n] for i, n in encoded], 0)
     answers = [i[n:] for i, n in encoded]
     hf_labels = torch.full((2, max(map(len, answers))), -100)
@@ -256,7 +256,8 @@ def test_nf4_quantizes_block_linears_and_finetuning_lowers_the_loss(tmp_path, t5
     assert F.cosine_similarity(logits.float().flatten(), ref.flatten(), dim=0) > 0.9  # 4-bit weights of a tiny model
     lora.add_lora(model)
     examples = [([{"role": "user", "content": "the cat sat"}], "a dog ran fast")] * 4
-    losses = train.finetune(model, tok, examples, options.Settings(epochs=4, lr=1e-2, batch_size=2, max_length=32))
+    losses = train.finetune(model, tok, examples, options.Settings(epochs=4, lr=1e-2, batch_size=2, max_length=32),
+                            loss=t5.response_loss)
     assert losses[-1] < losses[0] / 2
     assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if "lora_" in n)
 
