@@ -50,10 +50,10 @@ def post_json(url: str, body: dict, timeout: float = 300) -> dict:
 
 
 @contextmanager
-def vllm(python: str, model: str, name: str, log: Path, loras=(), wait_s: float = 1800):
+def vllm(python: str, model: str, name: str, log: Path, loras=(), port: int = 0, wait_s: float = 1800):
     """vLLM's OpenAI server on `model` (served as `name`, `loras`: (name, directory) pairs) until
-    the block ends: its base URL ("http://127.0.0.1:PORT/v1")."""
-    port = free_port()
+    the block ends: its base URL ("http://127.0.0.1:PORT/v1"); port 0: a free one."""
+    port = port or free_port()
     cmd = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--served-model-name", name,
            "--dtype", "float32", "--max-model-len", "2048", "--host", "127.0.0.1", "--port", str(port),
            "--enable-lora", "--max-lora-rank", "16", "--max-loras", str(max(1, len(loras))),
@@ -97,7 +97,7 @@ def cloud_check(args) -> None:
     model = subprocess.check_output([args.python, "-c", "from embedded import smollm2; print(smollm2.embedded_dir())"],
                                     cwd=ROOT, text=True).strip()
     out = Path(args.out)
-    with vllm(args.vllm, model, CLOUD_NAME, out / "vllm.log") as url:
+    with vllm(args.vllm, model, CLOUD_NAME, out / "vllm.log", port=args.port) as url:
         t = time.time()
         subprocess.run([args.python, "-m", "cloud", "--cloud-api", url, "--task", "lamp7", "--out", str(out)],
                        cwd=ROOT, check=True)
@@ -124,13 +124,16 @@ def lora_check(args) -> None:
     bases = {json.loads((d / "adapter_config.json").read_text())["base_model_name_or_path"] for d in found}
     if len(bases) != 1 or None in bases:
         sys.exit(f"vllm-check: the adapters under {run} name bases {sorted(map(str, bases))}, not one directory")
-    print(f"vllm-check: our model's greedy replies for {len(found)} adapter(s)")
-    ours = json.loads(subprocess.check_output([args.python, __file__, "ours", *map(str, found)], cwd=ROOT))
+    print(f"vllm-check: our model's greedy replies for {len(found)} adapter(s), while vLLM starts")
+    mine = subprocess.Popen([args.python, __file__, "ours", *map(str, found)], cwd=ROOT, stdout=subprocess.PIPE)
     base, = bases
-    loras = [(f"user-{u['user']}", u["adapter"]) for u in ours]
+    loras = [(f"user-{d.parent.name}", str(d)) for d in found]
     same = total = 0
     report = []
     with vllm(args.vllm, base, "m-base", run / "vllm.log", loras) as url:
+        ours = json.loads(mine.communicate()[0] or "null")
+        if mine.returncode:
+            sys.exit(f"vllm-check: our side failed (exit {mine.returncode})")
         for u, (name, _) in zip(ours, loras):
             for messages, mine in zip(u["conversations"], u["replies"]):
                 body = {"model": name, "messages": messages, "max_tokens": u["max_tokens"], "temperature": 0}
@@ -186,6 +189,8 @@ def main(argv=None) -> None:
     p.add_argument("--out", default="runs/vllm-check", help="part 1's run (python -m cloud --out)")
     p.add_argument("--lora-run", default="runs/vllm-lora", help="part 2's run: its users' adapters")
     p.add_argument("--method", default="direct-ft", help="part 2: whose adapters (METHOD.adapter)")
+    p.add_argument("--port", type=int, default=0, help="part 1's vLLM port (0: a free one); a resumed "
+                   "run needs its first port: the URL is one of the run's settings")
     p.add_argument("--skip", choices=("cloud", "lora"), action="append", default=[], help="leave a part out")
     args = p.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # the finally blocks stop vLLM
