@@ -56,7 +56,7 @@ def main(argv=None) -> dict:
     try:
         return runner.run(replace(settings, roles={"cloud": role}), methods, prepare, cdcda.Family(),
                           cloud_here=not args.cloud)
-    except client.CloudUnavailable as e:
+    except (client.CloudUnavailable, client.CloudError) as e:  # the cloud down, or refusing: one line
         raise InputError(f"{e}\nfinished users are kept under {settings.out}/users; run again to resume") from None
 
 
