@@ -49,12 +49,11 @@ import filters  # noqa: E402
 import generate  # noqa: E402
 import options  # noqa: E402
 import qwen2  # noqa: E402
-import rewrite  # noqa: E402
 from cloud import client  # noqa: E402
 from embedded import smollm2  # noqa: E402
 
 MAIN = "452a1fd"  # main before issue 24
-BATCH = augment.AUGMENT_BATCH
+BATCH = generate.BATCH
 
 # runs in the subprocess, in main's tree: its augment.augment per user, timed; the replies' texts out
 MAIN_SCRIPT = """
@@ -83,10 +82,9 @@ def demo_uploads(settings, n_users: int) -> list[dict]:
     """Each target user's D_u and seed, as the demo's run makes them."""
     task = data.get_task("lamp7")
     users = data.load_users(task.name)
-    judge = augment.make_judge(settings.models.judge, "cpu")
+    judge = filters.make_judge(settings.judge, "cpu")
     t = time.perf_counter()
-    rewrites = rewrite.neutral_rewrites(task, users, settings.models.device_model, judge,
-                                        settings.augmentation.thresholds, "cpu")
+    rewrites = cdcda.history_rewrites(task, users, settings, judge, cdcda.Family())
     print(f"history rewrites (the model cache, else written now): {time.perf_counter() - t:.1f} s")
     targets = data.split_users(users, n_users)[0]
     return [{"user": u.user_id, "pairs": cdcda.upload(task, u, rewrites),
@@ -95,14 +93,14 @@ def demo_uploads(settings, n_users: int) -> list[dict]:
 
 def main_path(uploads, settings) -> list[dict]:
     """main's augment.augment, in main's own tree, in a subprocess (one model load, not timed)."""
-    a = settings.augmentation
+    a = settings
     with tempfile.TemporaryDirectory() as tmp:
         tree, job, out = Path(tmp) / "main", Path(tmp) / "job.json", Path(tmp) / "out.json"
         tree.mkdir()
         archive = subprocess.run(["git", "-C", str(ROOT), "archive", MAIN], capture_output=True, check=True).stdout
         subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
         job.write_text(json.dumps({"users": uploads, "k": a.k, "temperature": a.temperature,
-                                   "ratio": a.thresholds.eps_max_len}))
+                                   "ratio": a.eps_max_len}))
         env = dict(os.environ, PYTHONPATH=str(tree), TQDM_DISABLE="1")
         subprocess.run([sys.executable, "-c", MAIN_SCRIPT, str(job), str(out)], cwd=tree, env=env, check=True)
         return json.loads(out.read_text())
@@ -117,7 +115,7 @@ def ours(model, tok, upload, settings) -> dict:
         texts.extend(r + "]" for r in replies)
         return replies
     t = time.perf_counter()
-    augment.augment(augment.CloudLM(model, tok, chat), upload["pairs"], settings.augmentation, upload["seed"],
+    augment.augment(augment.CloudLM(model, tok, chat), upload["pairs"], settings, upload["seed"],
                     data.get_task("lamp7"))
     return {"seconds": time.perf_counter() - t, "texts": texts}
 
@@ -140,8 +138,8 @@ def hf_pass(hf, tok, prompts, n, max_new, temperature, seed) -> list[str]:
 
 def transformers_path(hf, tok, upload, settings) -> dict:
     """main's two passes, each with transformers' generate: k samples of each prompt, then the responses."""
-    a, pairs = settings.augmentation, upload["pairs"]
-    ratio, k = a.thresholds.eps_max_len, a.k
+    a, pairs = settings, upload["pairs"]
+    ratio, k = a.eps_max_len, a.k
     t = time.perf_counter()
     convs = [[{"role": "user", "content": augment.AUGMENT_PROMPT.format(x=x, y=y)}] for x, y in pairs]
     first = [tok.encode(tok.apply_chat_template(c) + augment.REPLY_PREFIX) for c in convs]
@@ -158,7 +156,7 @@ def transformers_path(hf, tok, upload, settings) -> dict:
 
 def bench_augment(args, settings, tok):
     uploads = demo_uploads(settings, args.users)
-    k = settings.augmentation.k
+    k = settings.k
     results = {}
     print("main's path (452a1fd) in a subprocess ...", flush=True)
     results["main (452a1fd)"] = main_path(uploads, settings)
@@ -173,11 +171,11 @@ def bench_augment(args, settings, tok):
             results[name] = [ours(model, tok, u, settings) for u in uploads]
         if hf is not None:
             results["transformers"] = [transformers_path(hf, tok, u, settings) for u in uploads]
-    task, judge = data.get_task("lamp7"), augment.make_judge(settings.models.judge, "cpu")
+    task, judge = data.get_task("lamp7"), filters.make_judge(settings.judge, "cpu")
     originals = [p for u in uploads for p in u["pairs"] for _ in range(k)]
     seconds = {name: sum(r["seconds"] for r in runs) for name, runs in results.items()}
     print(f"\naugmentation: {len(uploads)} users, {len(originals) // k} pairs x k = {k}, structured, "
-          f"T = {settings.augmentation.temperature}, {torch.get_num_threads()} threads, "
+          f"T = {settings.temperature}, {torch.get_num_threads()} threads, "
           f"load average before / after: {args.load} / {os.getloadavg()[0]:.2f}")
     print("| path | seconds | reply tokens/s | speed-up over main | over transformers | unparsable | kept |")
     print("|---|---|---|---|---|---|---|")
@@ -187,7 +185,8 @@ def bench_augment(args, settings, tok):
         tokens = sum(len(tok.encode(t)) for t in texts)
         parsed = [(o, augment.parse_pair(t)) for o, t in zip(originals, texts)]
         good = [(o, p) for o, p in parsed if p is not None and task.valid_output(p[1])]
-        sel = filters.select([o for o, _ in good], [p for _, p in good], judge, settings.augmentation.thresholds)
+        candidates = data.Candidates(list(range(len(good))), [p for _, p in good], {})
+        sel = filters.select([o for o, _ in good], candidates, judge, settings)
         over_hf = f"{seconds['transformers'] / seconds[name]:.2f}x" if "transformers" in seconds else "-"
         print(f"| {name} | {seconds[name]:.1f} | {tokens / seconds[name]:.1f} | "
               f"{seconds['main (452a1fd)'] / seconds[name]:.2f}x | {over_hf} | {len(texts) - len(good)} | "
@@ -284,7 +283,7 @@ def bench_server(args, settings, tok):
     first_parts = [[{"role": "user", "content": augment.AUGMENT_PROMPT.format(x=x, y=y)},
                     {"role": "assistant", "content": augment.REPLY_PREFIX}] for x, y in pairs]
     questions = [[{"role": "user", "content": f"Write a tweet about {y[:60]}"}] for _, y in pairs]
-    first_budget = augment.generation_budget(tok, [x for x, _ in pairs], settings.augmentation.thresholds.eps_max_len)
+    first_budget = augment.generation_budget(tok, [x for x, _ in pairs], settings.eps_max_len)
     shapes = {f"augmentation's first part (stop \"]\", max_tokens {first_budget})": (first_parts, first_budget, "]"),
               "a tweet written to a short question (max_tokens 64)": (questions, 64, "")}
     url, proc, log = start_server(["--max-batch", str(args.max_batch)])
