@@ -74,6 +74,8 @@ def test_a_rerun_with_other_settings_is_refused_before_any_work(tmp_path):
     runner.check_settings(tmp_path, users, nearest)  # resumes: that version answered at the default
     with pytest.raises(InputError, match="answer_temperature = 0.7, this one has 0.2"):
         runner.check_settings(tmp_path, users, nearest | {"answer_temperature": 0.2})
+    (tmp_path / "run.json").write_text(json.dumps({"methods": ["base"], "labels": {}}))  # an earlier version's
+    runner.check_finished(tmp_path, options.Settings(methods=("base", "cdcda")), users)  # not a finished run
 
 
 def tiny_command(model_dir, out) -> list[str]:
