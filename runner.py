@@ -202,7 +202,7 @@ def check_finished(out: Path, settings: Settings, targets) -> None:
     if not path.is_file():
         return
     before = json.loads(path.read_text())
-    if "user_ids" not in before:  # an earlier version wrote run.json at the start: not a finished run
+    if "user_ids" not in before:  # an earlier version wrote run.json at the start: not finished
         return
     ids = [u.user_id for u in targets]
     if not set(settings.methods) <= set(before.get("methods", [])) or before.get("user_ids") != ids:
