@@ -7,7 +7,9 @@ import json
 import os
 import shutil
 import socket
+import threading
 import types
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -56,6 +58,42 @@ def free_port():
             s.bind(("127.0.0.1", 0))
             return s.getsockname()[1]
     return port
+
+
+@pytest.fixture
+def json_server():
+    """json_server(answer) -> the URL of an HTTP server on the loopback that answers each POST's JSON
+    body with answer(body) -> (status, JSON object), or closes the connection unanswered when answer
+    returns None. Every server started is shut down after the test."""
+    servers = []
+
+    def start(answer) -> str:
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                reply = answer(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+                if reply is None:
+                    self.close_connection = True  # the client reads an empty status line
+                    return
+                raw = json.dumps(reply[1]).encode()
+                self.send_response(reply[0])
+                self.send_header("Content-Length", str(len(raw)))
+                self.end_headers()
+                try:
+                    self.wfile.write(raw)
+                except OSError:
+                    pass  # the client gave up waiting (the timeout tests)
+
+            def log_message(self, *a):
+                pass
+        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        server.daemon_threads = True
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}"
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
 
 
 DEVICE = os.environ.get("CDCDA_TEST_DEVICE", "cpu")  # the pipeline tests' --device: cpu, cuda or cuda:N

@@ -1,9 +1,7 @@
 """The device's client for the cloud (cloud/client.py) on its own: retries, backoff, errors, URLs.
 Against the real server it is tested in test_server.py."""
-import json
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -21,37 +19,22 @@ def test_client_retries_then_raises_cloud_unavailable_on_a_closed_port(free_port
     assert 0.15 <= time.time() - t < 3  # slept 0.05 + 0.1 between the tries
 
 
-def test_client_retries_5xx_with_backoff():
+def test_client_retries_5xx_with_backoff(json_server):
     """A stub server that fails twice with 503, then answers: the third try succeeds."""
     calls = []
 
-    class Flaky(BaseHTTPRequestHandler):
-        def do_POST(self):
-            self.rfile.read(int(self.headers["Content-Length"]))
-            calls.append(time.time())
-            ok = len(calls) >= 3
-            raw = json.dumps({"records": [], "counts": {"generated": 1}} if ok else
-                             {"error": {"message": "busy", "field": None}}).encode()
-            self.send_response(200 if ok else 503)
-            self.send_header("Content-Length", str(len(raw)))
-            self.end_headers()
-            self.wfile.write(raw)
-
-        def log_message(self, *a):
-            pass
-    stub = ThreadingHTTPServer(("127.0.0.1", 0), Flaky)
-    threading.Thread(target=stub.serve_forever, daemon=True).start()
-    try:
-        url = f"http://127.0.0.1:{stub.server_address[1]}"
-        selection = cloud.remote_augment(cloud.Endpoint(url, backoff=0.05), "lamp7", [("a", "b")], ONE, 0)
-        assert (selection.kept, selection.records, selection.counts) == ([], [], {"generated": 1})
-        assert len(calls) == 3 and calls[2] - calls[0] >= 0.15 - 0.01
-        calls.clear()
-        with pytest.raises(cloud.CloudUnavailable, match="after 2 tries: HTTP 503: busy"):
-            cloud.remote_augment(cloud.Endpoint(url, retries=1, backoff=0.01), "lamp7", [("a", "b")], ONE, 0)
-    finally:
-        stub.shutdown()
-        stub.server_close()
+    def flaky(body):
+        calls.append(time.time())
+        if len(calls) >= 3:
+            return 200, {"records": [], "counts": {"generated": 1}}
+        return 503, {"error": {"message": "busy", "field": None}}
+    url = json_server(flaky)
+    selection = cloud.remote_augment(cloud.Endpoint(url, backoff=0.05), "lamp7", [("a", "b")], ONE, 0)
+    assert (selection.kept, selection.records, selection.counts) == ([], [], {"generated": 1})
+    assert len(calls) == 3 and calls[2] - calls[0] >= 0.15 - 0.01
+    calls.clear()
+    with pytest.raises(cloud.CloudUnavailable, match="after 2 tries: HTTP 503: busy"):
+        cloud.remote_augment(cloud.Endpoint(url, retries=1, backoff=0.01), "lamp7", [("a", "b")], ONE, 0)
 
 
 def test_chat_url():
@@ -61,68 +44,38 @@ def test_chat_url():
 
 
 @pytest.mark.parametrize("concurrency", [1, 3])
-def test_openai_chat_keeps_at_most_concurrency_requests_in_flight_and_the_order(concurrency):
+def test_openai_chat_keeps_at_most_concurrency_requests_in_flight_and_the_order(concurrency, json_server):
     """A stub that holds each request 100 ms and counts how many are open at once: never more
     than `concurrency`, exactly that many at some point, and replies come back in order."""
     lock, open_now, most = threading.Lock(), [0], [0]
 
-    class Slow(BaseHTTPRequestHandler):
-        def do_POST(self):
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            with lock:
-                open_now[0] += 1
-                most[0] = max(most[0], open_now[0])
-            time.sleep(0.1)
-            with lock:
-                open_now[0] -= 1
-            raw = json.dumps({"choices": [{"message": {"content": body["messages"][-1]["content"] + "!"}}]}).encode()
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(raw)))
-            self.end_headers()
-            self.wfile.write(raw)
-
-        def log_message(self, *a):
-            pass
-    stub = ThreadingHTTPServer(("127.0.0.1", 0), Slow)
-    threading.Thread(target=stub.serve_forever, daemon=True).start()
-    try:
-        conversations = [[{"role": "user", "content": str(i)}] for i in range(9)]
-        api = cloud.Endpoint(f"http://127.0.0.1:{stub.server_address[1]}", concurrency=concurrency)
-        replies = cloud.openai_chat(api, "m", conversations, 8, 0.7, 0)
-        assert replies == [f"{i}!" for i in range(9)] and most[0] == concurrency
-    finally:
-        stub.shutdown()
-        stub.server_close()
+    def slow(body):
+        with lock:
+            open_now[0] += 1
+            most[0] = max(most[0], open_now[0])
+        time.sleep(0.1)
+        with lock:
+            open_now[0] -= 1
+        return 200, {"choices": [{"message": {"content": body["messages"][-1]["content"] + "!"}}]}
+    conversations = [[{"role": "user", "content": str(i)}] for i in range(9)]
+    api = cloud.Endpoint(json_server(slow), concurrency=concurrency)
+    replies = cloud.openai_chat(api, "m", conversations, 8, 0.7, 0)
+    assert replies == [f"{i}!" for i in range(9)] and most[0] == concurrency
 
 
-def test_api_chat_sends_what_vllm_needs_for_the_scaffold():
+def test_api_chat_sends_what_vllm_needs_for_the_scaffold(json_server):
     """Structured decoding through the API: per conversation a first request continuing the reply
     prefix, a second continuing prefix + first part + scaffold, both stopped at "]", top_p 1 (vLLM
     would otherwise take a model's generation_config defaults) and their own seeds."""
     bodies = []
 
-    class Echo(BaseHTTPRequestHandler):
-        def do_POST(self):
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            bodies.append(body)
-            raw = json.dumps({"choices": [{"message": {"content": f"s{body['seed']}"}}]}).encode()
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(raw)))
-            self.end_headers()
-            self.wfile.write(raw)
-
-        def log_message(self, *a):
-            pass
-    stub = ThreadingHTTPServer(("127.0.0.1", 0), Echo)
-    threading.Thread(target=stub.serve_forever, daemon=True).start()
-    try:
-        chat = cloud.api_chat(cloud.Endpoint(f"http://127.0.0.1:{stub.server_address[1]}"), "m")
-        conversations = [[{"role": "user", "content": c}] for c in "ab"]
-        replies = chat(None, None, conversations, 8, 0.7, seed=10, reply_prefix="Input: [",
-                       stop="]", scaffold="], Response: [", scaffold_tokens=5)
-    finally:
-        stub.shutdown()
-        stub.server_close()
+    def echo(body):
+        bodies.append(body)
+        return 200, {"choices": [{"message": {"content": f"s{body['seed']}"}}]}
+    chat = cloud.api_chat(cloud.Endpoint(json_server(echo)), "m")
+    conversations = [[{"role": "user", "content": c}] for c in "ab"]
+    replies = chat(None, None, conversations, 8, 0.7, seed=10, reply_prefix="Input: [",
+                   stop="]", scaffold="], Response: [", scaffold_tokens=5)
     assert replies == ["Input: [s10], Response: [s12", "Input: [s11], Response: [s13"]
     bodies.sort(key=lambda b: b["seed"])
     assert [b["messages"][-1]["content"] for b in bodies] == [
@@ -136,49 +89,29 @@ def test_api_chat_sends_what_vllm_needs_for_the_scaffold():
     (400, False), (401, False), (404, False), (413, False), (422, False),
     (500, False),  # a bug on the server: the same request would fail again
     (502, True), (503, True), (504, True), ("drop", True), ("slow", True)])
-def test_client_retries_only_what_a_retry_can_cure(how, retried):
+def test_client_retries_only_what_a_retry_can_cure(how, retried, json_server):
     """A stub that answers the first two tries with an HTTP status, drops the connection without an
     answer, or answers after the client's timeout; the third try gets 200. Retried: 502-504, a
     dropped connection, a timeout; raised at once: 4xx, and 500."""
     calls = []
 
-    class Stub(BaseHTTPRequestHandler):
-        def do_POST(self):
-            self.rfile.read(int(self.headers["Content-Length"]))
-            calls.append(time.time())
-            if len(calls) < 3 and how == "drop":
-                self.close_connection = True
-                return  # no answer: the client reads an empty status line
-            if len(calls) < 3 and how == "slow":
-                time.sleep(0.6)  # past the client's timeout
-            status = 200 if len(calls) >= 3 else how if isinstance(how, int) else 200
-            raw = json.dumps({"records": [], "counts": {}} if status == 200 else
-                             {"error": {"message": f"status {status}", "field": None}}).encode()
-            self.send_response(status)
-            self.send_header("Content-Length", str(len(raw)))
-            self.end_headers()
-            try:
-                self.wfile.write(raw)
-            except OSError:
-                pass
-
-        def log_message(self, *a):
-            pass
-    stub = ThreadingHTTPServer(("127.0.0.1", 0), Stub)
-    stub.daemon_threads = True
-    threading.Thread(target=stub.serve_forever, daemon=True).start()
-    try:
-        endpoint = cloud.Endpoint(f"http://127.0.0.1:{stub.server_address[1]}", retries=3, backoff=0.01, timeout=0.3)
-        if retried:
-            assert cloud.remote_augment(endpoint, "lamp7", [("a", "b")], ONE, 0).records == []
-            assert len(calls) == 3
-        else:
-            with pytest.raises(cloud.CloudError, match=f"HTTP {how}: status {how}"):
-                cloud.remote_augment(endpoint, "lamp7", [("a", "b")], ONE, 0)
-            assert len(calls) == 1
-    finally:
-        stub.shutdown()
-        stub.server_close()
+    def stub(body):
+        calls.append(time.time())
+        if len(calls) < 3 and how == "drop":
+            return None  # no answer: the client reads an empty status line
+        if len(calls) < 3 and how == "slow":
+            time.sleep(0.6)  # past the client's timeout
+        status = 200 if len(calls) >= 3 else how if isinstance(how, int) else 200
+        return status, ({"records": [], "counts": {}} if status == 200 else
+                        {"error": {"message": f"status {status}", "field": None}})
+    endpoint = cloud.Endpoint(json_server(stub), retries=3, backoff=0.01, timeout=0.3)
+    if retried:
+        assert cloud.remote_augment(endpoint, "lamp7", [("a", "b")], ONE, 0).records == []
+        assert len(calls) == 3
+    else:
+        with pytest.raises(cloud.CloudError, match=f"HTTP {how}: status {how}"):
+            cloud.remote_augment(endpoint, "lamp7", [("a", "b")], ONE, 0)
+        assert len(calls) == 1
 
 
 def test_client_does_not_retry_an_unknown_host():

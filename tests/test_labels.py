@@ -1,10 +1,7 @@
 """Constrained label decoding (labels.py, generate.Replies, augment, cloud.client.api_chat): only
 labels come out, drawn from the renormalized softmax over the allowed ids; every label (shared
 prefixes, LaMP-2's tags, LaMP-3's scores) is reachable; tasks without labels are untouched."""
-import json
 import math
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
@@ -173,51 +170,34 @@ def test_a_prefix_off_every_label_and_an_empty_label_are_errors(tokenizer, ends)
         labels.LabelTrie(tokenizer, ("1", ""), ends)
 
 
-def test_the_labels_go_to_an_api_as_vllms_choice_list_and_a_refusal_falls_back(tokenizer, capsys):
+def test_the_labels_go_to_an_api_as_vllms_choice_list_and_a_refusal_falls_back(tokenizer, capsys, json_server):
     """Over HTTP on the loopback: the response request (the second) carries
     structured_outputs.choice, the input request does not; a server that refuses the field with
     HTTP 400 naming it gets the free request instead, with one warning line for the run."""
     bodies, refuse = [], []
 
-    class Stub(BaseHTTPRequestHandler):
-        def do_POST(self):
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            bodies.append(body)
-            if refuse and "structured_outputs" in body:
-                code, answer = 400, {"error": {"message": "structured_outputs: not supported"}}
-            else:
-                choice = body.get("structured_outputs", {}).get("choice")
-                code, answer = 200, {"choices": [{"message": {"content": choice[-1] if choice else "a film"}}]}
-            raw = json.dumps(answer).encode()
-            self.send_response(code)
-            self.send_header("Content-Length", str(len(raw)))
-            self.end_headers()
-            self.wfile.write(raw)
-
-        def log_message(self, *a):
-            pass
-    stub = ThreadingHTTPServer(("127.0.0.1", 0), Stub)
-    threading.Thread(target=stub.serve_forever, daemon=True).start()
-    try:
-        api = client.Endpoint(f"http://127.0.0.1:{stub.server_address[1]}", retries=0)
-        cloud = augment.CloudLM(None, tokenizer, client.api_chat(api, "m"))
-        task, pairs = data.get_task("lamp2"), [("A heist.", "action")]
+    def stub(body):
+        bodies.append(body)
+        if refuse and "structured_outputs" in body:
+            return 400, {"error": {"message": "structured_outputs: not supported"}}
+        choice = body.get("structured_outputs", {}).get("choice")
+        return 200, {"choices": [{"message": {"content": choice[-1] if choice else "a film"}}]}
+    api = client.Endpoint(json_server(stub), retries=0)
+    cloud = augment.CloudLM(None, tokenizer, client.api_chat(api, "m"))
+    task, pairs = data.get_task("lamp2"), [("A heist.", "action")]
+    out = augment.augment(cloud, pairs, options.Settings(k=2, label_decoding="constrained"), 0, task)
+    assert [y for _, y in out.pairs] == ["true story"] * 2 and out.counts["off_label"] == 0
+    assert ["structured_outputs" in b for b in bodies] == [False, False, True, True]
+    assert bodies[-1]["structured_outputs"] == {"choice": list(data.LAMP2_TAGS)}
+    refuse.append(True)
+    bodies.clear()
+    for _ in range(2):
         out = augment.augment(cloud, pairs, options.Settings(k=2, label_decoding="constrained"), 0, task)
-        assert [y for _, y in out.pairs] == ["true story"] * 2 and out.counts["off_label"] == 0
-        assert ["structured_outputs" in b for b in bodies] == [False, False, True, True]
-        assert bodies[-1]["structured_outputs"] == {"choice": list(data.LAMP2_TAGS)}
-        refuse.append(True)
-        bodies.clear()
-        for _ in range(2):
-            out = augment.augment(cloud, pairs, options.Settings(k=2, label_decoding="constrained"), 0, task)
-            assert out.counts["off_label"] == 2  # free: "a film"
-        sent = ["structured_outputs" in b for b in bodies]  # refused twice, then never sent again
-        assert sent == [False, False, True, True] + [False] * 6
-        warning = capsys.readouterr().err.strip().splitlines()
-        assert len(warning) == 1 and "HTTP 400" in warning[0] and "not enforced" in warning[0]
-    finally:
-        stub.shutdown()
-        stub.server_close()
+        assert out.counts["off_label"] == 2  # free: "a film"
+    sent = ["structured_outputs" in b for b in bodies]  # refused twice, then never sent again
+    assert sent == [False, False, True, True] + [False] * 6
+    warning = capsys.readouterr().err.strip().splitlines()
+    assert len(warning) == 1 and "HTTP 400" in warning[0] and "not enforced" in warning[0]
 
 
 def test_the_cloud_services_batcher_constrains_as_generate_does(tiny_model_dir, tokenizer, one_thread):
