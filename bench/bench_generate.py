@@ -50,6 +50,7 @@ import generate  # noqa: E402
 import options  # noqa: E402
 import qwen2  # noqa: E402
 from cloud import client  # noqa: E402
+from cloud.batcher import PREFILL_CHUNK  # noqa: E402
 from embedded import smollm2  # noqa: E402
 
 MAIN = "452a1fd"  # main before issue 24
@@ -216,8 +217,9 @@ def start_server(extra: list[str]):
 def bench_beside(args, tok):
     """A short chat request (16 new tokens) timed alone, then sent 1 s after an upload of one
     4,000-token pair (k = 1, free decoding, eps_max_len 0.9 so that its budget fits the context);
-    with --prefill-chunk's default and with chunking off (a chunk longer than the prompt: the
-    upload's prefill in one piece). The server is stopped once the chat is answered."""
+    at each --chunks value of --prefill-chunk; 8192, a chunk longer than the prompt, is chunking off
+    (the upload's prefill in one piece). The upload's own seconds show what the
+    chunking costs a long prompt."""
     x = " ".join(f"rain {i % 97}" for i in range(1_000))  # about 4,000 tokens
     upload = {"task": "lamp7", "pairs": [[x, "ugh rain again"]], "k": 1, "seed": 0, "decoding": "free",
               "thresholds": {"eps_max_len": 0.9}}
@@ -233,9 +235,9 @@ def bench_beside(args, tok):
             answer = json.loads(r.read())
         return time.perf_counter() - t, answer
     rows = []
-    for name, extra in (("--prefill-chunk 128 (the default)", []),
-                        ("chunking off (--prefill-chunk 8192)", ["--prefill-chunk", "8192"])):
-        url, proc, log = start_server(extra)
+    for chunk in args.chunks:
+        name = f"--prefill-chunk {chunk}" + (" (the default)" if chunk == PREFILL_CHUNK else "")
+        url, proc, log = start_server(["--prefill-chunk", str(chunk)])
         pool = ThreadPoolExecutor(1)
         try:
             post(url + "/v1/chat/completions", chat)  # warm-up
@@ -245,18 +247,21 @@ def bench_beside(args, tok):
             seconds, answer = post(url + "/v1/chat/completions", chat)
             assert answer["choices"] == alone[0][1]["choices"]  # the reply it gets alone
             assert not uploading.done(), uploading.exception() or "the upload ended first"  # in flight
-            rows.append((name, [a for a, _ in alone], seconds))
-            print(f"  {name}: alone {[round(a, 2) for a, _ in alone]} s; beside the upload {seconds:.2f} s", flush=True)
+            upload_s = uploading.result()[0]  # the upload's own cost of the chunking: its seconds, chat beside
+            rows.append((name, [a for a, _ in alone], seconds, upload_s))
+            print(f"  {name}: alone {[round(a, 2) for a, _ in alone]} s; beside the upload {seconds:.2f} s; "
+                  f"the upload {upload_s:.1f} s", flush=True)
         finally:
             proc.terminate()  # the upload in flight goes with it
             proc.wait(30)
             pool.shutdown(wait=False, cancel_futures=True)
     print(f"\ncloud.server, a chat request (16 new tokens) 1 s after an upload of a {prompt}-token prompt, "
           f"load average now {os.getloadavg()[0]:.2f}")
-    print("| server | alone (s, 2 tries) | beside the upload (s) | over the slowest alone |")
-    print("|---|---|---|---|")
-    for name, alone, seconds in rows:
-        print(f"| {name} | {', '.join(f'{a:.2f}' for a in alone)} | {seconds:.2f} | {seconds / max(alone):.1f}x |")
+    print("| server | chat alone (s, 2 tries) | chat beside the upload (s) | over the slowest alone | the upload (s) |")
+    print("|---|---|---|---|---|")
+    for name, alone, seconds, upload_s in rows:
+        print(f"| {name} | {', '.join(f'{a:.2f}' for a in alone)} | {seconds:.2f} | {seconds / max(alone):.1f}x "
+              f"| {upload_s:.1f} |")
 
 
 def server_rates(url, ask, n_requests) -> list[tuple[int, float]]:
@@ -286,7 +291,7 @@ def bench_server(args, settings, tok):
     first_budget = augment.generation_budget(tok, [x for x, _ in pairs], settings.eps_max_len)
     shapes = {f"augmentation's first part (stop \"]\", max_tokens {first_budget})": (first_parts, first_budget, "]"),
               "a tweet written to a short question (max_tokens 64)": (questions, 64, "")}
-    url, proc, log = start_server(["--max-batch", str(args.max_batch)])
+    url, proc, log = start_server(["--max-batch", str(args.max_batch), "--prefill-chunk", str(args.chunks[0])])
     table = {}
     try:
         for name, (convs, max_tokens, stop) in shapes.items():
@@ -298,6 +303,7 @@ def bench_server(args, settings, tok):
         proc.terminate()
         proc.wait(30)
     print(f"\ncloud.server: {args.requests} chat completions a level, --max-batch {args.max_batch}, "
+          f"--prefill-chunk {args.chunks[0]}, "
           f"load average now {os.getloadavg()[0]:.2f}")
     print("| requests | concurrency | requests/s | over concurrency 1 (first, last) |")
     print("|---|---|---|---|")
@@ -314,6 +320,9 @@ def main(argv=None):
     p.add_argument("--no-transformers", action="store_true", help="leave transformers' generate out")
     p.add_argument("--requests", type=int, default=32, help="chat completions per concurrency level")
     p.add_argument("--max-batch", type=int, default=96, help="the server's --max-batch (its default)")
+    p.add_argument("--chunks", type=lambda v: [int(c) for c in v.split(",")], default=[PREFILL_CHUNK, 16, 128, 8192],
+                   help="the server's --prefill-chunk values to try (--parts beside); the first one for "
+                   "--parts server")
     args = p.parse_args(argv)
     args.load = f"{os.getloadavg()[0]:.2f}"
     parts = set(args.parts.split(","))

@@ -77,6 +77,12 @@ def join(a: Replies, b: Replies, keep: list[int]) -> None:
         setattr(a, name, values)
 
 
+# Prompt tokens a job prefills between two decoding steps of the batch: a chat request beside a
+# 4,000-token upload waits about 3 of its own step times at 32, 7 at 128, 20 unchunked, and the
+# upload itself takes 1.2x its unchunked time at 32, 1.9x at 16 (RESULTS.md, the cloud service).
+PREFILL_CHUNK = 32
+
+
 class Batcher:
     """`generate` (on a request's thread; a generator per reply) queues a job and waits; `loop`
     (on the thread that loaded the model; `start`: a thread of its own) decodes the running batch
@@ -84,7 +90,7 @@ class Batcher:
     max_batch live replies, and hands each request its rows as `generate.generate` would have.
     When idle it waits `linger` seconds for requests sent together. `most`: the most requests
     decoded together so far; `counts`: the jobs answered, failed and cancelled so far."""
-    def __init__(self, model, max_batch: int, chunk: int = 128, linger: float = 0.02,
+    def __init__(self, model, max_batch: int, chunk: int = PREFILL_CHUNK, linger: float = 0.02,
                  poll: float = 0.2):
         for module in model.modules():
             if type(module) is nn.Linear:

@@ -1,7 +1,7 @@
 """The cloud of CDCDA-PLM as an HTTP service (paper sec. 4: steps 2 and 3 run on the cloud).
 
     python -m cloud.server --port 8000 [--cloud-model DIR_OR_NAME] [--judge embedding:all-minilm-l6-v2]
-                           [--max-batch 96] [--prefill-chunk 128] [--cloud-dtype float32]
+                           [--max-batch 96] [--prefill-chunk 32] [--cloud-dtype float32]
 
 The device uploads the user's history D_u (step 1), this server augments it (step 2, eq. 1)
 and selects (step 3, eq. 2-4: `augment.augment`, `filters.select`, as the method does in process), and the
@@ -56,7 +56,7 @@ import filters
 import generate
 import options
 import qwen2
-from cloud.batcher import Batcher, Cancelled
+from cloud.batcher import PREFILL_CHUNK, Batcher, Cancelled
 from errors import InputError
 
 MAX_BODY = 1 << 20  # bytes of one request body
@@ -106,7 +106,7 @@ class Cloud:
     """What the server holds: the cloud LM and its decoding loop (`Batcher`), its tokenizer, the
     judge, default thresholds."""
     def __init__(self, cloud_model: str, judge: str, settings: options.Settings, device: str = "cpu",
-                 token: str | None = None, max_batch: int = MAX_BATCH, dtype: str = "float32", chunk: int = 128):
+                 token: str | None = None, max_batch: int = MAX_BATCH, dtype: str = "float32", chunk: int = PREFILL_CHUNK):
         self.model, self.tokenizer = qwen2.load(cloud_model, dtype, device)
         self.judge = filters.make_judge(judge, device)
         self.model_name, self.settings, self.token = cloud_model, settings, token  # default thresholds
@@ -320,7 +320,7 @@ class Handler(BaseHTTPRequestHandler):
 def serve(host: str = "127.0.0.1", port: int = 8000, cloud_model: str = qwen2.EMBEDDED,
           judge: str = options.EMBEDDED["judge"], settings: options.Settings = options.Settings(),
           device: str = "cpu", token: str | None = None, max_batch: int = MAX_BATCH, dtype: str = "float32",
-          chunk: int = 128):
+          chunk: int = PREFILL_CHUNK):
     """Load the models once, then serve until interrupted. token=None reads CDCDA_TOKEN
     (unset or empty: no authorization)."""
     token = (os.environ.get("CDCDA_TOKEN") or None) if token is None else token
@@ -346,7 +346,7 @@ def main(argv=None):
     p.add_argument("--cloud-model", default=qwen2.EMBEDDED, help="cloud LM: embedded name, hub-style dir or hub id")
     p.add_argument("--max-batch", type=int, default=MAX_BATCH, help="most replies decoded together, across the "
                    f"requests (default {MAX_BATCH}: augmentation's AUGMENT_BATCH and a request's k)")
-    p.add_argument("--prefill-chunk", type=int, default=128, help="prompt tokens of a request prefilled between two "
+    p.add_argument("--prefill-chunk", type=int, default=PREFILL_CHUNK, help="prompt tokens of a request prefilled between two "
                    "decoding steps (vLLM's chunked prefill): a long prompt delays the others by a chunk's time")
     p.add_argument("--cloud-dtype", default="float32", choices=["float32", "bfloat16"], help="the cloud LM's weights "
                    "and compute (bfloat16: faster on CPUs with bf16 units)")

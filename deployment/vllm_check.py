@@ -2,8 +2,8 @@
 (`make vllm-check`, which builds vLLM's CPU environment .venv-vllm first).
 
 1. The cloud: vLLM's OpenAI server serves the embedded cloud model as `smollm2-135m-instruct`;
-   `python -m cloud --cloud-api URL --task lamp7 --out OUT` runs the demo with its augmentation
-   there, and its results.md must hold a table.
+   `python -m cloud --cloud-api URL --task lamp7 --out OUT --methods base,cdcda` runs the demo with
+   its augmentation there, and its results.md must hold a table.
 2. Users' adapters: vLLM serves a run's M_base with one `--lora-modules user-ID=DIR` entry per
    user (DIR/adapter_config.json in PEFT's layout, its base_model_name_or_path M_base); each
    user's queries (the appendix-B prompts, as the device answers them) are asked greedily through
@@ -99,8 +99,8 @@ def cloud_check(args) -> None:
     out = Path(args.out)
     with vllm(args.vllm, model, CLOUD_NAME, out / "vllm.log", port=args.port) as url:
         t = time.time()
-        subprocess.run([args.python, "-m", "cloud", "--cloud-api", url, "--task", "lamp7", "--out", str(out)],
-                       cwd=ROOT, check=True)
+        subprocess.run([args.python, "-m", "cloud", "--cloud-api", url, "--task", "lamp7", "--out", str(out),
+                        "--methods", args.methods], cwd=ROOT, check=True)
         print(f"vllm-check: python -m cloud --cloud-api took {time.time() - t:.0f} s")
     results = sorted(out.glob("**/results.md"))
     if not results or not any(line.startswith("|") for line in results[0].read_text().splitlines()):
@@ -187,6 +187,8 @@ def main(argv=None) -> None:
     p.add_argument("--vllm", default=str(ROOT / ".venv-vllm" / "bin" / "python"), help="vLLM's python")
     p.add_argument("--python", default=str(ROOT / ".venv" / "bin" / "python"), help="the project's python")
     p.add_argument("--out", default="runs/vllm-check", help="part 1's run (python -m cloud --out)")
+    p.add_argument("--methods", default="base,cdcda", help="part 1's rows: the ones the cloud writes for (cdcda) "
+                   "and M_base beside it; direct-ft never meets the cloud, so its row is the in-process run's")
     p.add_argument("--lora-run", default="runs/vllm-lora", help="part 2's run: its users' adapters")
     p.add_argument("--method", default="direct-ft", help="part 2: whose adapters (METHOD.adapter)")
     p.add_argument("--port", type=int, default=0, help="part 1's vLLM port (0: a free one); a resumed "
