@@ -19,7 +19,7 @@ server    `python -m cloud.server` in its own process; --requests chat completio
           1, 4, 16 and 1 again (the load may drift), in two shapes (`bench_server`), over the
           demo's first user's pairs.
 beside    a short chat request's seconds alone and while a 4,000-token upload is being served,
-          with the server's --prefill-chunk and with chunking off (`bench_beside`).
+          at each of --chunks (the server's --prefill-chunk; 8192: chunking off) (`bench_beside`).
 
     .venv/bin/python bench/bench_generate.py [--parts augment,server,beside] [--users 3] [--requests 32]
 
@@ -217,9 +217,8 @@ def start_server(extra: list[str]):
 def bench_beside(args, tok):
     """A short chat request (16 new tokens) timed alone, then sent 1 s after an upload of one
     4,000-token pair (k = 1, free decoding, eps_max_len 0.9 so that its budget fits the context);
-    at each --chunks value of --prefill-chunk; 8192, a chunk longer than the prompt, is chunking off
-    (the upload's prefill in one piece). The upload's own seconds show what the
-    chunking costs a long prompt."""
+    at each --chunks value of --prefill-chunk (8192, longer than the prompt, is chunking off: the
+    upload's prefill in one piece). The upload's own seconds show what chunking costs it."""
     x = " ".join(f"rain {i % 97}" for i in range(1_000))  # about 4,000 tokens
     upload = {"task": "lamp7", "pairs": [[x, "ugh rain again"]], "k": 1, "seed": 0, "decoding": "free",
               "thresholds": {"eps_max_len": 0.9}}
@@ -247,7 +246,7 @@ def bench_beside(args, tok):
             seconds, answer = post(url + "/v1/chat/completions", chat)
             assert answer["choices"] == alone[0][1]["choices"]  # the reply it gets alone
             assert not uploading.done(), uploading.exception() or "the upload ended first"  # in flight
-            upload_s = uploading.result()[0]  # the upload's own cost of the chunking: its seconds, chat beside
+            upload_s = uploading.result()[0]  # its seconds, the chat beside it
             rows.append((name, [a for a, _ in alone], seconds, upload_s))
             print(f"  {name}: alone {[round(a, 2) for a, _ in alone]} s; beside the upload {seconds:.2f} s; "
                   f"the upload {upload_s:.1f} s", flush=True)
