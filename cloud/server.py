@@ -28,9 +28,9 @@ request parses, validates and waits; the main thread (`Batcher`) decodes the req
 together, up to --max-batch replies at a time, a new one prefilled --prefill-chunk tokens a step
 and joining the running batch, each reply from its own generator, so a reply is the one its
 request gets alone. A request whose client is gone (its timeout, a dropped connection) is
-cancelled at the next step. The judge runs one selection at a time. Production would put a real serving stack (vLLM: paged KV memory, TLS in
-front) behind the same API; `--cloud-api` already augments through any OpenAI-compatible server,
-with the filters on the device.
+cancelled at the next step. The judge runs one selection at a time. Production would put a real
+serving stack (vLLM: paged KV memory, TLS in front) behind the same API; `--cloud-api` already
+augments through any OpenAI-compatible server, with the filters on the device.
 """
 import argparse
 import functools
@@ -96,6 +96,12 @@ def get(body: dict, name: str, kind, default=..., ok=None, rule: str = "", where
     return value
 
 
+def request_seed(body: dict) -> int:
+    """body["seed"] (default 0): cdcda.py's --seed range, and below 2**63 (a torch generator's seed)."""
+    return get(body, "seed", int, 0, lambda v: options.RANGES["seed"][0](v) and v < 2 ** 63,
+               "a non-negative integer below 2**63")
+
+
 def option(body: dict, name: str, kind, default, where: str = ""):
     """body[name] checked against the range of cdcda.py's option of that name (`options.RANGES`)."""
     ok, rule = options.RANGES[name]
@@ -123,8 +129,7 @@ class Cloud:
                 raise RequestError(422, f"pairs[{i}]: expected [input, output], two strings", f"pairs[{i}]")
         k = get(body, "k", int, 5, lambda v: options.RANGES["k"][0](v) and v <= MAX_K, f"between 1 and {MAX_K}")
         temperature = option(body, "temperature", float, 0.7)
-        seed = get(body, "seed", int, 0, lambda v: options.RANGES["seed"][0](v) and v < 2 ** 63, "a non-negative "
-                   "integer below 2**63")
+        seed = request_seed(body)
         decoding = get(body, "decoding", str, "free", lambda v: v in ("free", "structured"), "free or structured")
         given = get(body, "thresholds", dict, {})
         for name in set(given) - set(THRESHOLDS):
@@ -193,8 +198,7 @@ class Cloud:
         top_p = get(body, "top_p", float, 1.0, lambda v: 0 < v <= 1, "in (0, 1]")
         max_tokens = get(body, "max_tokens", int, 256, lambda v: 1 <= v <= MAX_TOKENS, f"between 1 and {MAX_TOKENS}")
         n = get(body, "n", int, 1, lambda v: 1 <= v <= MAX_N, f"between 1 and {MAX_N}")
-        seed = get(body, "seed", int, 0, lambda v: options.RANGES["seed"][0](v) and v < 2 ** 63, "a non-negative "
-                   "integer below 2**63")
+        seed = request_seed(body)
         stop = get(body, "stop", str, "", lambda v: len(v) <= 16, "a string of at most 16 characters")
         cont = body.get("continue_final_message") is True
         if cont and (messages[-1]["role"] != "assistant" or body.get("add_generation_prompt") is not False):
