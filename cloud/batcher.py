@@ -12,7 +12,10 @@ model) and waits. The decoding loop (the server's main thread) keeps one running
   cancelled job (its client gone) leaves at the next step; a job whose replies have all ended
   gets them at once. Only a step that fails as a whole fails the batch's jobs.
 Each reply draws from its own generator and carries its own end ids, scaffold and top-p, so
-any requests share a batch and each reply is the one its request gets alone."""
+any requests share a batch and each reply is the one its request gets alone, to float rounding:
+a batch's products are summed in another order (MKL picks its kernel by the number of rows, and
+`FewRowLinear`), which moves a logit by about 1e-6 and may, rarely, move a draw that falls on the
+edge between two tokens. vLLM's batches have the same caveat."""
 import threading
 import time
 import traceback
@@ -37,15 +40,28 @@ class Cancelled(Exception):
 class FewRowLinear(nn.Linear):
     """nn.Linear computing a few rows x (R, in), 1 < R <= MAX_ROWS, as (W @ x^T)^T: the same
     products with the weight on the left. A decoding step multiplies each weight by one row a
-    reply; on the CPU in fp32, x @ W^T with 2 to 16 rows can cost twice one row's (RESULTS.md)."""
+    reply; on the CPU in fp32, x @ W^T with 2 to 16 rows can cost twice one row's (RESULTS.md).
+    Both x and the result are kept row-major: x^T is then a transposed view, which MKL multiplies
+    fast; x^T stored contiguous (a column-major x: the transposed product of the layer before,
+    passed on through the MLP's product and the residual) takes a kernel three times slower."""
     MAX_ROWS = 16
 
     def forward(self, x):
         rows = x.shape[:-1].numel()
         if not 1 < rows <= self.MAX_ROWS or x.device.type != "cpu" or self.weight.dtype != torch.float32:
             return super().forward(x)
-        y = (self.weight @ x.reshape(rows, -1).T).T.reshape(*x.shape[:-1], -1)
+        y = (self.weight @ x.reshape(rows, -1).contiguous().T).T.contiguous()
+        y = y.reshape(*x.shape[:-1], -1)
         return y if self.bias is None else y + self.bias
+
+
+def few_rows(model: nn.Module) -> nn.Module:
+    """The model's nn.Linear layers made FewRowLinear in place: the same weights and names, a few
+    rows computed faster (the service's arithmetic, for a comparison in process)."""
+    for module in model.modules():
+        if type(module) is nn.Linear:
+            module.__class__ = FewRowLinear
+    return model
 
 
 def join(a: Replies, b: Replies, keep: list[int]) -> None:
@@ -92,9 +108,7 @@ class Batcher:
     decoded together so far; `counts`: the jobs answered, failed and cancelled so far."""
     def __init__(self, model, max_batch: int, chunk: int = PREFILL_CHUNK, linger: float = 0.02,
                  poll: float = 0.2):
-        for module in model.modules():
-            if type(module) is nn.Linear:
-                module.__class__ = FewRowLinear  # the same weights and names; a few rows computed faster
+        few_rows(model)
         self.model, self.max_batch, self.chunk = model, max_batch, chunk
         self.linger, self.poll = linger, poll
         self.most, self.counts = 0, {"answered": 0, "failed": 0, "cancelled": 0}

@@ -193,15 +193,22 @@ def test_a_failing_or_cancelled_request_leaves_the_others_untouched(tiny_model):
 
 @pytest.mark.parametrize("rows", [1, 2, 5, 16, 17])
 @pytest.mark.parametrize("bias", [True, False])
-def test_few_row_linear_equals_nn_linear(rows, bias, monkeypatch):
+@pytest.mark.parametrize("column_major", [False, True])
+def test_few_row_linear_equals_nn_linear(rows, bias, column_major, monkeypatch):
+    """The same outputs as nn.Linear; for a few rows, the weight on the left and x^T a transposed
+    view of a row-major x (MKL's fast kernel), even for a column-major x (a FewRowLinear's output
+    before the fix), and the output row-major, so that the next layer's x is too."""
     torch.manual_seed(rows)
     plain = torch.nn.Linear(24, 40, bias=bias)
     few = torch.nn.Linear(24, 40, bias=bias)
     few.load_state_dict(plain.state_dict())
     few.__class__ = batcher.FewRowLinear
-    x = torch.randn(rows, 1, 24)
+    x = torch.randn(24, rows).T.reshape(rows, 1, 24) if column_major else torch.randn(rows, 1, 24)
     calls = []
     real = torch.Tensor.__matmul__
-    monkeypatch.setattr(torch.Tensor, "__matmul__", lambda a, b: calls.append(a.shape) or real(a, b))
-    torch.testing.assert_close(few(x), plain(x), rtol=1e-5, atol=1e-5)
-    assert calls == ([(40, 24)] if 1 < rows <= 16 else [])  # the weight on the left, for a few rows only
+    monkeypatch.setattr(torch.Tensor, "__matmul__",
+                        lambda a, b: calls.append((a.shape, b.stride())) or real(a, b))
+    y = few(x)
+    torch.testing.assert_close(y, plain(x), rtol=1e-5, atol=1e-5)
+    assert y.is_contiguous()
+    assert calls == ([((40, 24), (1, 24))] if 1 < rows <= 16 else [])
