@@ -13,9 +13,9 @@ model) and waits. The decoding loop (the server's main thread) keeps one running
   gets them at once. Only a step that fails as a whole fails the batch's jobs.
 Each reply draws from its own generator and carries its own end ids, scaffold and top-p, so
 any requests share a batch and each reply is the one its request gets alone, to float rounding:
-a batch's products are summed in another order (MKL picks its kernel by the number of rows, and
-`FewRowLinear`), which moves a logit by about 1e-6 and may, rarely, move a draw that falls on the
-edge between two tokens. vLLM's batches have the same caveat."""
+a batch's products are summed in another order (MKL chooses its kernel by the number of rows;
+`FewRowLinear` puts the weight on the left), which moves a logit by about 1e-6 and may, rarely,
+move a draw that falls on the edge between two tokens. vLLM's batches have the same caveat."""
 import threading
 import time
 import traceback

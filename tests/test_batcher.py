@@ -196,8 +196,8 @@ def test_a_failing_or_cancelled_request_leaves_the_others_untouched(tiny_model):
 @pytest.mark.parametrize("column_major", [False, True])
 def test_few_row_linear_equals_nn_linear(rows, bias, column_major, monkeypatch):
     """The same outputs as nn.Linear; for a few rows, the weight on the left and x^T a transposed
-    view of a row-major x (MKL's fast kernel), even for a column-major x (a FewRowLinear's output
-    before the fix), and the output row-major, so that the next layer's x is too."""
+    view of a row-major x (MKL's fast kernel), even for a column-major x (what (W @ x^T)^T is
+    before a copy), and the output row-major, so that the next layer's x is too."""
     torch.manual_seed(rows)
     plain = torch.nn.Linear(24, 40, bias=bias)
     few = torch.nn.Linear(24, 40, bias=bias)
