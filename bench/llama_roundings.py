@@ -2,10 +2,11 @@
 
     .venv/bin/python bench/llama_roundings.py --deployed DIR [--llama-python .venv-llama/bin/python]
 
-`deployment/llama_llama_check.py` holds llama.cpp's log-probabilities against the deployed weights in
+`deployment/llama_check.py` holds llama.cpp's log-probabilities against the deployed weights in
 fp32. llama.cpp does not compute in fp32: a Q4_1 / Q8_0 matmul first rounds its input to 8-bit
 blocks of 32 (scale amax / 127, kept in fp16), and the attention's queries, keys and values are
-fp16 (here rounded before the rotary embedding, llama.cpp's keys after it: an approximation). This script emulates those roundings in the fp32 reference, step by step, with hooks on its
+fp16 (here rounded before the rotary embedding, llama.cpp's keys after it: an approximation).
+This script emulates those roundings in the fp32 reference, step by step, with hooks on its
 linear layers, and prints llama.cpp's agreement with each: if the emulated reference comes closer,
 the gap is llama.cpp's arithmetic, not the file. Prints only (the GGUF goes to runs/llama-roundings).
 """
@@ -24,9 +25,9 @@ from deployment import deploy, gguf_export, llama_check  # noqa: E402
 def q8_blocks(x: torch.Tensor) -> torch.Tensor:
     """x rounded as llama.cpp rounds a matmul's input: blocks of 32 along the last dimension,
     scale d = amax / 127 stored in fp16, codes round(x / d) in [-127, 127]."""
-    if x.shape[-1] % 32:
-        raise ValueError(f"a matmul input of width {x.shape[-1]}: not blocks of 32")
-    blocks = x.reshape(-1, 32)
+    if x.shape[-1] % gguf_export.BLOCK:
+        raise ValueError(f"a matmul input of width {x.shape[-1]}: not blocks of {gguf_export.BLOCK}")
+    blocks = x.reshape(-1, gguf_export.BLOCK)
     d = (blocks.abs().amax(-1, keepdim=True) / 127).half().float()
     codes = torch.where(d > 0, torch.round(blocks / torch.where(d > 0, d, 1)), 0).clamp(-127, 127)
     return (codes * d).reshape(x.shape)

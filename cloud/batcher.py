@@ -40,10 +40,10 @@ class Cancelled(Exception):
 class FewRowLinear(nn.Linear):
     """nn.Linear computing a few rows x (R, in), 1 < R <= MAX_ROWS, as (W @ x^T)^T: the same
     products with the weight on the left. A decoding step multiplies each weight by one row a
-    reply; on the CPU in fp32, x @ W^T with 2 to 16 rows can cost twice one row's (RESULTS.md).
-    Both x and the result are kept row-major: x^T is then a transposed view, which MKL multiplies
-    fast; x^T stored contiguous (a column-major x: the transposed product of the layer before,
-    passed on through the MLP's product and the residual) takes a kernel three times slower."""
+    reply; on the CPU in fp32, x @ W^T with 2 to 16 rows costs far more than one row's (RESULTS.md,
+    the cloud service). Both x and the result are kept row-major: x^T is then a transposed view,
+    which MKL multiplies fast; x^T stored contiguous (a column-major x: the transposed product of the
+    layer before, passed on through the MLP's product and the residual) takes a much slower kernel."""
     MAX_ROWS = 16
 
     def forward(self, x):
@@ -93,9 +93,9 @@ def join(a: Replies, b: Replies, keep: list[int]) -> None:
         setattr(a, name, values)
 
 
-# Prompt tokens a job prefills between two decoding steps of the batch: a chat request beside a
-# 4,000-token upload waits about 3 of its own step times at 32, 7 at 128, 20 unchunked, and the
-# upload itself takes 1.2x its unchunked time at 32, 1.9x at 16 (RESULTS.md, the cloud service).
+# Prompt tokens a job prefills between two decoding steps of the batch: smaller, a chat request
+# beside a long upload waits less and the upload takes longer (RESULTS.md: the cloud service under
+# hostile and abandoned requests, measured at 16, 32, 128 and unchunked).
 PREFILL_CHUNK = 32
 
 
