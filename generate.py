@@ -77,7 +77,8 @@ class Replies:
     scaffold[i], top_p[i], labels[i]. The batch: `live` (the unended replies, in cache order), their
     `cache`, `mask` (None: no padding), the `logits` of their next tokens. Arguments: `generate`'s;
     the prompts are prefilled here, or, with prefill=False, by the caller, a chunk of positions at
-    a time (`prefill`: vLLM's chunked prefill)."""
+    a time (`prefill`: vLLM's chunked prefill). A step is a draw and a forward pass; a caller may
+    run the pass itself (`inputs`, `outputs`), as the batcher does to share it among batches."""
     def __init__(self, model: Qwen2, input_ids, max_new_tokens, temperature=0.7, top_p: float = 1.0,
                  eos_token_id=..., attention_mask=None, generator=None, copies=None, scaffold=None,
                  scaffold_tokens: int = 0, labels=None, prefill: bool = True):
@@ -113,13 +114,33 @@ class Replies:
             self.prefill(T)
 
     def prefill(self, positions: int) -> bool:
-        """The prompts' next `positions` positions into the cache; at the last, the logits of each
-        reply's first token and the prompts' rows copied to their replies. True once prefilled."""
-        T, s = self.input_ids.shape[1], self.cache.seq_len
-        e = min(T, s + positions)
-        mask = None if self.mask is None else self.mask[:, :e]
-        hidden = self.model.model(self.input_ids[:, s:e], mask, self.cache)  # (B, e - s, hidden)
-        if e < T:
+        """The prompts' next `positions` positions into the cache; True once all are in."""
+        return self.outputs(self.model.model(*self.inputs(positions), self.cache))
+
+    def step(self):
+        """Each live reply's next token (`draw`), then the logits of the token after it."""
+        self.draw()
+        if self.live:
+            self.outputs(self.model.model(*self.inputs(), self.cache))
+
+    def inputs(self, positions: int = 1) -> tuple:
+        """The next forward pass's ids and attention mask (None: no padding): the prompts' next
+        `positions` positions while they are prefilled, then each live reply's last token."""
+        s = self.cache.seq_len
+        if self.logits is None:
+            ids = self.input_ids[:, s:s + positions]
+        else:
+            ids = torch.tensor([[self.new[i][-1]] for i in self.live], device=self.input_ids.device)
+        return ids, None if self.mask is None else self.mask[:, :s + ids.shape[1]]
+
+    def outputs(self, hidden) -> bool:
+        """The forward pass's hidden states (B, T, H) taken in: the logits of each live reply's next
+        token, once the whole prompts are in (then the prompts' cache rows are copied to their
+        replies). True once prefilled."""
+        if self.logits is not None:
+            self.logits = self.model.lm_head(hidden[:, -1])
+            return True
+        if self.cache.seq_len < self.input_ids.shape[1]:
             return False
         rows = self.prompt
         self.logits = self.model.lm_head(hidden[:, -1])[rows]
@@ -127,7 +148,7 @@ class Replies:
         self.mask = None if self.mask is None else self.mask[rows]
         return True
 
-    def step(self):
+    def draw(self):
         """Each live reply's next token, sampled or a scaffold's; the replies that end leave the
         batch."""
         gens = self.generator
@@ -163,11 +184,6 @@ class Replies:
         # at its cap (a second phase of 0)
         done |= {j for j, i in enumerate(self.live) if len(self.new[i]) >= self.cap[i]}
         self.leave(done)
-        if self.live:
-            last = [[self.new[i][-1]] for i in self.live]
-            ids = torch.tensor(last, device=self.logits.device)  # (R', 1)
-            mask = None if self.mask is None else self.mask[:, :self.cache.seq_len + 1]
-            self.logits = self.model.lm_head(self.model.model(ids, mask, self.cache)[:, -1])
 
     def constrain(self, logits, rows):
         """Each of these rows whose reply is past its scaffold may only go on spelling a label: its

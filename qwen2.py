@@ -211,6 +211,16 @@ class Qwen2Model(nn.Module):
 
     def forward(self, input_ids, attention_mask=None, cache=None):
         """attention_mask (B, past + T): 1 = token, 0 = (left) padding; positions skip padding."""
+        x, cos, sin, mask = self.inputs(input_ids, attention_mask, cache)
+        for block in self.layers:
+            x = block(x, cos, sin, mask, cache)
+        if cache is not None:
+            cache.seq_len += input_ids.shape[1]
+        return self.norm(x)
+
+    def inputs(self, input_ids, attention_mask=None, cache=None):
+        """What the layers take: the embeddings (B, T, H), the rotary cos and sin of each token's
+        position (B, 1, T, hd), the attention mask (None: plain causal, or none at all)."""
         B, T = input_ids.shape
         past = cache.seq_len if cache is not None else 0
         x = self.embed_tokens(input_ids)  # (B, T, H)
@@ -226,12 +236,7 @@ class Qwen2Model(nn.Module):
         # fp32 always (no buffer: model.to(bfloat16) would round the frequencies)
         freqs = pos[..., None].float() * rope_frequencies(self.config, x.device)  # (B, T, hd/2)
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, hd)
-        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
-        for block in self.layers:
-            x = block(x, cos, sin, mask, cache)
-        if cache is not None:
-            cache.seq_len += T
-        return self.norm(x)
+        return x, emb.cos().to(x.dtype), emb.sin().to(x.dtype), mask
 
 
 def causal_mask(attention_mask, past: int, T: int, device):

@@ -17,11 +17,13 @@ augment   step 2 (structured decoding, k = 5, T = 0.7, the run's seeds and budge
           ratios, and what step 3 keeps of each path's candidates.
 server    `python -m cloud.server` in its own process; --requests chat completions at concurrency
           1, 4, 16 and 1 again (the load may drift), in two shapes (`bench_server`), over the
-          demo's first user's pairs.
+          demo's first user's pairs (each prompt asked once before, so that every level finds it
+          in the server's prefix cache).
 beside    a short chat request's seconds alone and while a 4,000-token upload is being served,
           at each of --chunks (the server's --prefill-chunk; 8192: chunking off) (`bench_beside`).
 
     .venv/bin/python bench/bench_generate.py [--parts augment,server,beside] [--users 3] [--requests 32]
+                                             [--prefix-cache 2048]
 
 Prints only; writes nothing but the model cache. Run it on a quiet machine (it prints the load).
 """
@@ -50,7 +52,7 @@ import generate  # noqa: E402
 import options  # noqa: E402
 import qwen2  # noqa: E402
 from cloud import client  # noqa: E402
-from cloud.batcher import PREFILL_CHUNK  # noqa: E402
+from cloud.batcher import PREFILL_CHUNK, PREFIX_TOKENS  # noqa: E402
 from embedded import smollm2  # noqa: E402
 
 MAIN = "452a1fd"  # main before issue 24
@@ -263,9 +265,12 @@ def bench_beside(args, tok):
               f"| {upload_s:.1f} |")
 
 
-def server_rates(url, ask, n_requests) -> list[tuple[int, float]]:
-    """requests/s of n_requests asks at concurrency 1, 4, 16 and 1 again (the load may drift)."""
-    ask(0)  # warm-up
+def server_rates(url, ask, n_requests, distinct: int) -> list[tuple[int, float]]:
+    """requests/s of n_requests asks at concurrency 1, 4, 16 and 1 again (the load may drift),
+    after one ask of each of the `distinct` prompts: every level finds them in the server's prefix
+    cache (or none does, --prefix-cache 0), not only the levels after the first."""
+    for i in range(distinct):  # warm-up
+        ask(i)
     rates = []
     for c in (1, 4, 16, 1):
         t = time.perf_counter()
@@ -283,6 +288,8 @@ def bench_server(args, settings, tok):
     task = data.get_task("lamp7")
     user = data.split_users(data.load_users(task.name), 1)[0][0]
     pairs = [task.pair(item) for item in user.profile]
+    # the requests cycle over the user's prompts, as --cloud-api sends each of them k times
+    distinct = min(len(pairs), args.requests)
     pairs = [(x[len(task.instruction):], y) for x, y in (pairs * args.requests)[:args.requests]]
     first_parts = [[{"role": "user", "content": augment.AUGMENT_PROMPT.format(x=x, y=y)},
                     {"role": "assistant", "content": augment.REPLY_PREFIX}] for x, y in pairs]
@@ -290,19 +297,20 @@ def bench_server(args, settings, tok):
     first_budget = augment.generation_budget(tok, [x for x, _ in pairs], settings.eps_max_len)
     shapes = {f"augmentation's first part (stop \"]\", max_tokens {first_budget})": (first_parts, first_budget, "]"),
               "a tweet written to a short question (max_tokens 64)": (questions, 64, "")}
-    url, proc, log = start_server(["--max-batch", str(args.max_batch), "--prefill-chunk", str(args.chunks[0])])
+    url, proc, log = start_server(["--max-batch", str(args.max_batch), "--prefill-chunk", str(args.chunks[0]),
+                                   "--prefix-cache", str(args.prefix_cache)])
     table = {}
     try:
         for name, (convs, max_tokens, stop) in shapes.items():
             print(f"server, {name}:", flush=True)
             table[name] = server_rates(url, lambda i: client.openai_chat(  # one conversation a request, as --cloud-api
                 client.Endpoint(url, timeout=1200), qwen2.EMBEDDED, convs[i:i + 1], max_tokens, 0.7, i, stop=stop),
-                len(convs))
+                len(convs), distinct)
     finally:
         proc.terminate()
         proc.wait(30)
     print(f"\ncloud.server: {args.requests} chat completions a level, --max-batch {args.max_batch}, "
-          f"--prefill-chunk {args.chunks[0]}, "
+          f"--prefill-chunk {args.chunks[0]}, --prefix-cache {args.prefix_cache}, {distinct} distinct prompts, "
           f"load average now {os.getloadavg()[0]:.2f}")
     print("| requests | concurrency | requests/s | over concurrency 1 (first, last) |")
     print("|---|---|---|---|")
@@ -322,6 +330,7 @@ def main(argv=None):
     p.add_argument("--chunks", type=lambda v: [int(c) for c in v.split(",")], default=[PREFILL_CHUNK, 16, 128, 8192],
                    help="the server's --prefill-chunk values to try (--parts beside); the first one for "
                    "--parts server")
+    p.add_argument("--prefix-cache", type=int, default=PREFIX_TOKENS, help="the server's --prefix-cache (--parts server)")
     args = p.parse_args(argv)
     args.load = f"{os.getloadavg()[0]:.2f}"
     parts = set(args.parts.split(","))

@@ -7,7 +7,8 @@ model) and waits. The decoding loop (the server's main thread) keeps one running
   their replies fit beside the live ones (--max-batch); none passes an older one;
 - chunked prefill: a job let in is prefilled `chunk` prompt tokens a step, in a cache of its
   own, and joins the running batch (`join`) once its whole prompt is in, so a long prompt
-  delays the others' steps by a chunk's time, not by its whole prefill;
+  delays the others' steps by a chunk's time, not by its whole prefill. The chunks and the
+  batch's step are one forward pass (`forward_together`): their rows share each weight's read;
 - per job: a job whose prefill raises, or whose logits cannot be sampled, fails alone; a
   cancelled job (its client gone) leaves at the next step; a job whose replies have all ended
   gets them at once. Only a step that fails as a whole fails the batch's jobs.
@@ -19,6 +20,7 @@ move a draw that falls on the edge between two tokens. vLLM's batches have the s
 import threading
 import time
 import traceback
+from collections import OrderedDict
 from types import SimpleNamespace
 
 import torch
@@ -93,23 +95,91 @@ def join(a: Replies, b: Replies, keep: list[int]) -> None:
         setattr(a, name, values)
 
 
+def forward_together(model, parts: list[tuple]) -> list:
+    """`model.model(ids, mask, cache)` for several batches (ids, mask, cache) in one pass: each
+    block's attention runs per batch (its own cache and positions), its MLP once over all their
+    rows. A decoding step beside a prompt's chunk so reads the MLP weights (most of the model's)
+    once, not twice: vLLM's chunked prefill, which puts decoding tokens and prompt tokens in one
+    pass. Each block is Block.forward's two residual halves."""
+    m = model.model
+    inputs = [m.inputs(ids, mask, cache) for ids, mask, cache in parts]
+    xs = [x for x, *_ in inputs]
+    for block in m.layers:
+        xs = [x + block.self_attn(block.input_layernorm(x), cos, sin, mask, cache)
+              for x, (_, cos, sin, mask), (*_, cache) in zip(xs, inputs, parts)]
+        rows = torch.cat([x.reshape(-1, x.shape[-1]) for x in xs])
+        rows = rows + block.mlp(block.post_attention_layernorm(rows))
+        xs = [y.view(x.shape) for x, y in zip(xs, rows.split([x.shape[0] * x.shape[1] for x in xs]))]
+    hidden = [m.norm(x) for x in xs]
+    for ids, _, cache in parts:
+        cache.seq_len += ids.shape[1]
+    return hidden
+
+
+class PrefixCache:
+    """The keys and values of the last prompts prefilled (one prompt, no padding: a chat request),
+    up to `tokens` positions in all, so that a new prompt starts from the longest prefix it shares
+    with one of them: vLLM's automatic prefix caching (which shares blocks of 16 tokens; here any
+    length). Attention is causal, so a position's keys and values depend on the tokens up to it
+    alone: the shared prefix's are the ones the new prompt computes, to float rounding (they came
+    from another pass). The k copies of an augmentation prompt that --cloud-api sends as k requests,
+    and the chat template and the paper's prompt that begin every one, are then prefilled once."""
+    def __init__(self, tokens: int):
+        self.tokens, self.entries = tokens, OrderedDict()  # ids (tuple) -> (ids, k, v), oldest first
+
+    def load(self, r: Replies) -> int:
+        """r's cache filled with the longest cached prefix of its prompt (its last token left to
+        prefill, for the logits): the positions loaded."""
+        ids = r.input_ids[0]
+        if r.input_ids.shape[0] != 1 or r.mask is not None:
+            return 0
+        best, hit = 0, None
+        for key, (theirs, k, v) in self.entries.items():
+            n = min(len(theirs), len(ids) - 1)
+            differ = (theirs[:n] != ids[:n]).nonzero()
+            shared = int(differ[0]) if len(differ) else n
+            if shared > best:
+                best, hit = shared, key
+        if hit is not None:
+            _, k, v = self.entries[hit]
+            self.entries.move_to_end(hit)
+            r.cache.k[:, :, :, :best], r.cache.v[:, :, :, :best] = k[:, :, :, :best], v[:, :, :, :best]
+            r.cache.seq_len = best
+        return best
+
+    def store(self, r: Replies):
+        """r's prompt (just prefilled) kept; the oldest dropped past `tokens` positions."""
+        ids, T = r.input_ids[0], r.input_ids.shape[1]
+        if r.input_ids.shape[0] != 1 or r.mask is not None or T > self.tokens:
+            return
+        key = tuple(ids.tolist())
+        self.entries[key] = (ids, r.cache.k[:, :1, :, :T].clone(), r.cache.v[:, :1, :, :T].clone())
+        self.entries.move_to_end(key)
+        while sum(len(ids) for ids, _, _ in self.entries.values()) > self.tokens:
+            self.entries.popitem(last=False)
+
+
 # Prompt tokens a job prefills between two decoding steps of the batch: smaller, a chat request
 # beside a long upload waits less and the upload takes longer (RESULTS.md: the cloud service under
 # hostile and abandoned requests, measured at 16, 32, 128 and unchunked).
 PREFILL_CHUNK = 32
+# Prompt positions whose keys and values PrefixCache keeps (0: none)
+PREFIX_TOKENS = 2048
 
 
 class Batcher:
     """`generate` (on a request's thread; a generator per reply) queues a job and waits; `loop`
     (on the thread that loaded the model; `start`: a thread of its own) decodes the running batch
-    a step at a time, prefilling the jobs let in `chunk` prompt tokens a step each, up to
-    max_batch live replies, and hands each request its rows as `generate.generate` would have.
+    a step at a time, prefilling the jobs let in `chunk` prompt tokens a step each (from the
+    longest prefix cached, `PrefixCache`: `prefix` positions kept), up to max_batch live replies,
+    and hands each request its rows as `generate.generate` would have.
     When idle it waits `linger` seconds for requests sent together. `most`: the most requests
     decoded together so far; `counts`: the jobs answered, failed and cancelled so far."""
     def __init__(self, model, max_batch: int, chunk: int = PREFILL_CHUNK, linger: float = 0.02,
-                 poll: float = 0.2):
+                 poll: float = 0.2, prefix: int = PREFIX_TOKENS):
         few_rows(model)
         self.model, self.max_batch, self.chunk = model, max_batch, chunk
+        self.prefixes = PrefixCache(prefix)
         self.linger, self.poll = linger, poll
         self.most, self.counts = 0, {"answered": 0, "failed": 0, "cancelled": 0}
         self.waiting, self.ready = [], threading.Condition()
@@ -173,22 +243,23 @@ class Batcher:
                 batch, running, filling = None, [], []
 
     def step(self, batch: Replies | None, running: list, filling: list) -> tuple:
-        """Drop the cancelled; let in the waiting that fit; prefill a chunk of each job let in (a
-        prefilled one joins); drop the jobs whose logits cannot be sampled; one step of the batch;
-        answer the jobs whose replies have all ended. -> the new (batch, running, filling)."""
+        """Drop the cancelled; let in the waiting that fit; drop the jobs whose logits cannot be
+        sampled; the batch's next tokens drawn; one forward pass (`forward`) over them and a chunk
+        of each job let in (a prefilled one joins); answer the jobs whose replies have all ended.
+        -> the new (batch, running, filling)."""
         batch, running, filling = self.drop_cancelled(batch, running, filling)
         rows = (len(batch.live) if batch else 0) + sum(job.R for job in filling)
-        filling = filling + self.take(rows)
-        for job in list(filling):
-            ready = self.prefill(job)
-            if ready or job.error is not None:  # out by identity: == would compare tensors
-                filling = [other for other in filling if other is not job]
-            if ready:
-                batch, running = self.admit(batch, running, job)
+        filling = filling + [job for job in self.take(rows) if self.set_up(job)]
         if batch is not None and batch.live:
             self.drop_unsampleable(batch, running)
         if batch is not None and batch.live:
-            batch.step()
+            batch.draw()
+        decoding = batch is not None and bool(batch.live)
+        outcomes = self.forward(([batch] if decoding else []) + [job.replies for job in filling])
+        if decoding and isinstance(outcomes[0], Exception):  # the batch's own pass failed: its jobs fail
+            for job in running:
+                self.end(job, outcomes[0])
+            batch, running = None, []
         self.most, still = max(self.most, len(running)), []
         live = set(batch.live) if batch else set()
         for job in running:  # a request whose replies have all ended gets them now
@@ -196,27 +267,55 @@ class Batcher:
                 still.append(job)
             elif not job.done.is_set():
                 self.finish(batch, job)
-        return (batch, still, filling) if still else (None, [], filling)
+        batch, running = (batch, still) if still else (None, [])
+        for job, outcome in zip(filling, outcomes[decoding:]):
+            if isinstance(outcome, Exception):
+                self.end(job, outcome)
+            elif outcome:  # prefilled
+                self.prefixes.store(job.replies)
+                batch, running = self.admit(batch, running, job)
+        return batch, running, [job for job, out in zip(filling, outcomes[decoding:]) if out is False]
 
-    def prefill(self, job) -> bool:
-        """The job's next chunk of prompt tokens into its own cache; True once its replies are
-        ready. A failure (its prefill alone) fails the job: False, its error set."""
+    def set_up(self, job) -> bool:
+        """The job's replies set up (its cache allocated), to be prefilled; a failure fails it alone."""
         try:
-            if job.replies is None:
-                ids, mask = job.ids, job.mask
-                job.replies = Replies(
-                    self.model, ids, job.budget, job.temperature, job.top_p, job.eos, mask,
-                    job.generator, job.copies, job.scaffold, job.second, job.labels, prefill=False)
-            return job.replies.prefill(max(1, self.chunk // job.ids.shape[0]))
+            job.replies = Replies(self.model, job.ids, job.budget, job.temperature, job.top_p, job.eos,
+                                  job.mask, job.generator, job.copies, job.scaffold, job.second,
+                                  job.labels, prefill=False)
+            self.prefixes.load(job.replies)
+            return True
         except Exception as e:
             traceback.print_exc()
             self.end(job, e)
-            job.replies = None
             return False
 
+    def forward(self, parts: list[Replies]) -> list:
+        """One forward pass (`forward_together`) over these replies' next inputs: the running
+        batch's last tokens, each prefilling job's next `chunk` prompt positions (shared among its
+        prompts). -> for each, whether it is prefilled, or the exception it raised: a failed pass is
+        run again one batch at a time, so that a job's bad prompt fails that job alone."""
+        if not parts:
+            return []
+        inputs = [r.inputs(max(1, self.chunk // r.input_ids.shape[0])) for r in parts]
+        try:
+            hidden = forward_together(self.model, [(ids, mask, r.cache) for (ids, mask), r in zip(inputs, parts)])
+        except Exception:
+            traceback.print_exc()
+            hidden = [self.attempt(self.model.model, ids, mask, r.cache) for (ids, mask), r in zip(inputs, parts)]
+        return [h if isinstance(h, Exception) else self.attempt(r.outputs, h) for r, h in zip(parts, hidden)]
+
+    @staticmethod
+    def attempt(f, *args):
+        """f(*args), or the exception it raised."""
+        try:
+            return f(*args)
+        except Exception as e:
+            traceback.print_exc()
+            return e
+
     def admit(self, batch: Replies | None, running: list, job) -> tuple:
-        """The prefilled job joins the batch (the ended requests' replies dropped), its replies
-        numbered after the running ones'. A failure to join fails the job alone."""
+        """The prefilled job joins the batch, its replies numbered after the running ones'. A
+        failure to join fails the job alone."""
         new, job.replies = job.replies, None
         if batch is None:
             job.first = 0

@@ -1,7 +1,7 @@
 """The cloud of CDCDA-PLM as an HTTP service (paper sec. 4: steps 2 and 3 run on the cloud).
 
     python -m cloud.server --port 8000 [--cloud-model DIR_OR_NAME] [--judge embedding:all-minilm-l6-v2]
-                           [--max-batch 96] [--prefill-chunk 32] [--cloud-dtype float32]
+                           [--max-batch 96] [--prefill-chunk 32] [--prefix-cache 2048] [--cloud-dtype float32]
 
 The device uploads the user's history D_u (step 1), this server augments it (step 2, eq. 1)
 and selects (step 3, eq. 2-4: `augment.augment`, `filters.select`, as the method does in process), and the
@@ -26,11 +26,12 @@ internal error; the server goes on serving after each. Every check runs before a
 Why the standard library (`http.server.ThreadingHTTPServer`): no dependency. A thread per
 request parses, validates and waits; the main thread (`Batcher`) decodes the requests in flight
 together, up to --max-batch replies at a time, a new one prefilled --prefill-chunk tokens a step
-and joining the running batch, each reply from its own generator, so a reply is the one its
-request gets alone. A request whose client is gone (its timeout, a dropped connection) is
-cancelled at the next step. The judge runs one selection at a time. Production would put a real
-serving stack (vLLM: paged KV memory, TLS in front) behind the same API; `--cloud-api` already
-augments through any OpenAI-compatible server, with the filters on the device.
+(from the longest prefix it shares with a recent prompt, --prefix-cache) and joining the running
+batch, each reply from its own generator, so a reply is the one its request gets alone. A request
+whose client is gone (its timeout, a dropped connection) is cancelled at the next step. The judge
+runs one selection at a time. Production would put a real serving stack (vLLM: paged KV memory,
+TLS in front) behind the same API; `--cloud-api` already augments through any OpenAI-compatible
+server, with the filters on the device.
 """
 import argparse
 import functools
@@ -56,7 +57,7 @@ import filters
 import generate
 import options
 import qwen2
-from cloud.batcher import PREFILL_CHUNK, Batcher, Cancelled
+from cloud.batcher import PREFILL_CHUNK, PREFIX_TOKENS, Batcher, Cancelled
 from errors import InputError
 
 MAX_BODY = 1 << 20  # bytes of one request body
@@ -112,11 +113,12 @@ class Cloud:
     """What the server holds: the cloud LM and its decoding loop (`Batcher`), its tokenizer, the
     judge, default thresholds."""
     def __init__(self, cloud_model: str, judge: str, settings: options.Settings, device: str = "cpu",
-                 token: str | None = None, max_batch: int = MAX_BATCH, dtype: str = "float32", chunk: int = PREFILL_CHUNK):
+                 token: str | None = None, max_batch: int = MAX_BATCH, dtype: str = "float32", chunk: int = PREFILL_CHUNK,
+                 prefix: int = PREFIX_TOKENS):
         self.model, self.tokenizer = qwen2.load(cloud_model, dtype, device)
         self.judge = filters.make_judge(judge, device)
         self.model_name, self.settings, self.token = cloud_model, settings, token  # default thresholds
-        self.batcher = Batcher(self.model, max_batch, chunk)  # serve() runs its loop on the thread that loaded it
+        self.batcher = Batcher(self.model, max_batch, chunk, prefix=prefix)  # serve() runs its loop on the thread that loaded it
         self.judge_lock = threading.Lock()  # one judge: one selection at a time
 
     def augment(self, body: dict, gone=None) -> dict:
@@ -324,17 +326,17 @@ class Handler(BaseHTTPRequestHandler):
 def serve(host: str = "127.0.0.1", port: int = 8000, cloud_model: str = qwen2.EMBEDDED,
           judge: str = options.EMBEDDED["judge"], settings: options.Settings = options.Settings(),
           device: str = "cpu", token: str | None = None, max_batch: int = MAX_BATCH, dtype: str = "float32",
-          chunk: int = PREFILL_CHUNK):
+          chunk: int = PREFILL_CHUNK, prefix: int = PREFIX_TOKENS):
     """Load the models once, then serve until interrupted. token=None reads CDCDA_TOKEN
     (unset or empty: no authorization)."""
     token = (os.environ.get("CDCDA_TOKEN") or None) if token is None else token
     if host not in ("127.0.0.1", "localhost") and not token:
         print(f"warning: serving users' personal data on {host} without CDCDA_TOKEN", file=sys.stderr)
-    cloud = Cloud(cloud_model, judge, settings, device, token, max_batch, dtype, chunk)
+    cloud = Cloud(cloud_model, judge, settings, device, token, max_batch, dtype, chunk, prefix)
     server = ThreadingHTTPServer((host, port), Handler)  # bound after loading: no connection waits on it
     server.daemon_threads, server.cloud = True, cloud
     print(f"cdcda cloud: http://{host}:{server.server_address[1]}  model {cloud.model_name} ({dtype}, up to "
-          f"{max_batch} replies a batch, prefill {chunk} tokens a step), judge {cloud.judge.name}, token {'required' if token else 'off'}", flush=True)
+          f"{max_batch} replies a batch, prefill {chunk} tokens a step, prefixes of {prefix} tokens cached), judge {cloud.judge.name}, token {'required' if token else 'off'}", flush=True)
     threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
     try:  # decoding on this thread, whose OpenMP threads already exist: a second team (a decoding thread
         cloud.batcher.loop()  # of its own) makes libgomp cut its spin-waits and each step slower (RESULTS.md)
@@ -352,13 +354,15 @@ def main(argv=None):
                    f"requests (default {MAX_BATCH}: augmentation's AUGMENT_BATCH and a request's k)")
     p.add_argument("--prefill-chunk", type=int, default=PREFILL_CHUNK, help="prompt tokens of a request prefilled between two "
                    "decoding steps (vLLM's chunked prefill): a long prompt delays the others by a chunk's time")
+    p.add_argument("--prefix-cache", type=int, default=PREFIX_TOKENS, help="prompt positions whose keys and values are "
+                   "kept for later prompts that begin the same way (vLLM's prefix caching; 0: off)")
     p.add_argument("--cloud-dtype", default="float32", choices=["float32", "bfloat16"], help="the cloud LM's weights "
                    "and compute (bfloat16: faster on CPUs with bf16 units)")
     options.add_options(p, options.FILTER_OPTIONS)
     args = p.parse_args(argv)
     options.check_ranges(p, args, {name: options.RANGES[name] for name in THRESHOLDS} | {
         "port": (lambda v: 0 <= v < 65536, "between 0 and 65535"), "max_batch": (lambda v: v >= 1, "at least 1"),
-        "prefill_chunk": (lambda v: v >= 1, "at least 1")})
+        "prefill_chunk": (lambda v: v >= 1, "at least 1"), "prefix_cache": (lambda v: v >= 0, "at least 0")})
     if args.eps_min_len > args.eps_max_len:
         p.error(f"--eps-min-len {args.eps_min_len} above --eps-max-len {args.eps_max_len}: eq. 4 would keep nothing")
     if problem := options.device_problem(args.torch_device):
@@ -366,7 +370,7 @@ def main(argv=None):
     serve(args.host, args.port, args.cloud_model, args.judge or options.EMBEDDED["judge"],
           options.Settings(**{name: getattr(args, name) for name in THRESHOLDS}), args.torch_device,
           max_batch=args.max_batch, dtype=args.cloud_dtype,
-          chunk=args.prefill_chunk)
+          chunk=args.prefill_chunk, prefix=args.prefix_cache)
 
 
 if __name__ == "__main__":

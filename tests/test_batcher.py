@@ -1,5 +1,6 @@
 """cloud/batcher.py: replies joining a running batch (`join`, the decoding thread) get exactly the
 replies `generate.generate` gives them alone; the few-row linear equals nn.Linear."""
+import copy
 import threading
 import time
 
@@ -7,6 +8,7 @@ import pytest
 import torch
 
 import generate
+import qwen2
 from cloud import batcher
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -81,6 +83,73 @@ def test_join_carries_every_per_reply_list_of_replies(tiny_model):
     assert per_reply - {"live"} == set(batcher.PER_REPLY)
 
 
+@torch.inference_mode()
+def test_forward_together_equals_each_batch_alone(tiny_model):
+    """One pass over a decoding batch (left-padded, its cache 5 positions in) and two prompts' chunks
+    (one with a cache 3 positions in) gives each the hidden states and the cache its own
+    `model.model` pass gives (Block.forward per batch, rows summed in another order: to ~1e-6); a
+    single batch's pass is `model.model`'s bit for bit."""
+    model = tiny_model(6, vocab=16)
+    c = model.config
+
+    def batch(prompts, past):  # (ids of the next pass, its mask, a cache `past` positions in)
+        ids, mask = generate.left_pad(prompts, pad_token_id=0)
+        cache = qwen2.KVCache(c, len(prompts), 16)
+        if past:
+            model.model(ids[:, :past], mask[:, :past], cache)
+        return ids[:, past:], mask, cache
+    parts = [batch([[1, 2, 3, 4, 5, 6], [7, 8, 9]], 5), batch([[3, 1, 4, 1, 5]], 0), batch([[2, 7, 1, 8, 2, 8]], 3)]
+    copies = [(ids, mask, copy.deepcopy(cache)) for ids, mask, cache in parts]
+    together = batcher.forward_together(model, parts)
+    for (ids, mask, cache), (_, _, alone_cache), hidden in zip(parts, copies, together):
+        expected = model.model(ids, mask, alone_cache)
+        torch.testing.assert_close(hidden, expected, rtol=1e-5, atol=1e-5)
+        assert cache.seq_len == alone_cache.seq_len
+        torch.testing.assert_close(cache.k[:, :, :, :cache.seq_len], alone_cache.k[:, :, :, :cache.seq_len])
+    ids, mask, cache = batch([[1, 2, 3, 4]], 2)
+    one = batcher.forward_together(model, [(ids, mask, copy.deepcopy(cache))])[0]
+    assert torch.equal(one, model.model(ids, mask, cache))
+
+
+@torch.inference_mode()
+def test_prefix_cache_starts_a_prompt_from_the_longest_prefix_it_shares(tiny_model):
+    """A prompt starts from the longest prefix it shares with a prompt prefilled before (all but
+    its last token when it is one of them), and its cache and logits are those of its whole
+    prefill (to ~1e-6); padded batches neither load nor store; past `tokens` positions the
+    least recently used prompts go. Through the decoding loop, each reply is the one it gets alone."""
+    model = tiny_model(7, vocab=16)
+    prefixes = batcher.PrefixCache(tokens=20)
+    a, b, d = list(range(1, 11)), list(range(1, 7)) + [9, 9, 9], [3] * 12
+
+    def prefilled(prompts, cached=True):
+        ids, mask = generate.left_pad(prompts, pad_token_id=0)
+        r = generate.Replies(model, ids, 3, attention_mask=mask, prefill=False)
+        loaded = prefixes.load(r) if cached else 0
+        while not r.prefill(4):
+            pass
+        if cached:
+            prefixes.store(r)
+        return r, loaded
+    assert prefilled([a])[1] == 0
+    for prompt, shared in ((b, 6), (a, 9)):
+        r, loaded = prefilled([prompt])
+        whole, _ = prefilled([prompt], cached=False)
+        assert loaded == shared
+        torch.testing.assert_close(r.logits, whole.logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(r.cache.k[:, :, :, :len(prompt)], whole.cache.k[:, :, :, :len(prompt)])
+    assert prefilled([a[:5], a])[1] == 0 and len(prefixes.entries) == 2  # padded: not stored either
+    prefilled([d])  # 10 + 9 + 12 positions: b (the least recently used), then a, go
+    assert list(prefixes.entries) == [tuple(d)]
+    decoder = batcher.Batcher(model, max_batch=8, chunk=4).start()
+    for prompt, seed in ((a, 1), (b, 2), (a, 3)):
+        gen = [torch.Generator().manual_seed(seed)]
+        got = decoder.generate(torch.tensor([prompt]), 5, 1.5, eos_token_id=None, generator=gen)
+        gen = [torch.Generator().manual_seed(seed)]
+        assert got.tolist() == generate.generate(model, torch.tensor([prompt]), 5, 1.5, eos_token_id=None,
+                                                 generator=gen).tolist()
+    assert [len(ids) for ids, _, _ in decoder.prefixes.entries.values()] == [9, 10]
+
+
 def test_requests_join_oldest_first_long_prompts_in_chunks(tiny_model, monkeypatch):
     """Request A (300 tokens) is decoding when B (3 tokens) arrives: B joins A's batch at the next
     step and gets its replies back while A goes on; so does C, another kind of request (a scaffold,
@@ -99,7 +168,7 @@ def test_requests_join_oldest_first_long_prompts_in_chunks(tiny_model, monkeypat
     arrivals = {3: "B", 5: "C", 8: "L", 9: "S", 30: "D", 31: "E"}  # at these steps of the loop
     seeds = {name: i for i, name in enumerate(prompts)}
     ended, got, takes, real_take = [], {}, [], decoder.take
-    chunks, real_prefill = [], generate.Replies.prefill
+    chunks, real_inputs = [], generate.Replies.inputs
 
     def gens(name):
         return [torch.Generator().manual_seed(seeds[name] * 10 + i) for i in range(copies[name])]
@@ -117,8 +186,10 @@ def test_requests_join_oldest_first_long_prompts_in_chunks(tiny_model, monkeypat
                 time.sleep(0.001)
         return real_take(rows)
     monkeypatch.setattr(decoder, "take", take)
-    monkeypatch.setattr(generate.Replies, "prefill", lambda self, n: chunks.append(
-        (self.input_ids.shape[1], n)) or real_prefill(self, n))
+    passes, mlp = [], model.model.layers[0].mlp
+    monkeypatch.setattr(mlp, "forward", lambda x, real=mlp.forward: passes.append(x.shape) or real(x))
+    monkeypatch.setattr(generate.Replies, "inputs", lambda self, n=1: chunks.append(
+        (self.input_ids.shape[1], n, self.logits is None)) or real_inputs(self, n))
     threading.Thread(target=ask, args=("A",)).start()
     decoder.start()
     deadline = time.time() + 60
@@ -127,8 +198,9 @@ def test_requests_join_oldest_first_long_prompts_in_chunks(tiny_model, monkeypat
     assert set(ended) == set(prompts)
     assert ended.index("B") < ended.index("A") and ended.index("C") < ended.index("A")  # joined A's batch
     assert ended.index("S") < ended.index("L") < ended.index("A") < ended.index("D") < ended.index("E")
-    assert [n for T, n in chunks if T == len(long)] == [8] * 5  # L: five chunks of 8
-    assert decoder.counts == {"answered": len(prompts), "failed": 0, "cancelled": 0}
+    assert [n for T, n, prompt in chunks if T == len(long) and prompt] == [8] * 5  # L: five chunks of 8
+    assert len(passes) <= len(takes)  # a pass a step: the chunks ride on the batch's steps
+    assert any(len(shape) == 2 and shape[0] == 8 + 1 for shape in passes)  # L's chunk beside A    assert decoder.counts == {"answered": len(prompts), "failed": 0, "cancelled": 0}
     for name, out in got.items():
         expected = generate.generate(model, torch.tensor([prompts[name]]), budgets[name], generator=gens(name),
                                      copies=[copies[name]], **kwargs[name])
@@ -164,21 +236,21 @@ def test_a_failing_or_cancelled_request_leaves_the_others_untouched(tiny_model):
         t.start()
     while len(decoder.waiting) < len(asks):
         time.sleep(0.01)
-    real_step = generate.Replies.step
+    real_draw = generate.Replies.draw
 
-    def step(self):  # the client goes away at the 5th step; the next comes after its next poll
+    def draw(self):  # the client goes away at the 5th step; the next comes after its next poll
         live_rows.append(len(self.live))
         if len(live_rows) == 5:
             left.set()
             time.sleep(0.3)
-        real_step(self)
-    generate.Replies.step = step
+        real_draw(self)
+    generate.Replies.draw = draw
     try:
         decoder.start()
         for t in threads:
             t.join(60)
     finally:
-        generate.Replies.step = real_step
+        generate.Replies.draw = real_draw
     assert isinstance(got["no such id"], RuntimeError) and "index" in str(got["no such id"])
     assert isinstance(got["NaN"], RuntimeError) and "NaN" in str(got["NaN"])
     assert isinstance(got["gone"], batcher.Cancelled)

@@ -417,6 +417,7 @@ def test_server_options_are_range_checked_before_any_work(capsys):
     for argv, option in ((["--eps-max-len", "-1"], "--eps-max-len -1.0"), (["--eps-tdf", "1"], "--eps-tdf 1.0"),
                          (["--eps-min-len", "3"], "--eps-min-len 3.0 above --eps-max-len"),
                          (["--max-batch", "0"], "--max-batch 0"), (["--prefill-chunk", "0"], "--prefill-chunk 0"),
+                         (["--prefix-cache", "-1"], "--prefix-cache -1"),
                          (["--eps-scf", "nan"], "--eps-scf nan")):
         with pytest.raises(SystemExit):
             cloud_server.main(argv + ["--cloud-model", "/nonexistent"])  # refused before loading anything
