@@ -200,7 +200,8 @@ def test_requests_join_oldest_first_long_prompts_in_chunks(tiny_model, monkeypat
     assert ended.index("S") < ended.index("L") < ended.index("A") < ended.index("D") < ended.index("E")
     assert [n for T, n, prompt in chunks if T == len(long) and prompt] == [8] * 5  # L: five chunks of 8
     assert len(passes) <= len(takes)  # a pass a step: the chunks ride on the batch's steps
-    assert any(len(shape) == 2 and shape[0] == 8 + 1 for shape in passes)  # L's chunk beside A    assert decoder.counts == {"answered": len(prompts), "failed": 0, "cancelled": 0}
+    assert any(len(shape) == 2 and shape[0] == 8 + 1 for shape in passes)  # L's chunk beside A
+    assert decoder.counts == {"answered": len(prompts), "failed": 0, "cancelled": 0}
     for name, out in got.items():
         expected = generate.generate(model, torch.tensor([prompts[name]]), budgets[name], generator=gens(name),
                                      copies=[copies[name]], **kwargs[name])
