@@ -15,8 +15,9 @@ model) and waits. The decoding loop (the server's main thread) keeps one running
 Each reply draws from its own generator and carries its own end ids, scaffold and top-p, so
 any requests share a batch and each reply is the one its request gets alone, to float rounding:
 a batch's products are summed in another order (MKL chooses its kernel by the number of rows;
-`FewRowLinear` puts the weight on the left), which moves a logit by about 1e-6 and may, rarely,
-move a draw that falls on the edge between two tokens. vLLM's batches have the same caveat."""
+`FewRowLinear` puts the weight on the left; a cached prefix was computed in another pass), which
+moves a logit by about 1e-6 and may, rarely, move a draw that falls on the edge between two
+tokens. vLLM's batches have the same caveat."""
 import threading
 import time
 import traceback
@@ -134,7 +135,7 @@ class PrefixCache:
         if r.input_ids.shape[0] != 1 or r.mask is not None:
             return 0
         best, hit = 0, None
-        for key, (theirs, k, v) in self.entries.items():
+        for key, (theirs, _, _) in self.entries.items():
             n = min(len(theirs), len(ids) - 1)
             differ = (theirs[:n] != ids[:n]).nonzero()
             shared = int(differ[0]) if len(differ) else n
