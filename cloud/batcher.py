@@ -131,10 +131,9 @@ class PrefixCache:
     def load(self, r: Replies) -> int:
         """r's cache filled with the longest cached prefix of its prompt (its last token left to
         prefill, for the logits): the positions loaded."""
-        ids = r.input_ids[0]
-        if r.input_ids.shape[0] != 1 or r.mask is not None:
+        if not self.cacheable(r):
             return 0
-        best, hit = 0, None
+        ids, best, hit = r.input_ids[0], 0, None
         for key, (theirs, _, _) in self.entries.items():
             n = min(len(theirs), len(ids) - 1)
             differ = (theirs[:n] != ids[:n]).nonzero()
@@ -149,15 +148,22 @@ class PrefixCache:
         return best
 
     def store(self, r: Replies):
-        """r's prompt (just prefilled) kept; the oldest dropped past `tokens` positions."""
+        """r's prompt (just prefilled) kept, unless it is already (a repeat: only made the newest);
+        the oldest dropped past `tokens` positions."""
         ids, T = r.input_ids[0], r.input_ids.shape[1]
-        if r.input_ids.shape[0] != 1 or r.mask is not None or T > self.tokens:
+        if not self.cacheable(r) or T > self.tokens:
             return
         key = tuple(ids.tolist())
-        self.entries[key] = (ids, r.cache.k[:, :1, :, :T].clone(), r.cache.v[:, :1, :, :T].clone())
+        if key not in self.entries:
+            self.entries[key] = (ids, r.cache.k[:, :1, :, :T].clone(), r.cache.v[:, :1, :, :T].clone())
         self.entries.move_to_end(key)
-        while sum(len(ids) for ids, _, _ in self.entries.values()) > self.tokens:
+        while sum(len(kept) for kept in self.entries) > self.tokens:
             self.entries.popitem(last=False)
+
+    @staticmethod
+    def cacheable(r: Replies) -> bool:
+        """One prompt, not padded (a chat request): its positions are 0, 1, ... as in any other."""
+        return r.input_ids.shape[0] == 1 and r.mask is None
 
 
 # Prompt tokens a job prefills between two decoding steps of the batch: smaller, a chat request
@@ -269,13 +275,14 @@ class Batcher:
             elif not job.done.is_set():
                 self.finish(batch, job)
         batch, running = (batch, still) if still else (None, [])
-        for job, outcome in zip(filling, outcomes[decoding:]):
+        prefills = outcomes[decoding:]  # each filling job's: prefilled, not yet, or its exception
+        for job, outcome in zip(filling, prefills):
             if isinstance(outcome, Exception):
                 self.end(job, outcome)
-            elif outcome:  # prefilled
+            elif outcome:
                 self.prefixes.store(job.replies)
                 batch, running = self.admit(batch, running, job)
-        return batch, running, [job for job, out in zip(filling, outcomes[decoding:]) if out is False]
+        return batch, running, [job for job, out in zip(filling, prefills) if out is False]
 
     def set_up(self, job) -> bool:
         """The job's replies set up (its cache allocated), to be prefilled; a failure fails it alone."""
