@@ -194,8 +194,11 @@ def test_the_labels_go_to_an_api_as_vllms_choice_list_and_a_refusal_falls_back(t
     for _ in range(2):
         out = augment.augment(cloud, pairs, options.Settings(k=2, label_decoding="constrained"), 0, task)
         assert out.counts["off_label"] == 2  # free: "a film"
-    sent = ["structured_outputs" in b for b in bodies]  # refused twice, then never sent again
-    assert sent == [False, False, True, True] + [False] * 6
+    # refused in the first run's response batch (the pool may cancel its second request before it
+    # is sent, so one or two went out), then never sent again
+    sent = ["structured_outputs" in b for b in bodies]
+    tried = sent.count(True)
+    assert tried in (1, 2) and sent == [False, False] + [True] * tried + [False] * 6
     warning = capsys.readouterr().err.strip().splitlines()
     assert len(warning) == 1 and "HTTP 400" in warning[0] and "not enforced" in warning[0]
 
